@@ -1,0 +1,33 @@
+"""`hf-ema env`: print versions, for bug reports."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+
+def run(args: argparse.Namespace) -> int:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    rows = {
+        "hf-ema": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda available": str(torch.cuda.is_available()),
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "peft": peft.__version__,
+    }
+    for key, value in rows.items():
+        print(f"- {key}: {value}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("env", help="print the versions of hf-ema and its dependencies")
+    parser.set_defaults(func=run)

@@ -1,0 +1,258 @@
+"""`EMAConfig`: every knob of the EMA, validated when it is built and saved as JSON next to the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, ConfigTypeError
+from .schedules import (
+    decay_from_half_life,
+    gamma_from_sigma_rel,
+    power_function_beta,
+    warmup_decay,
+)
+
+__all__ = ["EMAConfig", "CONFIG_NAME"]
+
+CONFIG_NAME = "ema_config.json"
+
+DEFAULT_DECAY = 0.999
+# EDM2's power-function profile is only defined for 0 < sigma_rel < sqrt(1/12) (gamma > -1 ... gamma = 0 is the
+# uniform average at sigma_rel ~ 0.2887).
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"`{name}` must be a number, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be finite, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ConfigError(f"`{name}` must be >= {minimum}, got {value!r}")
+
+
+def _check_patterns(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ConfigTypeError(f"`{name}` must be a regex string or a list of them, got {value!r}")
+    if len(value) == 0:
+        raise ConfigError(f"`{name}` must not be an empty list, got {value!r}; pass None to select everything")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"`{name}` holds an invalid regular expression {pattern!r}: {err}") from None
+    return list(value)
+
+
+@dataclass
+class EMAConfig:
+    """Configuration of an exponential moving average of model weights.
+
+    Set the averaging horizon in exactly one way: `decay`, `half_life` or `sigma_rel`. With none of them the decay
+    is 0.999 (a horizon of about 1,000 optimizer steps).
+
+    Args:
+        decay (`float`, *optional*):
+            The EMA decay `beta` in `ema = beta * ema + (1 - beta) * weights`, in [0, 1). Defaults to 0.999 when no
+            other horizon is given.
+        half_life (`float`, *optional*):
+            Horizon as a half-life in optimizer steps: `beta = 0.5 ** (1 / half_life)`. Must be > 0.
+        sigma_rel (`float`, *optional*):
+            EDM2 power-function EMA of relative width `sigma_rel` in (0, 0.2887): `beta_t = (1 - 1/t) ** (gamma + 1)`
+            where `t` counts steps since the EMA started, so the horizon grows with training.
+        warmup (`bool`, *optional*, defaults to `False`):
+            Raise the decay gradually: `beta_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)`, `t`
+            counting updates from 0. Not combinable with `sigma_rel`.
+        inv_gamma (`float`, *optional*, defaults to 1.0):
+            Inverse multiplicative factor of the warmup, > 0.
+        power (`float`, *optional*, defaults to 2/3):
+            Exponent of the warmup, > 0 (2/3 suits long runs, 3/4 short ones).
+        min_decay (`float`, *optional*, defaults to 0.0):
+            Floor of the warmup decay, in [0, decay].
+        update_every (`int`, *optional*, defaults to 1):
+            Update only every `update_every` optimizer steps, using `beta ** update_every` so that the horizon in
+            optimizer steps does not change.
+        start_step (`int`, *optional*, defaults to 0):
+            Up to and including this optimizer step the EMA copies the weights instead of averaging them.
+        dtype (`str` or `torch.dtype`, *optional*, defaults to `"float32"`):
+            dtype of the EMA tensors, whatever the dtype the model trains in. Keep float32: a bfloat16 EMA loses
+            every update smaller than half a bf16 ulp.
+        device (`str`, *optional*):
+            Where the EMA lives: `None` (the weights' own device) or `"cpu"` (offloaded).
+        trainable_only (`bool`, *optional*):
+            Average only parameters with `requires_grad=True`. `None` means: `True` for a PEFT model (only the
+            adapter), `False` otherwise.
+        include (`list[str]`, *optional*):
+            Regular expressions (`re.search` on the tensor name); only matching tensors are averaged. Each must
+            match at least one tensor.
+        exclude (`list[str]`, *optional*):
+            Regular expressions; matching tensors are not averaged. Each must match at least one tensor.
+        include_buffers (`bool`, *optional*, defaults to `True`):
+            Also average floating-point persistent buffers (non-float buffers are always copied).
+    """
+
+    decay: float | None = None
+    half_life: float | None = None
+    sigma_rel: float | None = None
+    warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+    update_every: int = 1
+    start_step: int = 0
+    dtype: str = "float32"
+    device: str | None = None
+    trainable_only: bool | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    include_buffers: bool = True
+    # Filled in by `__post_init__`: the exponent of the power-function profile when `sigma_rel` is set.
+    gamma: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("decay", "half_life", "sigma_rel") if getattr(self, name) is not None]
+        if len(given) > 1:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in given)
+            raise ConfigError(f"set the EMA horizon in exactly one way, got {values}")
+        if self.decay is not None:
+            _check_number("decay", self.decay)
+            if not 0.0 <= self.decay < 1.0:
+                raise ConfigError(f"`decay` must be in [0, 1), got {self.decay!r}")
+        if self.half_life is not None:
+            _check_number("half_life", self.half_life)
+            if self.half_life <= 0:
+                raise ConfigError(f"`half_life` must be > 0 optimizer steps, got {self.half_life!r}")
+        if self.sigma_rel is not None:
+            _check_number("sigma_rel", self.sigma_rel)
+            if not 0.0 < self.sigma_rel < MAX_SIGMA_REL:
+                raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {self.sigma_rel!r}")
+            if self.warmup:
+                raise ConfigError(
+                    f"`warmup` cannot be combined with `sigma_rel` (the power-function profile has its own warmup), "
+                    f"got warmup={self.warmup!r}, sigma_rel={self.sigma_rel!r}"
+                )
+            self.gamma = gamma_from_sigma_rel(self.sigma_rel)
+        if not isinstance(self.warmup, bool):
+            raise ConfigTypeError(f"`warmup` must be a bool, got {self.warmup!r}")
+        for name in ("inv_gamma", "power"):
+            _check_number(name, getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"`{name}` must be > 0, got {getattr(self, name)!r}")
+        _check_number("min_decay", self.min_decay)
+        if not 0.0 <= self.min_decay <= self.base_decay:
+            raise ConfigError(f"`min_decay` must be in [0, decay={self.base_decay!r}], got {self.min_decay!r}")
+        _check_int("update_every", self.update_every, 1)
+        _check_int("start_step", self.start_step, 0)
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"`dtype` must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device is not None:
+            if isinstance(self.device, torch.device):
+                self.device = str(self.device)
+            if not isinstance(self.device, str):
+                raise ConfigTypeError(f"`device` must be None or a device string such as 'cpu', got {self.device!r}")
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"`device` must be None or a device string such as 'cpu', got {self.device!r}") from None
+        if self.trainable_only is not None and not isinstance(self.trainable_only, bool):
+            raise ConfigTypeError(f"`trainable_only` must be None or a bool, got {self.trainable_only!r}")
+        if not isinstance(self.include_buffers, bool):
+            raise ConfigTypeError(f"`include_buffers` must be a bool, got {self.include_buffers!r}")
+        self.include = _check_patterns("include", self.include)
+        self.exclude = _check_patterns("exclude", self.exclude)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def base_decay(self) -> float:
+        """The per-optimizer-step decay set by `decay` or `half_life` (0.999 when neither is set).
+
+        Meaningless for `sigma_rel`, whose decay depends on the step.
+        """
+        if self.decay is not None:
+            return float(self.decay)
+        if self.half_life is not None:
+            return decay_from_half_life(self.half_life)
+        return DEFAULT_DECAY
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The EMA dtype as a `torch.dtype`."""
+        return _DTYPES[self.dtype]
+
+    def decay_at(self, t: int) -> float:
+        """The `beta` of the update made `t` optimizer steps after the EMA started (`t >= 1`).
+
+        It already accounts for `update_every`: the returned value is the decay over the whole interval.
+
+        Args:
+            t (`int`): Optimizer steps since `start_step`, including the current one.
+        """
+        k = self.update_every
+        if self.sigma_rel is not None:
+            return power_function_beta(t, self.gamma, interval=k)
+        beta = self.base_decay
+        if self.warmup:
+            # `t - 1` so that the first update has decay 0 and the EMA starts at the weights (as diffusers does).
+            beta = warmup_decay(t - 1, beta, self.inv_gamma, self.power, self.min_decay)
+        return beta**k
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-serialisable dict (the derived `gamma` included, for readers)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EMAConfig:
+        """Build a config from `to_dict()` output, ignoring derived and unknown keys.
+
+        Args:
+            data (`dict`): The dict to read.
+        """
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON.
+
+        Args:
+            path (`str` or `os.PathLike`): File to write.
+        """
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> EMAConfig:
+        """Read a config written by `to_json_file`.
+
+        Args:
+            path (`str` or `os.PathLike`): File to read.
+        """
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

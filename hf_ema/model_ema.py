@@ -1,0 +1,287 @@
+"""`ModelEMA`: the EMA of a model's weights, independent of `Trainer`, usable in any training loop."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EMAConfig
+from .errors import CheckpointError, ConfigTypeError
+from .kernels import copy_, lerp_
+from .selection import Selection, select_tensors, unwrap_model
+from .sharding import ShardLayout, detect_layout
+
+__all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
+
+STATE_FORMAT_VERSION = 1
+
+
+class _Group:
+    """Indices of tensors updated together by one multi-tensor call (same device and dtypes)."""
+
+    __slots__ = ("ema", "live", "indices")
+
+    def __init__(self) -> None:
+        self.ema: list[torch.Tensor] = []
+        self.live: list[torch.Tensor] = []
+        self.indices: list[int] = []
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights, kept in fp32 (by default) on each rank's local shard.
+
+    Call `update()` after every optimizer step. The math is `ema = beta * ema + (1 - beta) * weights`, with `beta`
+    from the config's schedule; before `start_step` the EMA copies the weights.
+
+    ```python
+    ema = ModelEMA(model, decay=0.999)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+    with ema.swapped():  # the model holds the EMA weights inside the block, the raw ones after it
+        evaluate(model)
+    ```
+
+    Args:
+        model (`nn.Module`): The model whose weights are averaged (DDP / `torch.compile` wrappers are unwrapped).
+        config (`EMAConfig`, *optional*): The configuration; built from `**kwargs` when not given.
+        **kwargs: Fields of [`EMAConfig`] when `config` is not given.
+    """
+
+    def __init__(self, model: nn.Module, config: EMAConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = EMAConfig(**kwargs)
+        elif kwargs:
+            raise ConfigTypeError(f"pass either `config` or config fields, not both; got extra {sorted(kwargs)!r}")
+        if not isinstance(config, EMAConfig):
+            raise ConfigTypeError(f"`config` must be an EMAConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise ConfigTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.config = config
+        self.model = unwrap_model(model)
+        self.layout: ShardLayout = detect_layout(model)
+        self.selection: Selection = select_tensors(self.model, config)
+        self.names: list[str] = [name for name, _ in self.selection.averaged]
+        self.copied_names: list[str] = [name for name, _ in self.selection.copied]
+        self._live = [self.layout.local(n, t) for n, t in self.selection.averaged]
+        self._copied_live = [self.layout.local(n, t) for n, t in self.selection.copied]
+        self.shadow: list[torch.Tensor] = [self._new_ema_tensor(t) for t in self._live]
+        self.copied: list[torch.Tensor] = [t.detach().clone() for t in self._copied_live]
+        self.step = 0
+        self.num_updates = 0
+        self.last_decay: float | None = None
+        self._groups = self._build_groups()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _ema_device(self, live: torch.Tensor) -> torch.device:
+        return torch.device(self.config.device) if self.config.device is not None else live.device
+
+    def _new_ema_tensor(self, live: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(live.shape, dtype=self.config.torch_dtype, device=self._ema_device(live))
+        out.copy_(live.detach())
+        return out
+
+    def _build_groups(self) -> list[_Group]:
+        groups: dict[tuple, _Group] = {}
+        for i, (ema, live) in enumerate(zip(self.shadow, self._live)):
+            key = (ema.device, ema.dtype, live.device, live.dtype)
+            group = groups.setdefault(key, _Group())
+            group.ema.append(ema)
+            group.live.append(live)
+            group.indices.append(i)
+        return list(groups.values())
+
+    def _live_on_ema_device(self, group: _Group) -> list[torch.Tensor]:
+        if group.ema and group.ema[0].device != group.live[0].device:
+            return [t.to(group.ema[0].device, non_blocking=True) for t in group.live]
+        return group.live
+
+    # ------------------------------------------------------------------ the update
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> bool:
+        """Fold the current weights into the EMA. Call once per optimizer step.
+
+        Args:
+            step (`int`, *optional*): The optimizer step just completed (1 after the first step). Defaults to one
+                more than the last step seen.
+
+        Returns:
+            `bool`: whether the EMA changed (False on the steps skipped by `update_every`).
+        """
+        self.step = self.step + 1 if step is None else int(step)
+        cfg = self.config
+        if self.step <= cfg.start_step:
+            for group in self._groups:
+                copy_(group.ema, self._live_on_ema_device(group))
+            copy_(self.copied, self._copied_live)
+            self.last_decay = 0.0
+            return True
+        t = self.step - cfg.start_step
+        if t % cfg.update_every != 0:
+            return False
+        beta = cfg.decay_at(t)
+        for group in self._groups:
+            lerp_(group.ema, self._live_on_ema_device(group), 1.0 - beta)
+        copy_(self.copied, self._copied_live)
+        self.num_updates += 1
+        self.last_decay = beta
+        return True
+
+    # ------------------------------------------------------------------ moving weights in and out
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Overwrite the model's weights with the EMA (cast to the model's dtype).
+
+        Args:
+            model (`nn.Module`, *optional*): Another model with the same parameter names; defaults to the tracked one.
+        """
+        if model is None or unwrap_model(model) is self.model:
+            targets, copied_targets = self._live, self._copied_live
+        else:
+            other = unwrap_model(model)
+            state = dict(other.named_parameters())
+            state.update(other.named_buffers())
+            missing = [n for n in self.names + self.copied_names if n not in state]
+            if missing:
+                raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
+            targets = [self.layout.local(n, state[n]) for n in self.names]
+            copied_targets = [self.layout.local(n, state[n]) for n in self.copied_names]
+        for dst, src in zip(targets, self.shadow):
+            dst.copy_(src)
+        copy_(copied_targets, self.copied)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[nn.Module]:
+        """Context manager: the model holds the EMA weights inside the block, its raw weights again after it,
+        also when the block raises.
+
+        When the EMA and the weights share dtype and device the swap is in place (no copy of the model); otherwise
+        the raw weights are kept in a buffer of the weights' own dtype while the EMA is in.
+
+        Yields:
+            `nn.Module`: the tracked (unwrapped) model.
+        """
+        backup = self._swap_in()
+        try:
+            yield self.model
+        finally:
+            self._swap_out(backup)
+
+    @torch.no_grad()
+    def _swap_in(self) -> list[torch.Tensor | None]:
+        backup: list[torch.Tensor | None] = []
+        for live, ema in zip(self._live, self.shadow):
+            if live.dtype == ema.dtype and live.device == ema.device:
+                # Exact in-place exchange through one tensor-sized temporary.
+                tmp = live.clone()
+                live.copy_(ema)
+                ema.copy_(tmp)
+                backup.append(None)
+            else:
+                backup.append(live.clone())
+                live.copy_(ema)
+        return backup
+
+    @torch.no_grad()
+    def _swap_out(self, backup: list[torch.Tensor | None]) -> None:
+        for live, ema, saved in zip(self._live, self.shadow, backup):
+            if saved is None:
+                tmp = live.clone()
+                live.copy_(ema)
+                ema.copy_(tmp)
+            else:
+                live.copy_(saved)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA state: this rank's tensors by name, plus step counters and config.
+
+        Returns:
+            `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "decay": float | None,
+            "config": dict, "format_version": int}`.
+        """
+        tensors = dict(zip(self.names, self.shadow))
+        tensors.update(zip(self.copied_names, self.copied))
+        return {
+            "tensors": tensors,
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "decay": self.last_decay,
+            "config": self.config.to_dict(),
+            "format_version": STATE_FORMAT_VERSION,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore a state produced by `state_dict()`.
+
+        Args:
+            state (`dict`): The state; `state["tensors"]` maps names to tensors of this rank's shapes.
+            strict (`bool`, *optional*, defaults to `True`): Fail when a tracked tensor is missing.
+        """
+        tensors = state["tensors"]
+        missing = [n for n in self.names + self.copied_names if n not in tensors]
+        if missing and strict:
+            raise CheckpointError(
+                f"EMA state lacks {len(missing)} of {len(self.names) + len(self.copied_names)} tensors, "
+                f"e.g. {missing[:3]!r}"
+            )
+        for name, dst in zip(self.names + self.copied_names, self.shadow + self.copied):
+            if name not in tensors:
+                continue
+            src = tensors[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise CheckpointError(
+                    f"EMA tensor {name!r} has shape {tuple(src.shape)} in the state, {tuple(dst.shape)} in the model"
+                )
+            dst.copy_(src)
+        self.step = int(state.get("step", self.step))
+        self.num_updates = int(state.get("num_updates", self.num_updates))
+        self.last_decay = state.get("decay", self.last_decay)
+
+    def reset(self) -> None:
+        """Restart the EMA from the model's current weights (keeps the step counter)."""
+        with torch.no_grad():
+            for group in self._groups:
+                copy_(group.ema, self._live_on_ema_device(group))
+            copy_(self.copied, self._copied_live)
+
+    @torch.no_grad()
+    def full_state_dict(self, dtype: str | torch.dtype = "model") -> dict[str, torch.Tensor] | None:
+        """The full (unsharded) EMA tensors by name, gathered one tensor at a time onto the main process.
+
+        A collective call under `torch.distributed`: every rank must make it. Returns `None` on other ranks.
+
+        Args:
+            dtype (`str` or `torch.dtype`, *optional*, defaults to `"model"`): `"model"` casts each tensor to the
+                dtype of the weight it averages (what `save_pretrained` writes), `"ema"` keeps the EMA dtype, or a
+                `torch.dtype`.
+        """
+        out: dict[str, torch.Tensor] | None = {} if self.layout.is_main_process() else None
+        for name, ema, live in zip(self.names, self.shadow, self._live):
+            full = self.layout.full_tensor(name, ema)
+            if out is not None and full is not None:
+                target = live.dtype if dtype == "model" else (ema.dtype if dtype == "ema" else dtype)
+                out[name] = full.detach().to("cpu", dtype=target, copy=True)
+        for name, buf in zip(self.copied_names, self.copied):
+            full = self.layout.full_tensor(name, buf)
+            if out is not None and full is not None:
+                out[name] = full.detach().to("cpu", copy=True)
+        return out
+
+    def num_bytes(self) -> int:
+        """Bytes of EMA tensors held by this rank."""
+        return sum(t.numel() * t.element_size() for t in self.shadow + self.copied)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tensors={len(self.names)}, step={self.step}, updates={self.num_updates}, "
+            f"dtype={self.config.dtype}, layout={self.layout.kind})"
+        )

@@ -1,0 +1,149 @@
+"""A tiny causal LM, a tokenizer and a corpus that need no network: for examples, tests and the demo.
+
+The corpus is the text of `pydoc_data.topics`, which ships with CPython. The tokenizer is a byte-level BPE trained
+on it with `tokenizers`; the model is a Llama (or GPT-2) built from a config with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = [
+    "corpus_texts",
+    "lm_datasets",
+    "tiny_causal_lm",
+    "train_tokenizer",
+]
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
+
+
+def corpus_texts() -> list[str]:
+    """The documents of `pydoc_data.topics` (the Python reference's help topics), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [topics[key].strip() for key in sorted(topics)]
+
+
+def train_tokenizer(vocab_size: int = 1024, save_dir: str | os.PathLike | None = None):
+    """Train a byte-level BPE tokenizer on the bundled corpus and wrap it as a `PreTrainedTokenizerFast`.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 1024): Vocabulary size.
+        save_dir (`str`, *optional*): Also `save_pretrained` the tokenizer there.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_texts(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    if save_dir is not None:
+        fast.save_pretrained(save_dir)
+    return fast
+
+
+def tiny_causal_lm(
+    tokenizer,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 256,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A randomly initialised causal LM built from a config (no download).
+
+    Args:
+        tokenizer: The tokenizer whose vocabulary and special tokens the model uses.
+        arch (`str`, *optional*, defaults to `"llama"`): `"llama"` or `"gpt2"`.
+        hidden_size (`int`, *optional*, defaults to 64): Width.
+        num_layers (`int`, *optional*, defaults to 2): Depth.
+        num_heads (`int`, *optional*, defaults to 4): Attention heads.
+        max_positions (`int`, *optional*, defaults to 256): Context length.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`): Tie input and output embeddings.
+        seed (`int`, *optional*, defaults to 0): Seed of the initialisation.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Parameter dtype.
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    if arch == "llama":
+        config = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 4,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            **common,
+        )
+    elif arch == "gpt2":
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **common)
+    else:
+        raise ValueError(f"`arch` must be 'llama' or 'gpt2', got {arch!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
+
+
+def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max_train_blocks: int | None = None):
+    """Tokenise the bundled corpus into fixed-length blocks for causal LM training, split into train and eval.
+
+    The split is by document (the last `eval_fraction` of documents, in a fixed order), so eval text is unseen.
+
+    Args:
+        tokenizer: The tokenizer.
+        block_size (`int`, *optional*, defaults to 64): Tokens per example.
+        eval_fraction (`float`, *optional*, defaults to 0.1): Fraction of documents held out.
+        max_train_blocks (`int`, *optional*): Cap on the number of training blocks.
+
+    Returns:
+        `tuple[datasets.Dataset, datasets.Dataset]`: train and eval datasets with `input_ids`, `attention_mask`
+        and `labels`.
+    """
+    from datasets import Dataset
+
+    texts = corpus_texts()
+    n_eval = max(1, int(len(texts) * eval_fraction))
+    splits = {"train": texts[:-n_eval], "eval": texts[-n_eval:]}
+    out = []
+    for split, docs in splits.items():
+        ids: list[int] = []
+        for doc in docs:
+            ids.extend(tokenizer(doc)["input_ids"])
+            ids.append(tokenizer.eos_token_id)
+        n_blocks = len(ids) // block_size
+        if split == "train" and max_train_blocks is not None:
+            n_blocks = min(n_blocks, max_train_blocks)
+        blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
+        out.append(
+            Dataset.from_dict(
+                {"input_ids": blocks, "attention_mask": [[1] * block_size] * n_blocks, "labels": [list(b) for b in blocks]}
+            )
+        )
+    return out[0], out[1]

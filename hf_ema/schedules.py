@@ -1,0 +1,87 @@
+"""Decay schedules: the `beta` an EMA update uses at a given optimizer step.
+
+Pure functions of numbers, no torch, so they are easy to test against the formulas in the docs.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "decay_from_half_life",
+    "gamma_from_sigma_rel",
+    "power_function_beta",
+    "sigma_rel_from_gamma",
+    "warmup_decay",
+]
+
+
+def decay_from_half_life(half_life: float) -> float:
+    """Per-step decay whose weight on a past step halves every `half_life` steps: `0.5 ** (1 / half_life)`.
+
+    Args:
+        half_life (`float`): Half-life in optimizer steps, > 0.
+    """
+    return 0.5 ** (1.0 / half_life)
+
+
+def sigma_rel_from_gamma(gamma: float) -> float:
+    """EDM2's relative width of a power-function EMA profile with exponent `gamma`.
+
+    Args:
+        gamma (`float`): Exponent of the profile, > -1.
+    """
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def gamma_from_sigma_rel(sigma_rel: float) -> float:
+    """Exponent `gamma` of the power-function profile whose relative width is `sigma_rel`.
+
+    Solves `sigma_rel**2 * (gamma + 2)**2 * (gamma + 3) = gamma + 1` for its root above -1. `sigma_rel_from_gamma`
+    decreases monotonically on (-1, inf) from sqrt(1/12)... to 0 so bisection on a bracket is exact and robust.
+
+    Args:
+        sigma_rel (`float`): Relative width, in (0, 0.2887).
+    """
+    lo, hi = -1.0 + 1e-12, 1.0
+    # Widen the upper bracket until the width drops below the target.
+    while sigma_rel_from_gamma(hi) > sigma_rel:
+        hi *= 2.0
+        if hi > 1e12:  # pragma: no cover - validated before we get here
+            raise ValueError(f"`sigma_rel` is too small, got {sigma_rel!r}")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sigma_rel_from_gamma(mid) > sigma_rel:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def warmup_decay(step: int, decay: float, inv_gamma: float, power: float, min_decay: float = 0.0) -> float:
+    """The "start lower, then raise it" decay: `clamp(1 - (1 + step / inv_gamma) ** -power, min_decay, decay)`.
+
+    Args:
+        step (`int`): Optimizer steps since the EMA started (>= 0).
+        decay (`float`): The ceiling, the decay used once warmed up.
+        inv_gamma (`float`): Inverse multiplicative factor of the warmup.
+        power (`float`): Exponential factor of the warmup (2/3 for long runs, 3/4 for short ones).
+        min_decay (`float`, *optional*, defaults to 0.0): The floor.
+    """
+    value = 1.0 - (1.0 + step / inv_gamma) ** (-power)
+    return max(min_decay, min(decay, value))
+
+
+def power_function_beta(t: int, gamma: float, interval: int = 1) -> float:
+    """EDM2 power-function EMA: `beta = (1 - interval / t) ** (gamma + 1)` at step count `t` after this update.
+
+    The first update (`t == interval`) has beta 0, so the EMA starts at the current weights.
+
+    Args:
+        t (`int`): Steps since the EMA started, including this update (>= `interval`).
+        gamma (`float`): Exponent of the profile.
+        interval (`int`, *optional*, defaults to 1): Steps between two updates.
+    """
+    if t <= 0:
+        return 0.0
+    return max(0.0, 1.0 - interval / t) ** (gamma + 1.0)
