@@ -1,0 +1,213 @@
+"""EMACallback inside real Trainer runs on a tiny Llama: values, files, resume, LoRA, bf16, errors."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, pipeline
+
+from hf_ema import ConfigError, EMACallback, EMAConfig
+from hf_ema.offline import tiny_causal_lm
+
+
+class RecordWeights(TrainerCallback):
+    """Records the raw weights at the start and after every optimizer step, in float64."""
+
+    def __init__(self):
+        self.initial = None
+        self.after_step = []
+
+    @staticmethod
+    def _snapshot(model):
+        return {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial = self._snapshot(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after_step.append(self._snapshot(model))
+
+
+def reference_ema(recorder, cfg: EMAConfig):
+    """EMA of the recorded weights, written from the formula: ema = b*ema + (1-b)*theta every k steps."""
+    ema = dict(recorder.initial)
+    k = cfg.update_every
+    for step, weights in enumerate(recorder.after_step, start=1):
+        if step % k:
+            continue
+        beta = cfg.decay**k
+        ema = {n: beta * ema[n] + (1 - beta) * weights[n] for n in ema}
+    return ema
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        save_steps=6,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def run(tmp_path, model, train_ds, tokenizer, cfg, resume=None, **arg_overrides):
+    recorder = RecordWeights()
+    callback = EMACallback(cfg)
+    trainer = Trainer(
+        model=model,
+        args=make_args(tmp_path, **arg_overrides),
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        callbacks=[callback, recorder],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback, recorder
+
+
+@pytest.mark.parametrize(
+    "cfg, overrides",
+    [
+        (EMAConfig(decay=0.8), {}),
+        (EMAConfig(decay=0.8), {"gradient_accumulation_steps": 2}),
+        (EMAConfig(decay=0.7, update_every=3), {"max_steps": 9, "save_steps": 9}),
+    ],
+    ids=["every_step", "grad_accum_2", "update_every_3"],
+)
+def test_saved_ema_equals_independent_reference(tmp_path, tiny_model, lm_data, tokenizer, cfg, overrides):
+    trainer, callback, recorder = run(tmp_path, tiny_model, lm_data[0], tokenizer, cfg, **overrides)
+    steps = trainer.state.global_step
+    assert len(recorder.after_step) == steps  # one update per optimizer step, not per micro-batch
+    expected = reference_ema(recorder, cfg)
+    saved = load_file(str(tmp_path / f"checkpoint-{steps}" / "ema" / "model.safetensors"))
+    for name, value in expected.items():
+        assert (saved[name].double() - value).abs().max().item() <= 1e-6, name
+    # The final copy in output_dir/ema is the same EMA.
+    final = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    assert all(torch.equal(final[n], saved[n]) for n in saved)
+    # ... and it really differs from the raw weights.
+    raw = load_file(str(tmp_path / f"checkpoint-{steps}" / "model.safetensors"))
+    assert not torch.equal(raw["model.layers.0.mlp.up_proj.weight"], saved["model.layers.0.mlp.up_proj.weight"])
+    # `ema_decay` is logged (in the same entry as the loss) from the first EMA update on.
+    decays = [e.get("ema_decay") for e in trainer.state.log_history if "loss" in e and e["step"] >= cfg.update_every]
+    assert decays and all(d == pytest.approx(cfg.decay**cfg.update_every) for d in decays)
+
+
+def test_ema_folder_loads_and_generates(tmp_path, tiny_model, lm_data, tokenizer):
+    run(tmp_path, tiny_model, lm_data[0], tokenizer, EMAConfig(decay=0.5))
+    ema_dir = tmp_path / "checkpoint-6" / "ema"
+    ema_model, info = AutoModelForCausalLM.from_pretrained(ema_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert ema_model.config.tie_word_embeddings
+    assert torch.equal(ema_model.lm_head.weight, ema_model.model.embed_tokens.weight)
+    raw_model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-6")
+    ids = tokenizer("def f(x): return", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(ema_model(ids).logits, raw_model(ids).logits)
+    generator = pipeline("text-generation", model=str(ema_dir), device="cpu")
+    out = generator("The for statement", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("The for statement")
+    assert len(out[0]["generated_text"]) > len("The for statement")
+
+
+def test_lora_averages_only_adapter(tmp_path, tiny_model, lm_data, tokenizer):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    trainer, callback, recorder = run(tmp_path, model, lm_data[0], tokenizer, EMAConfig(decay=0.6), learning_rate=2e-2)
+    assert callback.ema.names and all("lora_" in n for n in callback.ema.names)
+    expected = reference_ema(recorder, EMAConfig(decay=0.6))
+    assert set(expected) == set(callback.ema.names)
+    ema_dir = tmp_path / "checkpoint-6" / "ema"
+    assert (ema_dir / "adapter_config.json").is_file() and (ema_dir / "adapter_model.safetensors").is_file()
+    assert not (ema_dir / "model.safetensors").exists()
+    base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    loaded = PeftModel.from_pretrained(base, ema_dir)
+    params = dict(loaded.named_parameters())
+    for name, value in expected.items():
+        assert (params[name].double() - value).abs().max().item() <= 1e-6, name
+
+
+def test_bf16_weights_keep_an_fp32_ema_that_moves_below_bf16_resolution(tmp_path, tokenizer, lm_data):
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0, dtype=torch.bfloat16)
+    cfg = EMAConfig(decay=0.999)
+    trainer, callback, recorder = run(tmp_path, model, lm_data[0], tokenizer, cfg, learning_rate=1e-2)
+    name = "model.layers.0.mlp.up_proj.weight"
+    init = recorder.initial[name]
+    raw = recorder.after_step[-1][name]
+    ema = callback.ema.shadow[callback.ema.names.index(name)]
+    assert ema.dtype == torch.float32
+    # Where every EMA increment (1 - 0.999) * (raw - ema) is below half a bf16 ulp of the weight, a bf16 EMA
+    # cannot move at all. Most weights are in that regime here.
+    below = 1e-3 * (raw - init).abs().max(dim=-1, keepdim=True).values.expand_as(init) < init.abs() * 2.0**-9
+    below &= raw != init
+    assert below.float().mean().item() > 0.3
+    # The fp32 EMA moved there, and everywhere equals the reference computed in float64.
+    assert (ema.double() != init)[below].float().mean().item() > 0.99
+    expected = reference_ema(recorder, cfg)[name]
+    assert (ema.double() - expected).abs().max().item() <= 1e-6
+    # A bf16 EMA fed the same weights stays stuck at its starting value there (what this test guards against).
+    bf16_ema = init.to(torch.bfloat16)
+    for weights in recorder.after_step:
+        bf16_ema = bf16_ema.lerp(weights[name].to(torch.bfloat16), 1e-3)
+    assert (bf16_ema.double() != init)[below].float().mean().item() < 0.01
+    exact = load_file(str(tmp_path / "checkpoint-6" / "ema" / "ema_state.safetensors"))
+    assert exact[name].dtype == torch.float32 and torch.equal(exact[name], ema)
+
+
+def test_resume_is_bit_identical(tmp_path, tokenizer, lm_data):
+    cfg = EMAConfig(decay=0.9)
+
+    def model():
+        return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+
+    full = tmp_path / "full"
+    run(full, model(), lm_data[0], tokenizer, cfg, max_steps=20, save_steps=10)
+    # The resumed run lives in another folder and resumes from an explicit path.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoint-10", tmp_path / "saved-checkpoint-10")
+    _, callback, _ = run(
+        resumed, model(), lm_data[0], tokenizer, cfg, resume=str(tmp_path / "saved-checkpoint-10"), max_steps=20,
+        save_steps=10,
+    )
+    assert callback.ema.step == 20 and callback.ema.num_updates == 20
+    a = load_file(str(full / "ema" / "model.safetensors"))
+    b = load_file(str(resumed / "ema" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_without_ema_warns_and_restarts(tmp_path, tokenizer, lm_data, caplog):
+    cfg = EMAConfig(decay=0.9)
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    run(tmp_path, model, lm_data[0], tokenizer, cfg, max_steps=4, save_steps=2)
+    shutil.rmtree(tmp_path / "checkpoint-4" / "ema")
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+        _, callback, _ = run(tmp_path, model, lm_data[0], tokenizer, cfg, resume=True, max_steps=6, save_steps=2)
+    assert any("no EMA was found" in r.getMessage() for r in caplog.records)
+    assert callback.ema.step == 6 and callback.ema.num_updates == 2
+
+
+def test_bad_configuration_fails_before_training(tmp_path, tiny_model, lm_data, tokenizer):
+    with pytest.raises(ConfigError, match=r"`decay` must be in \[0, 1\), got 1.5"):
+        EMACallback(decay=1.5)
+    with pytest.raises(ConfigError, match="`include` pattern 'not_a_layer' matches no tensor"):
+        Trainer(
+            model=tiny_model,
+            args=make_args(tmp_path),
+            train_dataset=lm_data[0],
+            callbacks=[EMACallback(include=["not_a_layer"])],
+        )
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
