@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[ema],
     )
     trainer.train()
-    raw = trainer.evaluate()["eval_loss"]
+    # EMACallback(eval_ema=True), the default, evaluates the EMA beside the raw weights in the same pass.
+    metrics = trainer.evaluate()
+    raw, ema_loss = metrics["eval_loss"], metrics["eval_ema_loss"]
     ema_model = AutoModelForCausalLM.from_pretrained(f"{args.output_dir}/ema")
     print(f"EMA weights in {args.output_dir}/ema ({sum(p.numel() for p in ema_model.parameters()):,} parameters)")
-    with ema.ema.swapped():
-        ema_loss = trainer.evaluate(metric_key_prefix="ema_check")["ema_check_loss"]
     print(f"eval loss: raw {raw:.4f}  EMA {ema_loss:.4f}")
     return {"eval_loss": raw, "eval_ema_loss": ema_loss}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -10,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import EMAConfig
 from .errors import ConfigTypeError
+from .evaluation import EMAEvaluator
+from .final_model import make_ema_final
 from .model_ema import ModelEMA
+from .posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
 from .selection import select_tensors, unwrap_model
 from .serialization import EMA_DIRNAME, load_ema, save_ema
+from .stability import StabilityConfig, StabilityMonitor
 
 __all__ = ["EMACallback"]
 
@@ -58,6 +64,18 @@ class EMACallback(TrainerCallback):
         resume_from (`str`, *optional*): A checkpoint folder (or its `ema/`) to restore the EMA from when training
             resumes. Defaults to `output_dir/checkpoint-<global_step>`, the folder the Trainer resumes from.
         save_final (`bool`, *optional*, defaults to `True`): Write `output_dir/ema/` when training ends.
+        eval_ema (`bool`, *optional*, defaults to `True`): Whenever the Trainer evaluates, also evaluate the EMA
+            (swapped in place) and log `eval_ema_loss` and every `compute_metrics` key with an `eval_ema_` prefix in
+            the same entry; see [`EMAEvaluator`]. Costs one more evaluation pass.
+        stability_metrics (`bool`, `dict` or `StabilityConfig`, *optional*, defaults to `False`): Log
+            `ema_rel_distance`, `ema_osc_frac` and `ema_osc_freq_mean` at the logging steps; see
+            [`StabilityConfig`].
+        swap_at_end (`bool`, *optional*, defaults to `False`): When training ends, write the raw weights to
+            `output_dir/raw/` and copy the EMA into the model, so `trainer.save_model()` and
+            `trainer.push_to_hub()` publish the EMA (with `load_best_model_at_end`, the best checkpoint's EMA).
+        posthoc (`bool`, `dict` or `PostHocConfig`, *optional*): Also keep EDM2 power-function EMAs (sigma_rel 0.05
+            and 0.10 by default) and snapshot them into `output_dir/ema_posthoc/`, so `hf_ema.reconstruct` /
+            `hf-ema posthoc` can build the EMA of any width after training; see [`PostHocConfig`].
         **kwargs: Fields of [`EMAConfig`] (`decay`, `half_life`, `update_every`, ...).
     """
 
@@ -67,6 +85,10 @@ class EMACallback(TrainerCallback):
         *,
         resume_from: str | os.PathLike | None = None,
         save_final: bool = True,
+        eval_ema: bool = True,
+        stability_metrics: bool | dict | StabilityConfig = False,
+        swap_at_end: bool = False,
+        posthoc: bool | dict | PostHocConfig | None = None,
         **kwargs: Any,
     ) -> None:
         if config is None:
@@ -81,8 +103,18 @@ class EMACallback(TrainerCallback):
         self.resume_from = resume_from
         self.save_final = save_final
         self.ema: ModelEMA | None = None
+        self.swap_at_end = bool(swap_at_end)
+        self.posthoc_config = resolve_posthoc(posthoc)
+        self.posthoc: PostHocEMA | None = None
+        self.evaluator = EMAEvaluator(lambda: self.ema) if eval_ema else None
+        stability = StabilityConfig.coerce(stability_metrics)
+        self.stability = StabilityMonitor(stability) if stability is not None else None
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._saved_step: int | None = None
+        # Steps whose EMA a Hub push already wrote to `checkpoint-N/ema/` and `output_dir/ema/` (see `hub.py`).
+        self._pushed_step: int | None = None
+        self._output_step: int | None = None
+        self._resume_checkpoint: str | os.PathLike | bool | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -96,13 +128,33 @@ class EMACallback(TrainerCallback):
         Args:
             trainer (`Trainer`): The trainer.
         """
+        if self.trainer is trainer:
+            return self
         self._trainer_ref = weakref.ref(trainer)
+        self._wrap_train(trainer)
+        if self.evaluator is not None:
+            self.evaluator.install(trainer)
         handler = trainer.callback_handler
         # Run first among callbacks so the values we add to `logs` reach TensorBoard / W&B in the same entry.
         if self in handler.callbacks:
             handler.callbacks.remove(self)
             handler.callbacks.insert(0, self)
         return self
+
+    def _wrap_train(self, trainer: Trainer) -> None:
+        # Callbacks never see the folder passed to `trainer.train(resume_from_checkpoint=...)`: record it here so
+        # the EMA is restored from the same checkpoint as the weights, wherever it lives.
+        original = trainer.train
+        callback_ref = weakref.ref(self)
+
+        @functools.wraps(original)
+        def train(*args: Any, **kwargs: Any):
+            callback = callback_ref()
+            if callback is not None:
+                callback._resume_checkpoint = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+            return original(*args, **kwargs)
+
+        trainer.train = train
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         trainer = _find_calling_trainer()
@@ -115,16 +167,31 @@ class EMACallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
+        if self.trainer is not None and self.trainer.model is not None:
+            # Callbacks get the model as it was before `accelerator.prepare`; under FSDP1 the Trainer then points
+            # `trainer.model` at the FSDP root, which owns the shards of the top-level parameters.
+            model = self.trainer.model
         self.ema = ModelEMA(model, self.config)
         self.ema.step = state.global_step
+        self._pushed_step = self._output_step = None  # a new run: nothing of it written by a Hub push yet
+        if self.evaluator is not None:
+            self.evaluator.active = True
         if state.global_step > 0:
             self._restore(args, state)
+        if self.posthoc_config is not None:
+            self.posthoc = PostHocEMA(model, self.posthoc_config, base=self.config)
+            self.posthoc.on_train_begin(args, state, self._resume_candidates(args, state))
 
     # ------------------------------------------------------------------ resume
     def _resume_candidates(self, args: TrainingArguments, state: TrainerState) -> list[Path]:
         out = []
         if self.resume_from is not None:
             out.append(Path(self.resume_from))
+        resume = self._resume_checkpoint
+        if resume is True:
+            resume = get_last_checkpoint(args.output_dir)
+        if isinstance(resume, (str, os.PathLike)):
+            out.append(Path(resume))
         if isinstance(getattr(args, "resume_from_checkpoint", None), str):
             out.append(Path(args.resume_from_checkpoint))
         out.append(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -154,11 +221,17 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # on_step_end fires once per optimizer step, after gradient accumulation, with global_step incremented.
         self.ema.update(step=state.global_step)
+        if self.posthoc is not None:
+            self.posthoc.on_step_end(args, state)
+        if self.stability is not None:
+            self.stability.step(self.ema)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if self.ema is None or logs is None or "loss" not in logs or self.ema.last_decay is None:
             return
         extra = {"ema_decay": float(self.ema.last_decay)}
+        if self.stability is not None:
+            extra.update(self.stability.metrics(self.ema))
         logs.update(extra)
         # Trainer.log appended a copy of `logs` to the history before calling us: add our values there too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -169,12 +242,39 @@ class EMACallback(TrainerCallback):
         if not folder.is_dir() and args.should_save:
             logger.warning("Checkpoint folder %s not found; EMA not saved for this step", folder)
             return
-        self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+        if self._pushed_step != state.global_step:  # a Hub push (before on_save) may have written it already
+            self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+        if self.posthoc is not None:
+            self.posthoc.on_save(args, state, folder)
+        if args.push_to_hub:
+            from .hub import after_checkpoint_save
+
+            after_checkpoint_save(self, args, state)
+
+    def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # The Trainer uploads right after this event (for a checkpoint: before `on_save`), so `ema/` is written now.
+        from .hub import prepare_trainer_push
+
+        prepare_trainer_push(self, args, state, processing_class=kwargs.get("processing_class"))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.ema is None or not self.save_final:
+        if self.ema is None:
             return
-        self.save(Path(args.output_dir) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+        if self.posthoc is not None:
+            self.posthoc.on_train_end(args, state)
+        if self.save_final and self._output_step != state.global_step:  # else a Hub push wrote this step's EMA
+            if args.push_to_hub:
+                from .hub import wait_for_pushes
+
+                wait_for_pushes(self)  # a checkpoint upload may still be reading output_dir/ema
+            self.save(Path(args.output_dir) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+            self._output_step = state.global_step
+        if self.swap_at_end:
+            best = state.best_model_checkpoint if args.load_best_model_at_end else None
+            make_ema_final(self.ema, args.output_dir, kwargs.get("processing_class"), best_checkpoint=best)
+            if self.evaluator is not None:
+                # The model now is the EMA: a later `trainer.evaluate()` reports it as `eval_*` only.
+                self.evaluator.active = False
 
     # ------------------------------------------------------------------ API
     def save(self, folder: str | os.PathLike, processing_class: Any | None = None, state: TrainerState | None = None):

@@ -12,7 +12,7 @@ __all__ = ["build_parser", "main"]
 
 # Each module in `hf_ema.commands` defines `register(subparsers)`, which adds one sub-command whose parser sets
 # `func` to a callable taking the parsed arguments and returning an exit code.
-COMMAND_MODULES = ["demo", "env"]
+COMMAND_MODULES = ["demo", "env", "merge", "plot", "posthoc", "push", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

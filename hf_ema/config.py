@@ -102,7 +102,15 @@ class EMAConfig:
             dtype of the EMA tensors, whatever the dtype the model trains in. Keep float32: a bfloat16 EMA loses
             every update smaller than half a bf16 ulp.
         device (`str`, *optional*):
-            Where the EMA lives: `None` (the weights' own device) or `"cpu"` (offloaded).
+            Where the EMA lives: `None` (the weights' own device) or `"cpu"` (offloaded: the weights are copied into
+            reusable pinned host buffers and folded in on the CPU).
+        async_update (`bool`, *optional*):
+            Fold an offloaded EMA in a background thread while training continues (at most one update in flight;
+            the next update and every read of the EMA wait for it). Needs `device="cpu"`. `None` means on when the
+            EMA is offloaded from an accelerator, off otherwise.
+        cuda_stream (`bool`, *optional*, defaults to `False`):
+            On CUDA, run the update (or the device-to-host copies of an offloaded EMA) on a side stream that
+            overlaps with the next forward/backward; the next optimizer step waits for it. No effect on CPU.
         trainable_only (`bool`, *optional*):
             Average only parameters with `requires_grad=True`. `None` means: `True` for a PEFT model (only the
             adapter), `False` otherwise.
@@ -113,6 +121,13 @@ class EMAConfig:
             Regular expressions; matching tensors are not averaged. Each must match at least one tensor.
         include_buffers (`bool`, *optional*, defaults to `True`):
             Also average floating-point persistent buffers (non-float buffers are always copied).
+        shard_across_ranks (`bool`, *optional*):
+            For a replicated (DDP) model, split the EMA across data-parallel ranks: each rank averages only its
+            1/N chunk of each flattened tensor, and the chunks are gathered when the EMA is saved or swapped in, so
+            the EMA costs 1/N of a full copy per rank. `None` means on when `torch.distributed` runs more than one
+            rank; then build the EMA on every rank (its construction checks that all ranks track the same
+            tensors): `update()` stays local, while `swapped()`, `copy_to()` and saving are collective calls that
+            every rank must make. Sharded models (FSDP, ZeRO-3) always keep the EMA of their own shards.
     """
 
     decay: float | None = None
@@ -130,6 +145,9 @@ class EMAConfig:
     include: list[str] | None = None
     exclude: list[str] | None = None
     include_buffers: bool = True
+    async_update: bool | None = None
+    cuda_stream: bool = False
+    shard_across_ranks: bool | None = None
     # Filled in by `__post_init__`: the exponent of the power-function profile when `sigma_rel` is set.
     gamma: float | None = field(default=None, init=False)
 
@@ -184,6 +202,14 @@ class EMAConfig:
             raise ConfigTypeError(f"`trainable_only` must be None or a bool, got {self.trainable_only!r}")
         if not isinstance(self.include_buffers, bool):
             raise ConfigTypeError(f"`include_buffers` must be a bool, got {self.include_buffers!r}")
+        if self.async_update is not None and not isinstance(self.async_update, bool):
+            raise ConfigTypeError(f"`async_update` must be None or a bool, got {self.async_update!r}")
+        if self.async_update and self.device != "cpu":
+            raise ConfigError(f"`async_update=True` needs `device='cpu'` (offloaded), got device={self.device!r}")
+        if not isinstance(self.cuda_stream, bool):
+            raise ConfigTypeError(f"`cuda_stream` must be a bool, got {self.cuda_stream!r}")
+        if self.shard_across_ranks is not None and not isinstance(self.shard_across_ranks, bool):
+            raise ConfigTypeError(f"`shard_across_ranks` must be None or a bool, got {self.shard_across_ranks!r}")
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
 

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "HfEmaError",
+    "StateError",
 ]
 
 
@@ -28,3 +29,7 @@ class ConfigTypeError(HfEmaError, TypeError):
 
 class CheckpointError(HfEmaError, ValueError):
     """A checkpoint or EMA folder is missing, incomplete or does not match the model."""
+
+
+class StateError(HfEmaError, RuntimeError):
+    """An operation was called in a state where it would corrupt the EMA (e.g. `update()` inside `swapped()`)."""

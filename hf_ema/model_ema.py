@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .config import EMAConfig
-from .errors import CheckpointError, ConfigTypeError
-from .kernels import copy_, lerp_
-from .selection import Selection, select_tensors, unwrap_model
+from .errors import CheckpointError, ConfigTypeError, StateError
+from .kernels import copy_
+from .selection import Selection, unwrap_model
 from .sharding import ShardLayout, detect_layout
+from .updater import EMAUpdater
 
 __all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
 
@@ -66,8 +67,8 @@ class ModelEMA:
             raise ConfigTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
         self.model = unwrap_model(model)
-        self.layout: ShardLayout = detect_layout(model)
-        self.selection: Selection = select_tensors(self.model, config)
+        self.layout: ShardLayout = detect_layout(model, config)
+        self.selection: Selection = self.layout.select(self.model, config)
         self.names: list[str] = [name for name, _ in self.selection.averaged]
         self.copied_names: list[str] = [name for name, _ in self.selection.copied]
         self._live = [self.layout.local(n, t) for n, t in self.selection.averaged]
@@ -77,14 +78,21 @@ class ModelEMA:
         self.step = 0
         self.num_updates = 0
         self.last_decay: float | None = None
+        #: True while `swapped()` has the EMA weights in the model.
+        self.is_swapped = False
         self._groups = self._build_groups()
+        # Picks the kernel per group and runs offloaded / side-stream updates (see `hf_ema/updater.py`).
+        self._updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
 
     # ------------------------------------------------------------------ set-up helpers
     def _ema_device(self, live: torch.Tensor) -> torch.device:
         return torch.device(self.config.device) if self.config.device is not None else live.device
 
     def _new_ema_tensor(self, live: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(live.shape, dtype=self.config.torch_dtype, device=self._ema_device(live))
+        device = self._ema_device(live)
+        # An EMA offloaded from CUDA lives in pinned memory: fast, non_blocking copies when it is swapped in.
+        pin = device.type == "cpu" and live.is_cuda
+        out = torch.empty(live.shape, dtype=self.config.torch_dtype, device=device, pin_memory=pin)
         out.copy_(live.detach())
         return out
 
@@ -98,11 +106,6 @@ class ModelEMA:
             group.indices.append(i)
         return list(groups.values())
 
-    def _live_on_ema_device(self, group: _Group) -> list[torch.Tensor]:
-        if group.ema and group.ema[0].device != group.live[0].device:
-            return [t.to(group.ema[0].device, non_blocking=True) for t in group.live]
-        return group.live
-
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
     def update(self, step: int | None = None) -> bool:
@@ -115,11 +118,12 @@ class ModelEMA:
         Returns:
             `bool`: whether the EMA changed (False on the steps skipped by `update_every`).
         """
+        if self.is_swapped:
+            raise StateError("`update()` called while the EMA is swapped into the model (inside `swapped()`)")
         self.step = self.step + 1 if step is None else int(step)
         cfg = self.config
         if self.step <= cfg.start_step:
-            for group in self._groups:
-                copy_(group.ema, self._live_on_ema_device(group))
+            self._updater.copy_now()
             copy_(self.copied, self._copied_live)
             self.last_decay = 0.0
             return True
@@ -127,12 +131,20 @@ class ModelEMA:
         if t % cfg.update_every != 0:
             return False
         beta = cfg.decay_at(t)
-        for group in self._groups:
-            lerp_(group.ema, self._live_on_ema_device(group), 1.0 - beta)
+        self._updater.fold(1.0 - beta)
         copy_(self.copied, self._copied_live)
         self.num_updates += 1
         self.last_decay = beta
         return True
+
+    def wait(self) -> None:
+        """Block until the in-flight update (background thread of an offloaded EMA, CUDA side stream) has written
+        the EMA. Every method that reads the EMA calls it; call it yourself before reading `shadow` directly."""
+        self._updater.wait()
+
+    def close(self) -> None:
+        """Finish the in-flight update and release the background thread and the optimizer hook."""
+        self._updater.close()
 
     # ------------------------------------------------------------------ moving weights in and out
     @torch.no_grad()
@@ -142,8 +154,12 @@ class ModelEMA:
         Args:
             model (`nn.Module`, *optional*): Another model with the same parameter names; defaults to the tracked one.
         """
+        self.wait()
         if model is None or unwrap_model(model) is self.model:
             targets, copied_targets = self._live, self._copied_live
+        elif self.layout.is_sharded:
+            self._copy_full_to(unwrap_model(model))
+            return
         else:
             other = unwrap_model(model)
             state = dict(other.named_parameters())
@@ -156,6 +172,20 @@ class ModelEMA:
         for dst, src in zip(targets, self.shadow):
             dst.copy_(src)
         copy_(copied_targets, self.copied)
+        # A DDP-sharded EMA wrote only this rank's chunks: the layout exchanges them (a collective).
+        self.layout.after_write(targets + copied_targets)
+
+    @torch.no_grad()
+    def _copy_full_to(self, other: nn.Module) -> None:
+        # Another, unsharded model (e.g. one for evaluation on every rank): gather one full tensor at a time.
+        state = dict(other.named_parameters())
+        state.update(other.named_buffers())
+        missing = [n for n in self.names + self.copied_names if n not in state]
+        if missing:
+            raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
+        for name, src in zip(self.names + self.copied_names, self.shadow + self.copied):
+            full = self.layout.full_tensor(name, src, all_ranks=True)
+            state[name].detach().copy_(full)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[nn.Module]:
@@ -168,14 +198,21 @@ class ModelEMA:
         Yields:
             `nn.Module`: the tracked (unwrapped) model.
         """
+        if self.is_swapped:
+            # Re-entrant: the EMA is already in; swapping again would put the raw weights back.
+            yield self.model
+            return
         backup = self._swap_in()
+        self.is_swapped = True
         try:
             yield self.model
         finally:
+            self.is_swapped = False
             self._swap_out(backup)
 
     @torch.no_grad()
     def _swap_in(self) -> list[torch.Tensor | None]:
+        self.wait()
         backup: list[torch.Tensor | None] = []
         for live, ema in zip(self._live, self.shadow):
             if live.dtype == ema.dtype and live.device == ema.device:
@@ -187,6 +224,7 @@ class ModelEMA:
             else:
                 backup.append(live.clone())
                 live.copy_(ema)
+        self.layout.after_write(self._live)
         return backup
 
     @torch.no_grad()
@@ -198,6 +236,7 @@ class ModelEMA:
                 ema.copy_(tmp)
             else:
                 live.copy_(saved)
+        self.layout.after_write(self._live)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -207,6 +246,7 @@ class ModelEMA:
             `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "decay": float | None,
             "config": dict, "format_version": int}`.
         """
+        self.wait()
         tensors = dict(zip(self.names, self.shadow))
         tensors.update(zip(self.copied_names, self.copied))
         return {
@@ -226,6 +266,7 @@ class ModelEMA:
             state (`dict`): The state; `state["tensors"]` maps names to tensors of this rank's shapes.
             strict (`bool`, *optional*, defaults to `True`): Fail when a tracked tensor is missing.
         """
+        self.wait()
         tensors = state["tensors"]
         missing = [n for n in self.names + self.copied_names if n not in tensors]
         if missing and strict:
@@ -249,8 +290,7 @@ class ModelEMA:
     def reset(self) -> None:
         """Restart the EMA from the model's current weights (keeps the step counter)."""
         with torch.no_grad():
-            for group in self._groups:
-                copy_(group.ema, self._live_on_ema_device(group))
+            self._updater.copy_now()
             copy_(self.copied, self._copied_live)
 
     @torch.no_grad()
@@ -264,6 +304,7 @@ class ModelEMA:
                 dtype of the weight it averages (what `save_pretrained` writes), `"ema"` keeps the EMA dtype, or a
                 `torch.dtype`.
         """
+        self.wait()
         out: dict[str, torch.Tensor] | None = {} if self.layout.is_main_process() else None
         for name, ema, live in zip(self.names, self.shadow, self._live):
             full = self.layout.full_tensor(name, ema)

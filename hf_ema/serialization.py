@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME
+from .distributed_io import load_rank_shard, save_rank_shard
 from .errors import CheckpointError
 from .model_ema import STATE_FORMAT_VERSION, ModelEMA
 from .selection import is_peft_model
@@ -69,25 +70,28 @@ class atomic_folder:  # noqa: N801 - used as a context manager, reads like a fun
 
 
 def _needs_exact_tensors(ema: ModelEMA) -> bool:
-    if is_peft_model(ema.model):
+    if is_peft_model(ema.layout.save_module(ema.model)):
         # Adapter files rename keys (the adapter name is dropped); keep our own exact copy, it is small.
         return True
     return any(e.dtype != live.dtype for e, live in zip(ema.shadow, ema._live))
 
 
-def _write_weights(ema: ModelEMA, folder: Path, full: dict[str, torch.Tensor], exact: bool) -> None:
-    model = ema.model
+def _write_weights(
+    ema: ModelEMA, folder: Path, full: dict[str, torch.Tensor], exact: bool, base: dict[str, torch.Tensor]
+) -> None:
+    model = ema.layout.save_module(ema.model)
     model_dtype_full = {}
     live_dtypes = {n: live.dtype for n, live in zip(ema.names, ema._live)}
     for name, tensor in full.items():
         model_dtype_full[name] = tensor.to(live_dtypes.get(name, tensor.dtype))
-    state = {k: v for k, v in model.state_dict().items()}
+    # `base`: the model's other tensors (full, gathered by the layout for a sharded model).
+    state = dict(base)
     for name, tensor in model_dtype_full.items():
         state[name] = tensor
         for alias in ema.selection.aliases.get(name, []):
             state[alias] = tensor
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder, state_dict=state)
+        ema.layout.save_pretrained(model, folder, state)
     else:
         # A plain nn.Module in a custom loop: one safetensors file, shared tensors stored once.
         seen: dict[int, str] = {}
@@ -133,11 +137,14 @@ def save_ema(
     """
     output_dir = Path(output_dir)
     full = ema.full_state_dict(dtype="ema")
+    provided = set(ema.names) | set(ema.copied_names)
+    provided.update(alias for aliases in ema.selection.aliases.values() for alias in aliases)
+    base = ema.layout.full_model_tensors(ema.model, provided)
     path = None
     if ema.layout.is_main_process():
         exact = _needs_exact_tensors(ema)
         with atomic_folder(output_dir) as tmp:
-            _write_weights(ema, tmp, full, exact)
+            _write_weights(ema, tmp, full, exact, base)
             if processing_class is not None:
                 processing_class.save_pretrained(tmp)
             ema.config.to_json_file(tmp / CONFIG_NAME)
@@ -163,6 +170,10 @@ def save_ema(
                 f.write("\n")
         path = output_dir
     ema.layout.barrier()
+    if ema.layout.is_sharded:
+        # Each rank's own shards, so that resuming at the same world size needs no gather.
+        save_rank_shard(ema, output_dir)
+        ema.layout.barrier()
     return path
 
 
@@ -214,6 +225,8 @@ def load_ema(ema: ModelEMA, folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"`{folder}` was written by a newer hf-ema (format {meta['format_version']}); upgrade hf-ema to read it"
         )
+    if load_rank_shard(ema, folder, meta):
+        return meta
     full = _read_full_tensors(folder)
     tensors: dict[str, torch.Tensor] = {}
     for name, local in zip(ema.names + ema.copied_names, ema.shadow + ema.copied):

@@ -168,3 +168,22 @@ def test_update_every_skips_and_reports():
     changed = [ema.update() for _ in range(4)]
     assert changed == [False, True, False, True]
     assert ema.num_updates == 2
+
+
+def test_swapped_is_reentrant_and_update_inside_is_refused():
+    from hf_ema import StateError
+
+    model = Net()
+    ema = ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    ema.update()
+    raw = model.fc1.weight.detach().clone()
+    with ema.swapped():
+        in_ema = model.fc1.weight.detach().clone()
+        with ema.swapped():  # nested: still the EMA, not the raw weights swapped back
+            assert torch.equal(model.fc1.weight, in_ema)
+        assert torch.equal(model.fc1.weight, in_ema)
+        with pytest.raises(StateError, match="inside `swapped\\(\\)`"):
+            ema.update()
+    assert torch.equal(model.fc1.weight, raw) and not ema.is_swapped

@@ -1,0 +1,245 @@
+"""Time of one EMA update: hf-ema against the anchors, next to the memory-bandwidth floor, in one run.
+
+    python benchmarks/ema_update.py                       # 50M and 500M parameters, fp32 and bf16 weights
+    python benchmarks/ema_update.py --sizes 50M --reps 9  # quicker
+
+For each (size, weight dtype) the script builds a Llama from a config, builds every EMA implementation on it, and
+times `update()`: the median of `--rounds` x `--reps` calls after two warm-up calls. When every EMA fits in memory
+at once the implementations take turns call by call (else they are built, timed and freed in turn, round by
+round), so that load from other processes hits them alike. Beside the wall-clock time, the process CPU time of the
+same calls, which time-slicing by other processes does not inflate. The floor is the bytes an fp32-EMA update must
+move (read the weights, read and write the fp32 EMA) over the copy bandwidth measured in the same run.
+
+The ratio column divides by the fastest anchor: with fp32 weights any anchor; with low-precision weights the
+fastest anchor that keeps an EMA in the weights' dtype (hf-ema keeps fp32, the goal is to cost no more than them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _anchors as A  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def timed(fn) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call. CPU time is not inflated when other processes take the cores
+    (it still is by their use of the memory bus), so it is the steadier of the two on a shared machine."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+class CopyFloor:
+    """Copy bandwidth: a 256 MiB fp32 buffer copied into another (read + write)."""
+
+    name = "memcpy 256 MiB (bandwidth probe)"
+
+    def __init__(self):
+        self.src = torch.randn(64 << 20)
+        self.dst = torch.empty_like(self.src)
+
+    def update(self):
+        self.dst.copy_(self.src)
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.src.numel() * 4
+
+
+def builders(weight_dtype: torch.dtype, skip: set[str]):
+    out = [("hf_ema", A.hf_ema)]
+    out += [(k, v) for k, v in A.ANCHORS.items()]
+    if weight_dtype != torch.float32:
+        out += [(k, v) for k, v in A.FP32_EMA_ANCHORS.items()]
+    return [(k, v) for k, v in out if k not in skip]
+
+
+def bench_case(size: str, dtype_name: str, args) -> dict:
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    model = A.build_llama(size, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    w_bytes = torch.finfo(dtype).bits // 8
+    todo = builders(dtype, set(args.skip))
+    # Interleave everything when all EMA copies fit comfortably, else build / time / free one at a time per round.
+    need = n_params * sum(4 if k in ("hf_ema", "classic_fp32", "timm_v3_fp32") else w_bytes for k, _ in todo)
+    interleave = need < 0.5 * mem_available_bytes()
+    floor = CopyFloor()
+    samples: dict[str, list[float]] = {"floor": []}
+    meta: dict[str, dict] = {}
+
+    def build(key, builder):
+        gc.collect()
+        impl = A.safe_build(builder, model)
+        if impl is None:
+            meta[key] = {"name": key, "missing": True}
+            return None
+        t_first = timed(impl.update)[0]  # warm-up; hf-ema compiles its kernel here when it uses one
+        t_second = timed(impl.update)[0]
+        m = meta.setdefault(
+            key,
+            {
+                "name": impl.name,
+                "ema_dtype": str(impl.ema_dtype).removeprefix("torch."),
+                "note": impl.note,
+                "first_call_s": t_first,
+            },
+        )
+        # Implementations far slower than the rest get one timed call per round: they are not close calls.
+        m["reps"] = args.reps if t_second < args.slow_s else 1
+        samples.setdefault(key, [])
+        return impl
+
+    live = {}
+    if interleave:
+        for key, builder in todo:
+            live[key] = build(key, builder)
+    floor.update()
+    cpu: dict[str, list[float]] = {k: [] for k in samples}
+
+    def record(key, impl, n):
+        for _ in range(n):
+            wall, proc = timed(impl.update)
+            samples[key].append(wall)
+            cpu.setdefault(key, []).append(proc)
+
+    for _ in range(args.rounds):
+        if interleave:
+            # Round-robin, one call each: a burst of load from other processes hits every implementation alike.
+            for rep in range(args.reps):
+                record("floor", floor, 1)
+                for key, _ in todo:
+                    if live[key] is not None and rep < meta[key]["reps"]:
+                        record(key, live[key], 1)
+        else:
+            for key, builder in todo:
+                record("floor", floor, 1)
+                impl = build(key, builder)
+                if impl is not None:
+                    record(key, impl, meta[key]["reps"])
+                del impl
+    live.clear()
+    gc.collect()
+
+    bandwidth = floor.bytes / statistics.median(samples["floor"])
+    floor_bytes = n_params * (w_bytes + 8)
+    floor_s = floor_bytes / bandwidth
+    rows = []
+    for key, _ in todo:
+        m = meta[key]
+        if m.get("missing"):
+            rows.append({"key": key, "name": key, "missing": True})
+            continue
+        t = statistics.median(samples[key])
+        c = statistics.median(cpu[key])
+        rows.append(
+            {"key": key, **m, "ms": t * 1e3, "cpu_ms": c * 1e3, "x_floor": t / floor_s, "n": len(samples[key])}
+        )
+    anchors = [r for r in rows if not r.get("missing") and r["key"] != "hf_ema"]
+    if dtype == torch.float32:
+        ref = [r for r in anchors]
+        ref_label = "fastest anchor"
+    else:
+        ref = [r for r in anchors if r["ema_dtype"] == dtype_name]
+        ref_label = f"fastest anchor with a {dtype_name} EMA"
+    best = min(ref, key=lambda r: r["ms"]) if ref else None
+    best_cpu = min(ref, key=lambda r: r["cpu_ms"]) if ref else None
+    for r in rows:
+        if not r.get("missing") and best is not None:
+            r["ratio"] = r["ms"] / best["ms"]
+            r["cpu_ratio"] = r["cpu_ms"] / best_cpu["cpu_ms"]
+    return {
+        "size": size,
+        "weights": dtype_name,
+        "params": n_params,
+        "copy_GBps": bandwidth / 1e9,
+        "floor_ms": floor_s * 1e3,
+        "interleaved": interleave,
+        "reference": f"{ref_label}: {best['name']}" if best else None,
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def print_case(res: dict) -> None:
+    print(
+        f"\n### {res['size']} Llama ({res['params'] / 1e6:.1f}M parameters), {res['weights']} weights, "
+        f"{res['threads']} threads"
+    )
+    print(
+        f"copy bandwidth {res['copy_GBps']:.1f} GB/s; floor (read weights + read/write fp32 EMA) "
+        f"{res['floor_ms']:.1f} ms; ratio vs {res['reference']}\n"
+    )
+    print("| implementation | EMA dtype | ms / update | x floor | ratio | CPU ms | CPU ratio | calls | note |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in res["rows"]:
+        if r.get("missing"):
+            print(f"| {r['name']} | - | not installed | | | | | | |")
+            continue
+        note = r.get("note", "")
+        if "compiled" in note:
+            note += f"; first call (compiles) {r['first_call_s']:.1f} s"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
+        print(
+            f"| {r['name']} | {r['ema_dtype']} | {r['ms']:.1f} | {r['x_floor']:.2f} | {ratio} | {r['cpu_ms']:.1f} | "
+            f"{cpu_ratio} | {r['n']} | {note} |"
+        )
+    hf = next(r for r in res["rows"] if r["key"] == "hf_ema")
+    if "ratio" in hf:
+        verdict = "met" if hf["ratio"] <= 1.0 else "NOT met"
+        print(
+            f"\ngoal (hf-ema fp32 EMA, wall-clock ratio <= 1.00): {verdict} ({hf['ratio']:.2f}; "
+            f"CPU-time ratio {hf['cpu_ratio']:.2f})"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="50M,500M", help="comma-separated keys of LLAMA_SIZES")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="weight dtypes")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per implementation per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--slow-s", type=float, default=2.0, help="one call per round above this many seconds")
+    parser.add_argument("--skip", default="", help="comma-separated implementation keys to leave out")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    args.skip = [s for s in args.skip.split(",") if s]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    results = []
+    for size in args.sizes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            res = bench_case(size, dtype_name, args)
+            print_case(res)
+            results.append(res)
+            sys.stdout.flush()
+    print(f"\nload average at the end {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

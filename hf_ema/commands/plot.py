@@ -1,0 +1,24 @@
+"""`hf-ema plot RUN_DIR`: raw vs EMA eval loss (and the stability metrics) over steps, as a PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plotting import plot_run
+
+    path = plot_run(args.run_dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot", help="plot raw vs EMA eval loss (and stability metrics) of a run from its trainer_state.json"
+    )
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run folder (output_dir) or one of its checkpoint-N folders"
+    )
+    parser.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/ema_eval.png)")
+    parser.set_defaults(func=run)

@@ -1,0 +1,42 @@
+"""`hf-ema posthoc RUN_DIR --sigma-rel 0.08 --out DIR`: reconstruct the EMA of any width from post-hoc snapshots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..posthoc import RECIPE_NAME, reconstruct
+
+    out = reconstruct(
+        args.run_dir,
+        sigma_rel=args.sigma_rel,
+        out_dir=args.out,
+        step=args.step,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    with open(out / RECIPE_NAME, encoding="utf-8") as f:
+        recipe = json.load(f)
+    print(
+        f"post-hoc EMA sigma_rel={recipe['sigma_rel']:g} (gamma {recipe['gamma']:.2f}) at step {recipe['step']} "
+        f"from {len(recipe['snapshots'])} snapshots: {out}"
+    )
+    print(f"relative profile fit error: {recipe['relative_profile_error']:.2e}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "posthoc",
+        help="reconstruct the EMA of any sigma_rel from a run's post-hoc snapshots (EDM2)",
+        description="Least-squares reconstruction of a power-function EMA from EMACallback(posthoc=...) snapshots.",
+    )
+    parser.add_argument("run_dir", help="the run's output_dir (or its ema_posthoc/ folder)")
+    parser.add_argument("--sigma-rel", type=float, required=True, help="wanted relative EMA width, e.g. 0.08")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/ema-sigma_rel-S)")
+    parser.add_argument("--step", type=int, default=None, help="training step of the wanted EMA (default: last)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)

@@ -1,0 +1,48 @@
+"""`hf-ema serve PATH`: compare the raw and the EMA model's generations side by side in a Gradio app."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    # The app lives in the top-level `serve` package (it needs gradio); hf_ema itself never imports it.
+    from serve.launch import start_app
+
+    demo, url = start_app(
+        args.path,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        trust_remote_code=args.trust_remote_code,
+        base_model=args.base_model,
+        device=args.device,
+        open_browser=args.open_browser,
+    )
+    print(f"hf-ema serve: raw vs EMA for {args.path} at {url}  (Ctrl+C to stop)", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="compare raw and EMA generations of a checkpoint side by side in a Gradio app"
+    )
+    parser.add_argument(
+        "path", help="checkpoint folder (checkpoint-N/), training output folder, or Hub repo id with an ema/ subfolder"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also create a public Gradio share link")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code shipped with the checkpoint"
+    )
+    parser.add_argument("--base-model", default=None, help="base model of a PEFT checkpoint (default: the adapter's)")
+    parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    parser.set_defaults(func=run)

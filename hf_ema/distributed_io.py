@@ -1,0 +1,117 @@
+"""Per-rank EMA shard files: a sharded EMA resumes without gathering the full EMA when the world size is unchanged.
+
+`save_ema` writes the full EMA (`model.safetensors`, loadable with `from_pretrained`) from the main process, and,
+for a sharded layout, every rank also writes its own shards to `ema/shards/rank-RRRRR-of-WWWWW.safetensors`. On
+resume each rank reads back its own file when the layout kind, world size and shapes all match; otherwise it
+re-shards the full weights (`layout.shard_full_tensor`, a local slice: no collective, so ranks may decide apart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from .model_ema import ModelEMA
+
+__all__ = ["SHARDS_DIRNAME", "load_rank_shard", "rank_shard_path", "save_rank_shard"]
+
+logger = logging.getLogger(__name__)
+
+SHARDS_DIRNAME = "shards"
+
+
+def rank_shard_path(folder: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Path of rank `rank`'s shard file inside an `ema/` folder.
+
+    Args:
+        folder (`str` or `os.PathLike`): The `ema/` folder.
+        rank (`int`): The rank.
+        world_size (`int`): Number of ranks that wrote shards.
+    """
+    return Path(folder) / SHARDS_DIRNAME / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def save_rank_shard(ema: ModelEMA, folder: str | os.PathLike) -> Path:
+    """Write this rank's EMA shards (EMA dtype) into `folder/shards/`, atomically (temporary file, then rename).
+
+    Every rank calls it after the main process has written `folder`; it is not a collective.
+
+    Args:
+        ema (`ModelEMA`): The EMA.
+        folder (`str` or `os.PathLike`): The `ema/` folder.
+
+    Returns:
+        `Path`: the file written.
+    """
+    layout = ema.layout
+    path = rank_shard_path(folder, layout.rank, layout.world_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in zip(ema.names + ema.copied_names, ema.shadow + ema.copied)
+    }
+    metadata = {
+        "format": "pt",
+        "producer": "hf_ema",
+        "layout": layout.kind,
+        "rank": str(layout.rank),
+        "world_size": str(layout.world_size),
+        "step": str(ema.step),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> bool:
+    """Restore this rank's EMA shards from `folder/shards/` when they fit; not a collective.
+
+    Args:
+        ema (`ModelEMA`): The EMA to restore.
+        folder (`str` or `os.PathLike`): The `ema/` folder.
+        meta (`dict`): The folder's `ema_state.json`.
+
+    Returns:
+        `bool`: whether the shards were loaded (`False`: the caller re-shards the full weights).
+    """
+    layout = ema.layout
+    if not layout.is_sharded:
+        return False
+    path = rank_shard_path(folder, layout.rank, layout.world_size)
+    if not path.is_file():
+        if meta.get("layout") == layout.kind and meta.get("world_size") == layout.world_size:
+            logger.warning("EMA shard file %s is missing; re-sharding the full EMA weights instead", path)
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        info = f.metadata() or {}
+        if info.get("layout") != layout.kind or info.get("world_size") != str(layout.world_size):
+            return False
+        if info.get("step") != str(meta.get("step")):
+            logger.warning(
+                "EMA shard file %s is from step %s, not %s; ignoring it", path, info.get("step"), meta["step"]
+            )
+            return False
+        keys = set(f.keys())
+        names = ema.names + ema.copied_names
+        if not set(names) <= keys:
+            return False
+        tensors: dict[str, torch.Tensor] = {}
+        for name, dst in zip(names, ema.shadow + ema.copied):
+            src = f.get_tensor(name)
+            if tuple(src.shape) != tuple(dst.shape):
+                # Another wrapping of the model (e.g. another FSDP auto-wrap policy): shards do not line up.
+                logger.info("EMA shard %s has shape %s here, %s in %s; re-sharding", name, dst.shape, src.shape, path)
+                return False
+            tensors[name] = src
+    ema.load_state_dict(
+        {"tensors": tensors, "step": meta["step"], "num_updates": meta["num_updates"], "decay": meta.get("decay")}
+    )
+    return True

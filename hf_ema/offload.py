@@ -1,0 +1,142 @@
+"""An EMA kept in host memory, updated from a snapshot of the weights, optionally in a background thread.
+
+Each update stages the weights into reusable host buffers (pinned when the weights are on CUDA, so the
+device-to-host copies are `non_blocking` and run on a side stream while the next step computes), then folds the
+staged weights into the EMA on the CPU. With `async_update` that fold runs in one background thread: training
+continues while it runs. At most one update is in flight: the next update, and every read of the EMA, first waits
+for it (`wait()`), so there is no queue to grow and no read of a half-updated EMA.
+
+Because the fold reads the staged snapshot, never the live weights, the optimizer may change the weights as soon as
+the copies are done; on CUDA the next optimizer step is ordered after them by [`SideStream.before_weights_change`].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .kernels import LerpKernel
+from .streams import SideStream
+
+__all__ = ["OffloadedUpdate"]
+
+
+class OffloadedUpdate:
+    """The update of EMA tensors that live on the CPU.
+
+    Args:
+        groups (`Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]]`): `(ema, live)` pairs of tensor lists, one
+            per group of equal dtypes; the EMA tensors are on the CPU, the weights anywhere.
+        async_update (`bool`, *optional*, defaults to `True`): Fold in a background thread (else inline).
+        side_stream (`SideStream`, *optional*): Stream for the device-to-host copies of CUDA weights; without it
+            they are queued on the current stream.
+        backend (`str`, *optional*, defaults to `"auto"`): Kernel choice, see [`LerpKernel`].
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]],
+        async_update: bool = True,
+        side_stream: SideStream | None = None,
+        backend: str = "auto",
+    ) -> None:
+        self.async_update = async_update
+        self.side_stream = side_stream
+        self.live: list[list[torch.Tensor]] = []
+        self.staging: list[list[torch.Tensor]] = []
+        self.kernels: list[LerpKernel] = []
+        self.ema: list[list[torch.Tensor]] = []
+        for ema, live in groups:
+            if live and live[0].device.type == "cpu" and not async_update:
+                # Nothing to snapshot: fold the weights in directly.
+                staging = list(live)
+            else:
+                pin = live[0].is_cuda if live else False
+                staging = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin) for t in live]
+            self.ema.append(list(ema))
+            self.live.append(list(live))
+            self.staging.append(staging)
+            self.kernels.append(LerpKernel(ema, staging, backend=backend))
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an update is still running in the background."""
+        return self._future is not None and not self._future.done()
+
+    def wait(self) -> None:
+        """Block until the in-flight update (if any) is folded in; re-raise its error if it failed."""
+        future, self._future = self._future, None
+        if future is not None:
+            future.result()
+
+    def _stage(self) -> Any:
+        """Copy the weights into the staging buffers; returns a CUDA event to wait on, or None."""
+        cuda = any(live and live[0].is_cuda for live in self.live)
+        if not cuda:
+            for staging, live in zip(self.staging, self.live):
+                if staging is not live:
+                    torch._foreach_copy_(staging, live)
+            return None
+        if self.side_stream is not None:
+            with self.side_stream.launch() as stream:
+                self._copy_non_blocking()
+                event = torch.cuda.Event()
+                event.record(stream)
+            return event
+        self._copy_non_blocking()
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _copy_non_blocking(self) -> None:
+        for staging, live in zip(self.staging, self.live):
+            for dst, src in zip(staging, live):
+                dst.copy_(src, non_blocking=True)
+
+    def _fold(self, weight: float, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        with torch.no_grad():
+            for kernel in self.kernels:
+                kernel(weight)
+
+    def submit(self, weight: float) -> None:
+        """Snapshot the weights and fold them in with interpolation weight `weight` (`1 - beta`): in the
+        background when `async_update`, else before returning.
+
+        Args:
+            weight (`float`): The interpolation weight.
+        """
+        self.wait()
+        event = self._stage()
+        if not self.async_update:
+            self._fold(weight, event)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-ema-update")
+        self._future = self._executor.submit(self._fold, weight, event)
+
+    @torch.no_grad()
+    def copy_now(self) -> None:
+        """Overwrite the EMA with the current weights, synchronously (used before `start_step` and by `reset`)."""
+        self.wait()
+        for ema, live in zip(self.ema, self.live):
+            for dst, src in zip(ema, live):
+                dst.copy_(src)
+
+    def close(self) -> None:
+        """Wait for the in-flight update and stop the background thread."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __del__(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False)

@@ -1,0 +1,205 @@
+"""Plot a run's raw vs EMA evaluation loss (and the stability metrics) from its `trainer_state.json`.
+
+matplotlib is imported inside `plot_run` only (its `Figure` API, rendered by Agg, no pyplot), so importing `hf_ema` never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+__all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run"]
+
+TRAINER_STATE_NAME = "trainer_state.json"
+#: Keys `EMACallback(stability_metrics=...)` logs, plotted in the second panel.
+STABILITY_KEYS = ("ema_rel_distance", "ema_osc_frac", "ema_osc_freq_mean")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_EMA_LOSS_RE = re.compile(r"^(eval(?:_.+)?)_ema_loss$")
+
+
+def _global_step(path: Path) -> int:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f).get("global_step", 0))
+    except (OSError, ValueError):
+        return -1
+
+
+def find_trainer_state(run_dir: str | os.PathLike) -> Path:
+    """The `trainer_state.json` that describes a run.
+
+    `run_dir` may be a checkpoint folder (its own file), a run folder (the most advanced of its own file, written by
+    `trainer.save_state()`, and its checkpoints' files, by `global_step`; the run folder's own file on a tie), or an
+    `ema/` folder inside either (its parent's).
+
+    Args:
+        run_dir (`str` or `os.PathLike`): A run folder, a `checkpoint-N` folder or an `ema/` folder in one.
+
+    Raises:
+        `CheckpointError`: when no `trainer_state.json` is found.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"`run_dir` must be a folder, got {str(run_dir)!r}")
+    candidates = []
+    own = run_dir / TRAINER_STATE_NAME
+    if own.is_file():
+        candidates.append((_global_step(own), 1, own))
+    for child in run_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and (child / TRAINER_STATE_NAME).is_file():
+            candidates.append((_global_step(child / TRAINER_STATE_NAME), 0, child / TRAINER_STATE_NAME))
+    if not candidates and (run_dir / "ema_state.json").is_file():
+        # An `ema/` folder: the history is its checkpoint's (or run's).
+        return find_trainer_state(run_dir.parent)
+    if not candidates:
+        raise CheckpointError(
+            f"`run_dir` {str(run_dir)!r} holds no {TRAINER_STATE_NAME} (nor any checkpoint-N/ with one)"
+        )
+    return max(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def load_history(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The logged series of a run, by key, from its `trainer_state.json`.
+
+    Args:
+        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder (see [`find_trainer_state`]).
+
+    Returns:
+        `dict`: `source` (the file read, as a string), `global_step`, `best_metric`, `best_model_checkpoint`,
+        `series` (`{key: {"steps": [...], "values": [...]}}` for every numeric key logged, e.g. `loss`,
+        `eval_loss`, `eval_ema_loss`, `eval_ema_is_raw`, `ema_rel_distance`), and `pairs` (`[(raw_key, ema_key)]`,
+        e.g. `[("eval_loss", "eval_ema_loss")]`, one per evaluation dataset).
+    """
+    path = find_trainer_state(run_dir)
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    series: dict[str, dict[str, list]] = {}
+    for entry in state.get("log_history", []):
+        step = entry.get("step")
+        if step is None:
+            continue
+        for key, value in entry.items():
+            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            s = series.setdefault(key, {"steps": [], "values": []})
+            s["steps"].append(int(step))
+            s["values"].append(float(value))
+    pairs = []
+    for key in sorted(series):
+        match = _EMA_LOSS_RE.match(key)
+        if match and f"{match.group(1)}_loss" in series:
+            pairs.append((f"{match.group(1)}_loss", key))
+    return {
+        "source": str(path),
+        "global_step": int(state.get("global_step", 0)),
+        "best_metric": state.get("best_metric"),
+        "best_model_checkpoint": state.get("best_model_checkpoint"),
+        "series": series,
+        "pairs": pairs,
+    }
+
+
+def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
+    """Write a PNG of raw `eval_loss` vs `eval_ema_loss` over steps, with the stability metrics in a second panel
+    when the run logged them.
+
+    Points where the EMA had not started (`eval_ema_is_raw == 1`, the EMA numbers are the raw ones) are drawn hollow.
+    The training loss is drawn faintly for context.
+
+    Args:
+        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder.
+        out_path (`str` or `os.PathLike`, *optional*): The PNG to write; defaults to `run_dir/ema_eval.png`.
+
+    Returns:
+        `Path`: the PNG written.
+
+    Raises:
+        `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
+    """
+    history = load_history(run_dir)
+    series = history["series"]
+    if not history["pairs"] and "eval_loss" not in series and "loss" not in series:
+        raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history['source']})")
+    out_path = Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png"
+
+    # The object API renders with Agg and touches no global pyplot state (safe in a Gradio server's threads).
+    from matplotlib.figure import Figure
+
+    stability = [k for k in STABILITY_KEYS if k in series]
+    fig = Figure(figsize=(8, 6.5 if stability else 4.2), dpi=110, layout="constrained")
+    axes = fig.subplots(2 if stability else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
+    if "loss" in series:
+        ax.plot(series["loss"]["steps"], series["loss"]["values"], color="0.75", lw=1, label="train loss (raw)")
+    colors = ["tab:blue", "tab:green", "tab:purple", "tab:brown"]
+    raw_keys = {raw for raw, _ in history["pairs"]}
+    for i, (raw_key, ema_key) in enumerate(history["pairs"]):
+        c_raw, c_ema = colors[(2 * i) % 4], "tab:orange" if i == 0 else colors[(2 * i + 1) % 4]
+        ax.plot(series[raw_key]["steps"], series[raw_key]["values"], "o-", color=c_raw, ms=4, label=f"{raw_key} (raw)")
+        steps, values = series[ema_key]["steps"], series[ema_key]["values"]
+        ax.plot(steps, values, "-", color=c_ema, lw=1.6, label=f"{ema_key} (EMA)")
+        marks = _is_raw_marks(series, ema_key, steps)
+        ema_pts = [(s, v) for s, v, r in zip(steps, values, marks) if not r]
+        raw_pts = [(s, v) for s, v, r in zip(steps, values, marks) if r]
+        if ema_pts:
+            ax.plot(*zip(*ema_pts), "s", color=c_ema, ms=4)
+        if raw_pts:
+            ax.plot(*zip(*raw_pts), "s", mfc="none", color=c_ema, ms=6, label="EMA not started (= raw)")
+    if "eval_loss" in series and "eval_loss" not in raw_keys:
+        ax.plot(
+            series["eval_loss"]["steps"],
+            series["eval_loss"]["values"],
+            "o-",
+            color="tab:blue",
+            ms=4,
+            label="eval_loss",
+        )
+    best = history["best_model_checkpoint"]
+    if best and _CHECKPOINT_RE.match(Path(best).name):
+        ax.axvline(int(Path(best).name.split("-")[1]), color="0.4", ls=":", lw=1, label="best checkpoint")
+    ax.set_ylabel("loss")
+    ax.set_title(f"raw vs EMA: {Path(run_dir).resolve().name} (step {history['global_step']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if stability:
+        ax2 = axes[1]
+        if "ema_rel_distance" in series:
+            s = series["ema_rel_distance"]
+            ax2.plot(s["steps"], s["values"], ".-", color="tab:red", label="||theta - ema|| / ||ema||")
+            ax2.set_ylabel("relative distance", color="tab:red")
+        osc = [k for k in ("ema_osc_frac", "ema_osc_freq_mean") if k in series]
+        if osc:
+            twin = ax2.twinx() if "ema_rel_distance" in series else ax2
+            for key, style in zip(osc, ("-", "--")):
+                twin.plot(series[key]["steps"], series[key]["values"], style, color="tab:cyan", label=key)
+            twin.set_ylabel("oscillation", color="tab:cyan")
+        lines = ax2.get_lines() + (twin.get_lines() if osc and twin is not ax2 else [])
+        # Above the panel: inside it the legend hides the curves, which span the whole height.
+        ax2.legend(
+            lines,
+            [line.get_label() for line in lines],
+            fontsize=8,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncol=3,
+            frameon=False,
+        )
+        ax2.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, format="png")
+    return out_path
+
+
+def _is_raw_marks(series: dict, ema_key: str, steps: list[int]) -> list[bool]:
+    marker = series.get(ema_key[: -len("loss")] + "is_raw")
+    if marker is None:
+        return [False] * len(steps)
+    by_step = dict(zip(marker["steps"], marker["values"]))
+    return [by_step.get(s, 0.0) >= 0.5 for s in steps]

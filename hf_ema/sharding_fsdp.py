@@ -1,0 +1,404 @@
+"""Layouts of FSDP-sharded models: FSDP2 (`fully_shard`, DTensor parameters) and FSDP1 (`use_orig_params=True`).
+
+FSDP2: each parameter is a `DTensor`; the EMA holds an fp32 copy of its `to_local()` shard and remembers the mesh,
+placements, shape and stride, so the full tensor is `DTensor.from_local(...).full_tensor()` at save time.
+
+FSDP1: each original parameter is a (possibly empty) slice of the rank's shard of a flat parameter. The EMA follows
+that slice of the flat parameter's local shard. At save time each parameter's slices are gathered onto the main
+process, one parameter at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .sharding import ShardLayout
+
+if TYPE_CHECKING:
+    from .config import EMAConfig
+    from .selection import Selection
+
+__all__ = ["FSDP1Layout", "FSDP2Layout", "ShardedLayoutBase", "is_fsdp1", "is_fsdp2", "persistent_buffers"]
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's persistent buffers by name, found without calling `state_dict()` (a collective under FSDP1).
+
+    Args:
+        model (`nn.Module`): The model.
+    """
+    out = []
+    for prefix, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is None or name in module._non_persistent_buffers_set:
+                continue
+            out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out
+
+
+def _device_of_mesh(mesh: Any) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
+
+
+class ShardedLayoutBase(ShardLayout):
+    """Shared save-time logic of layouts whose model itself is sharded (FSDP1, FSDP2, ZeRO-3)."""
+
+    is_sharded = True
+
+    def clean_name(self, name: str) -> str:
+        """The `state_dict` name of a parameter, without wrapper prefixes.
+
+        Args:
+            name (`str`): The name from `named_parameters()`.
+        """
+        return _clean_name(name)
+
+    def full_model_tensors(self, model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor] | None:
+        from .selection import is_peft_model
+
+        out: dict[str, torch.Tensor] | None = {} if self.is_main_process() else None
+        if is_peft_model(self.save_module(model)):
+            # A PEFT folder holds the adapter only, which the EMA provides: never gather the frozen base model.
+            return out
+        for raw, param in model.named_parameters():
+            name = self.clean_name(raw)
+            if name in skip:
+                continue
+            full = self.full_tensor(name, self.local(name, param))
+            if out is not None and full is not None:
+                out[name] = full.detach().to("cpu", copy=True)
+        if out is not None:
+            for raw, buf in persistent_buffers(model):
+                name = self.clean_name(raw)
+                if name not in skip:
+                    out[name] = buf.detach().to("cpu", copy=True)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether any parameter of `model` is a `DTensor` (FSDP2 `fully_shard`, or tensor parallelism).
+
+    Args:
+        model (`nn.Module`): The model.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class _DTensorSpec:
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+
+class FSDP2Layout(ShardedLayoutBase):
+    """Parameters are `DTensor`s (FSDP2 `fully_shard`, HSDP, tensor parallelism): the EMA holds their local shards.
+
+    Args:
+        model (`nn.Module`): The model (unused; the layout reads each parameter's placements).
+    """
+
+    kind = "fsdp2"
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._specs: dict[str, _DTensorSpec] = {}
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch < 2.6
+            FSDPModule = ()  # noqa: N806
+        self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if model is not None else []
+        if self._fsdp_modules:
+            # FSDP2's lazy init (normally at the first forward) re-pads the local shard of unevenly sharded
+            # parameters whose storage was replaced (e.g. by `load_state_dict(assign=True)` in accelerate's
+            # RAM-efficient loading): run it now, so that the views the EMA follows are the final ones.
+            state = getattr(self._fsdp_modules[0], "_get_fsdp_state", None)
+            if state is not None:
+                state()._lazy_init()
+
+    def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            self._specs[name] = _DTensorSpec(
+                tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride())
+            )
+            # `_local_tensor` is a view of FSDP2's persistent sharded storage, updated in place by the optimizer.
+            return tensor.to_local().detach()
+        self._specs.pop(name, None)
+        return tensor.detach()
+
+    def full_tensor(self, name: str, local_ema: torch.Tensor, *, all_ranks: bool = False) -> torch.Tensor | None:
+        from torch.distributed.tensor import DTensor
+
+        spec = self._specs.get(name)
+        if spec is None:  # a replicated tensor (buffer, or a parameter outside every `fully_shard`)
+            return local_ema if (all_ranks or self.is_main_process()) else None
+        dt = DTensor.from_local(
+            local_ema.to(_device_of_mesh(spec.mesh)),
+            spec.mesh,
+            spec.placements,
+            run_check=False,
+            shape=spec.shape,
+            stride=spec.stride,
+        )
+        full = dt.full_tensor()
+        return full if (all_ranks or self.is_main_process()) else None
+
+    def after_write(self, locals_: list[torch.Tensor]) -> None:
+        # FSDP2 keeps the root's parameters unsharded after a forward without backward (e.g. evaluation): such a
+        # module would not re-gather the shards just written. Resharding makes the next forward gather them.
+        for module in self._fsdp_modules:
+            module.reshard()
+
+    def shard_full_tensor(self, name: str, full: torch.Tensor, local_like: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        spec = self._specs.get(name)
+        if spec is None:
+            return full
+        local_shape, offset = compute_local_shape_and_global_offset(spec.shape, spec.mesh, spec.placements)
+        out = full
+        for dim, (start, length) in enumerate(zip(offset, local_shape)):
+            out = out.narrow(dim, min(start, full.shape[dim]), length)
+        return out.clone()
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP1
+def _fsdp1_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """Whether `model` is or contains a `FullyShardedDataParallel` (FSDP1) module.
+
+    Args:
+        model (`nn.Module`): The model.
+    """
+    cls = _fsdp1_class()
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class _FlatSlice:
+    """Where one original parameter lives in its flat parameter."""
+
+    flat_param: Any
+    index: int
+    group: Any
+    start: int  # offset of the parameter in the unsharded (padded) flat parameter
+    numel: int
+    shape: torch.Size
+    shard_numel: int  # numel of each rank's padded shard of the flat parameter
+
+    def bounds(self, group_rank: int) -> tuple[int, int]:
+        """`[lo, hi)` of this parameter's flattened elements held by `group_rank`."""
+        lo = max(self.start, group_rank * self.shard_numel)
+        hi = min(self.start + self.numel, (group_rank + 1) * self.shard_numel)
+        return (lo - self.start, hi - self.start) if hi > lo else (0, 0)
+
+
+class _Fsdp1SelectionView:
+    """What `select_tensors` reads from a model, with FSDP1's wrapper prefixes removed and without `state_dict()`
+    (which would all-gather the whole model)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+
+    def named_parameters(self, remove_duplicate: bool = True):
+        for name, p in self._root.named_parameters(remove_duplicate=remove_duplicate):
+            yield _clean_name(name), p
+
+    def named_buffers(self):
+        for name, b in self._root.named_buffers():
+            yield _clean_name(name), b
+
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        out = dict(self.named_parameters())
+        out.update((_clean_name(n), b) for n, b in persistent_buffers(self._root))
+        return out
+
+
+class FSDP1Layout(ShardedLayoutBase):
+    """`FullyShardedDataParallel` with `use_orig_params=True`: the EMA follows each parameter's slice of the rank's
+    flat-parameter shard.
+
+    Args:
+        model (`nn.Module`): The FSDP1-wrapped model.
+
+    Raises:
+        `ConfigError`: a flat parameter was built with `use_orig_params=False`, or with `NO_SHARD`.
+    """
+
+    kind = "fsdp1"
+
+    def __init__(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp._flat_param import HandleShardingStrategy
+
+        fsdp_cls = _fsdp1_class()
+        from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+        for root in fsdp_cls.fsdp_modules(model, root_only=True):
+            # What FSDP runs before the first forward (and in `clip_grad_norm_`, `summon_full_params`): it fixes
+            # each flat parameter's `_local_shard`, the storage the EMA must follow (pinned anew under CPU offload).
+            _lazy_init(root, root)
+        self._by_param: dict[int, _FlatSlice] = {}
+        self._by_name: dict[str, _FlatSlice] = {}
+        self._handles: list[tuple[nn.Module, Any]] = []
+        for module in fsdp_cls.fsdp_modules(model):
+            handle = module._handle
+            if handle is None:
+                continue
+            self._handles.append((module, handle))
+            if not handle._use_orig_params:
+                raise ConfigError(
+                    f"an EMA of an FSDP1 model needs `use_orig_params=True` (accelerate: `fsdp_use_orig_params: "
+                    f"true`), got use_orig_params={handle._use_orig_params!r}"
+                )
+            if handle._sharding_strategy == HandleShardingStrategy.NO_SHARD:
+                raise ConfigError(
+                    f"FSDP1 with sharding_strategy={handle._sharding_strategy.name!r} replicates the model: use DDP, "
+                    f"or FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD"
+                )
+            flat = handle.flat_param
+            starts: list[int] = []
+            offset = 0
+            for numel, is_padding in zip(flat._numels_with_padding, flat._is_padding_mask):
+                if not is_padding:
+                    starts.append(offset)
+                offset += numel
+            for index, param in enumerate(flat._params):
+                self._by_param[id(param)] = _FlatSlice(
+                    flat_param=flat,
+                    index=index,
+                    group=handle.process_group,
+                    start=starts[index],
+                    numel=flat._numels[index],
+                    shape=flat._shapes[index],
+                    shard_numel=flat._sharded_size.numel(),
+                )
+        inner = model
+        while isinstance(inner, fsdp_cls):
+            inner = inner.module
+        self._inner = inner
+
+    def select(self, model: nn.Module, config: EMAConfig) -> Selection:
+        from .selection import is_peft_model, select_tensors
+
+        if config.trainable_only is None and is_peft_model(self._inner):
+            config = dataclasses.replace(config, trainable_only=True)
+        return select_tensors(_Fsdp1SelectionView(model), config)
+
+    def save_module(self, model: nn.Module) -> nn.Module:
+        return self._inner
+
+    def save_pretrained(
+        self, module: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor]
+    ) -> None:
+        from .selection import is_peft_model
+
+        if not is_peft_model(module):
+            module.save_pretrained(folder, state_dict=state_dict)
+            return
+        from safetensors.torch import load_file, save_file
+
+        # PEFT picks the adapter's keys by the names of the modules it finds, and under FSDP1 the units nested
+        # in the model add `_fsdp_wrapped_module.` inside those names (PEFT only strips a leading one). Hand it
+        # keys under those names, then write the adapter file back under the clean names `from_pretrained` reads.
+        peft_names = {_clean_name(n): n.removeprefix("_fsdp_wrapped_module.") for n, _ in module.named_parameters()}
+        module.save_pretrained(folder, state_dict={peft_names.get(k, k): v for k, v in state_dict.items()})
+        for path in Path(folder).glob("adapter_model*.safetensors"):
+            tensors = load_file(str(path))
+            save_file({_clean_name(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+    def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        where = self._by_param.get(id(tensor))
+        if where is None and getattr(tensor, "_fsdp_flattened", False):
+            raise ConfigError(
+                f"parameter {name!r} belongs to an FSDP1 unit outside the model given to the EMA: pass the FSDP root "
+                f"(under Trainer: `trainer.model` after `accelerator.prepare`), got a model without its root wrapper"
+            )
+        if where is None:  # a buffer: replicated
+            self._by_name.pop(name, None)
+            return tensor.detach()
+        self._by_name[name] = where
+        info = where.flat_param._shard_param_infos[where.index]
+        shard = where.flat_param._local_shard
+        view = shard[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard] if info.in_shard else shard[:0]
+        lo, hi = where.bounds(where.group.rank())
+        if view.numel() != hi - lo:
+            raise RuntimeError(
+                f"FSDP1 layout mismatch for {name!r}: the flat parameter holds {view.numel()} elements on this rank, "
+                f"the layout computed {hi - lo}"
+            )
+        return view.detach()
+
+    @torch.no_grad()
+    def after_write(self, locals_: list[torch.Tensor]) -> None:
+        # FSDP1 keeps the root's flat parameter unsharded after a forward without backward (and SHARD_GRAD_OP keeps
+        # every one): such a handle would not re-gather the shards just written, and a training forward after
+        # `swapped()` would even run on the EMA. Reshard them, as `summon_full_params` does on exit.
+        from torch.distributed.fsdp._runtime_utils import _reshard
+
+        for module, handle in self._handles:
+            if not handle.needs_unshard():
+                _reshard(module, handle, True)
+
+    def full_tensor(self, name: str, local_ema: torch.Tensor, *, all_ranks: bool = False) -> torch.Tensor | None:
+        from .sharding import comm_device
+
+        where = self._by_name.get(name)
+        if where is None:
+            return local_ema if (all_ranks or self.is_main_process()) else None
+        group = where.group
+        sizes = [hi - lo for lo, hi in (where.bounds(r) for r in range(group.size()))]
+        width = max(sizes)
+        if width == 0:
+            full = local_ema.new_empty(where.shape)
+            return full if (all_ranks or self.is_main_process()) else None
+        device = comm_device(group)
+        # Equal-size buffers for the collective: each rank's slice, zero-padded to the longest slice.
+        padded = torch.zeros(width, dtype=local_ema.dtype, device=device)
+        padded[: local_ema.numel()].copy_(local_ema.reshape(-1))
+        dst = torch.distributed.get_global_rank(group, 0)
+        receives = all_ranks or torch.distributed.get_rank() == dst
+        parts = [torch.empty_like(padded) for _ in sizes] if receives else None
+        if all_ranks:
+            torch.distributed.all_gather(parts, padded, group=group)
+        else:
+            torch.distributed.gather(padded, parts, dst=dst, group=group)
+        if not receives or not (all_ranks or self.is_main_process()):
+            return None
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)]).view(where.shape)
+
+    def shard_full_tensor(self, name: str, full: torch.Tensor, local_like: torch.Tensor) -> torch.Tensor:
+        where = self._by_name.get(name)
+        if where is None:
+            return full
+        lo, hi = where.bounds(where.group.rank())
+        return full.reshape(-1)[lo:hi].clone()

@@ -1,0 +1,295 @@
+"""Training-stability signals that tell whether an EMA is worth it: how far the weights are from their EMA, and how
+often they oscillate.
+
+Both work on the tensors a rank holds (its local shards) and sum their statistics across ranks with
+`torch.distributed` when a process group is initialised, so they need no gather of a sharded model. Neither depends
+on `Trainer`: `EMACallback(stability_metrics=True)` drives them, any training loop can too.
+
+- `relative_distance(live, ema)`: `||theta - ema|| / ||ema||` over all tensors.
+- `OscillationTracker`: the oscillation frequency of Nagel et al. 2022 ("Overcoming Oscillations in
+  Quantization-Aware Training") applied to the sign of each weight's update, on a fixed random sample of weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, ConfigTypeError
+from .sharding import comm_device, dist_ready
+
+__all__ = ["OscillationTracker", "StabilityConfig", "StabilityMonitor", "all_reduce_sum", "relative_distance"]
+
+
+def all_reduce_sum(values: Sequence[float], reduce: bool | None = None) -> list[float]:
+    """Sum a few scalars across ranks (identity outside `torch.distributed`). A collective call when it reduces.
+
+    Args:
+        values (`Sequence[float]`): This rank's values.
+        reduce (`bool`, *optional*): Force (`True`) or skip (`False`) the reduction; by default reduce when a process
+            group is initialised.
+
+    Returns:
+        `list[float]`: the sums over ranks.
+    """
+    if reduce is None:
+        reduce = dist_ready()
+    if not reduce:
+        return [float(v) for v in values]
+    # NCCL reduces accelerator tensors only; gloo takes CPU tensors.
+    buf = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+    return buf.tolist()
+
+
+@torch.no_grad()
+def relative_distance(
+    live: Sequence[torch.Tensor], ema: Sequence[torch.Tensor], reduce: bool | None = None, eps: float = 1e-12
+) -> float:
+    """`||theta - ema|| / ||ema||`, the norms taken over all tensors together (one flat vector).
+
+    Computed on the local tensors in float32 (per-tensor norms, summed in float64), then the two squared
+    norms are summed across ranks. With replicated tensors (DDP) every rank contributes the same amount to both
+    sums, so the ratio is unchanged; with sharded tensors the sums add the shards up.
+
+    Args:
+        live (`Sequence[torch.Tensor]`): The current weights (or this rank's shards of them).
+        ema (`Sequence[torch.Tensor]`): The EMA tensors, same shapes.
+        reduce (`bool`, *optional*): See [`all_reduce_sum`].
+        eps (`float`, *optional*, defaults to 1e-12): Guards the division when the EMA is all zeros.
+
+    Returns:
+        `float`: the relative distance (0 when the weights equal their EMA).
+    """
+    if len(live) != len(ema):
+        raise ConfigError(f"`live` and `ema` must have the same length, got {len(live)} and {len(ema)}")
+    # Multi-tensor passes per (device, dtype) group: a few kernel launches instead of several per tensor.
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for theta, avg in zip(live, ema):
+        if theta.numel() == 0 or not avg.is_floating_point():
+            continue
+        avg32 = avg if avg.dtype == torch.float32 else avg.float()
+        theta32 = theta.to(device=avg32.device, dtype=torch.float32)
+        pair = groups.setdefault((avg32.device,), ([], []))
+        pair[0].append(theta32)
+        pair[1].append(avg32)
+    diff_sq = 0.0
+    ema_sq = 0.0
+    for thetas, avgs in groups.values():
+        diffs = torch._foreach_sub(thetas, avgs)
+        diff_sq += torch.stack(torch._foreach_norm(diffs)).double().square().sum().item()
+        ema_sq += torch.stack(torch._foreach_norm(avgs)).double().square().sum().item()
+    diff_sq, ema_sq = all_reduce_sum([diff_sq, ema_sq], reduce=reduce)
+    return math.sqrt(diff_sq) / max(math.sqrt(ema_sq), eps)
+
+
+@dataclass
+class StabilityConfig:
+    """Settings of the stability metrics that `EMACallback(stability_metrics=...)` logs.
+
+    Args:
+        relative_distance (`bool`, *optional*, defaults to `True`): Log `ema_rel_distance`.
+        oscillation (`bool`, *optional*, defaults to `True`): Track and log the oscillation frequency.
+        sample_size (`int`, *optional*, defaults to 4096): Weights sampled (uniformly, without replacement, over all
+            averaged tensors of this rank) for the oscillation frequency.
+        momentum (`float`, *optional*, defaults to 0.01): `m` in `f_t = m * o_t + (1 - m) * f_{t-1}`, in (0, 1]. Keep
+            it 2-3x below `threshold` (Nagel et al. use 0.001-0.01).
+        threshold (`float`, *optional*, defaults to 0.1): A weight oscillates when its frequency exceeds this, in
+            (0, 1].
+        seed (`int`, *optional*, defaults to 0): Seed of the sample (the same on every rank).
+    """
+
+    relative_distance: bool = True
+    oscillation: bool = True
+    sample_size: int = 4096
+    momentum: float = 0.01
+    threshold: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample_size, bool) or not isinstance(self.sample_size, int) or self.sample_size < 1:
+            raise ConfigError(f"`sample_size` must be an int >= 1, got {self.sample_size!r}")
+        if not isinstance(self.momentum, (int, float)) or not 0.0 < self.momentum <= 1.0:
+            raise ConfigError(f"`momentum` must be in (0, 1], got {self.momentum!r}")
+        if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"`threshold` must be in (0, 1], got {self.threshold!r}")
+
+    @classmethod
+    def coerce(cls, value: bool | StabilityConfig | dict | None) -> StabilityConfig | None:
+        """`None` for off, a config otherwise (from `True`, a dict of fields, or a config).
+
+        Args:
+            value (`bool`, `dict`, `StabilityConfig` or `None`): What the user passed.
+        """
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, cls):
+            return value
+        raise ConfigTypeError(f"`stability_metrics` must be a bool, a dict or a StabilityConfig, got {value!r}")
+
+
+class OscillationTracker:
+    """Oscillation frequency of a fixed random sample of weights (Nagel et al. 2022, applied to weight updates).
+
+    At every `update()` each sampled weight's change `delta_t = w_t - w_{t-1}` is compared with its last nonzero
+    change: `o_t = 1` when `delta_t != 0`, a previous nonzero change exists, and the signs differ, else 0. The
+    frequency is `f_t = m * o_t + (1 - m) * f_{t-1}`, starting at 0 (so it needs about `1 / m` updates to warm
+    up, as in the paper). A weight oscillates when `f_t > threshold`.
+
+    Cost per update: one `index_select` per tensor into a flat buffer of `sample_size` values, then a handful of
+    element-wise ops on that buffer.
+
+    ```python
+    tracker = OscillationTracker([p for p in model.parameters()], sample_size=4096)
+    for batch in loader:
+        ...
+        optimizer.step()
+        tracker.update()
+    print(tracker.summary())  # {"ema_osc_frac": ..., "ema_osc_freq_mean": ...}
+    ```
+
+    Args:
+        tensors (`Sequence[torch.Tensor]`): The weights to watch (this rank's local shards; read, never written).
+        sample_size (`int`, *optional*, defaults to 4096): Number of weights sampled over all tensors (all of them
+            when there are fewer; a few less when random draws repeat).
+        momentum (`float`, *optional*, defaults to 0.01): `m` above.
+        threshold (`float`, *optional*, defaults to 0.1): Oscillation threshold on `f`.
+        seed (`int`, *optional*, defaults to 0): Seed of the sample.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        sample_size: int = 4096,
+        momentum: float = 0.01,
+        threshold: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        StabilityConfig(sample_size=sample_size, momentum=momentum, threshold=threshold)  # validates
+        self.momentum = float(momentum)
+        self.threshold = float(threshold)
+        watched = [t for t in tensors if t.is_floating_point() and t.numel() > 0]
+        sizes = [t.numel() for t in watched]
+        total = sum(sizes)
+        n = min(int(sample_size), total)
+        gen = torch.Generator().manual_seed(int(seed))
+        # Uniform over all weights: positions in the concatenation of the flattened tensors, sorted so each
+        # tensor's indices are contiguous in the buffer. A permutation of a billion-weight model would not fit in
+        # memory: draw with replacement and drop the (rare) repeats instead.
+        if total <= 4 * n:
+            flat_idx = torch.randperm(total, generator=gen)[:n].sort().values
+        else:
+            flat_idx = torch.randint(total, (n,), generator=gen).unique(sorted=True)
+        n = flat_idx.numel()
+        self._views: list[torch.Tensor] = []
+        self._index: list[torch.Tensor] = []
+        self._slices: list[tuple[int, int]] = []
+        offset = 0
+        pos = 0
+        for t, size in zip(watched, sizes):
+            lo = int(torch.searchsorted(flat_idx, offset))
+            hi = int(torch.searchsorted(flat_idx, offset + size))
+            if hi > lo:
+                self._views.append(t.detach().reshape(-1))
+                self._index.append((flat_idx[lo:hi] - offset).to(t.device))
+                self._slices.append((pos, pos + hi - lo))
+                pos += hi - lo
+            offset += size
+        self.num_sampled = n
+        self.num_watched = total
+        device = watched[0].device if watched else torch.device("cpu")
+        self._current = torch.zeros(n, dtype=torch.float32, device=device)
+        self._previous: torch.Tensor | None = None
+        self._last_sign = torch.zeros(n, dtype=torch.int8, device=device)
+        self.frequency = torch.zeros(n, dtype=torch.float32, device=device)
+        self.num_updates = 0
+
+    def _gather(self) -> torch.Tensor:
+        for view, index, (lo, hi) in zip(self._views, self._index, self._slices):
+            self._current[lo:hi] = view.index_select(0, index).to(self._current.device, torch.float32)
+        return self._current
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Read the sampled weights and fold this step's oscillations into the frequency. Call after each step."""
+        current = self._gather()
+        if self._previous is None:
+            self._previous = current.clone()
+            return
+        sign = torch.sign(current - self._previous).to(torch.int8)
+        oscillated = (sign != 0) & (self._last_sign != 0) & (sign != self._last_sign)
+        self.frequency.mul_(1.0 - self.momentum).add_(oscillated.to(torch.float32), alpha=self.momentum)
+        # The last nonzero move only changes when the weight moves.
+        self._last_sign = torch.where(sign != 0, sign, self._last_sign)
+        self._previous.copy_(current)
+        self.num_updates += 1
+
+    def summary(self, reduce: bool | None = None, prefix: str = "ema_osc_") -> dict[str, float]:
+        """The frequencies summarised over the sample (and over ranks when reducing).
+
+        Args:
+            reduce (`bool`, *optional*): See [`all_reduce_sum`].
+            prefix (`str`, *optional*, defaults to `"ema_osc_"`): Prefix of the keys.
+
+        Returns:
+            `dict[str, float]`: `{prefix}frac` (fraction of sampled weights with `f > threshold`) and
+            `{prefix}freq_mean` (mean `f`).
+        """
+        above = float((self.frequency > self.threshold).sum().item())
+        total_f = float(self.frequency.sum().item())
+        above, total_f, count = all_reduce_sum([above, total_f, float(self.num_sampled)], reduce=reduce)
+        count = max(count, 1.0)
+        return {f"{prefix}frac": above / count, f"{prefix}freq_mean": total_f / count}
+
+
+class StabilityMonitor:
+    """The stability metrics of one `ModelEMA`, as `EMACallback(stability_metrics=...)` logs them.
+
+    Call `step(ema)` after every EMA update and `metrics(ema)` at logging steps. The oscillation sample is drawn on
+    the first `step` (again when handed a new `ModelEMA`, e.g. a second `train()`), from the EMA's averaged tensors.
+
+    Args:
+        config (`StabilityConfig`, *optional*): The settings; defaults to `StabilityConfig()`.
+    """
+
+    def __init__(self, config: StabilityConfig | None = None) -> None:
+        self.config = config if config is not None else StabilityConfig()
+        self.tracker: OscillationTracker | None = None
+        self._ema_id: int | None = None
+
+    def step(self, ema) -> None:
+        """Fold the current weights into the oscillation frequency.
+
+        Args:
+            ema (`ModelEMA`): The EMA whose tracked weights are watched.
+        """
+        if not self.config.oscillation:
+            return
+        if self.tracker is None or self._ema_id != id(ema):
+            cfg = self.config
+            self.tracker = OscillationTracker(
+                ema._live, sample_size=cfg.sample_size, momentum=cfg.momentum, threshold=cfg.threshold, seed=cfg.seed
+            )
+            self._ema_id = id(ema)
+        self.tracker.update()
+
+    def metrics(self, ema) -> dict[str, float]:
+        """`ema_rel_distance`, `ema_osc_frac` and `ema_osc_freq_mean` (those enabled). A collective call under
+        `torch.distributed`: every rank must make it.
+
+        Args:
+            ema (`ModelEMA`): The EMA.
+        """
+        out: dict[str, float] = {}
+        if self.config.relative_distance:
+            out["ema_rel_distance"] = relative_distance(ema._live, ema.shadow)
+        if self.config.oscillation and self.tracker is not None and self._ema_id == id(ema):
+            out.update(self.tracker.summary())
+        return out

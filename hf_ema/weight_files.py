@@ -1,0 +1,292 @@
+"""Weighted sums of `save_pretrained` weight folders, streamed tensor by tensor through safetensors.
+
+Shared by `merge_checkpoints` (checkpoint merging) and `reconstruct` (post-hoc EMA): both compute
+`sum_i c_i * theta_i` over folders holding the same model. Each input tensor is read with `safe_open` and the file is
+closed again right away, so the memory mapping of the inputs never grows past one tensor; the sum is accumulated in
+fp32 (fp64 for fp64 weights) and written in the source dtype. Peak memory is about one output file (the whole
+model, or one shard of a sharded checkpoint) plus a few tensors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+__all__ = ["WeightFolder", "check_compatible", "copy_metadata", "read_weight_folder", "write_weighted_sum"]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+# Files that make a folder loadable with `from_pretrained` besides the weights: configs, tokenizer, processor and
+# remote code. Training state (optimizer.pt, trainer_state.json, rng_state*.pth) is deliberately left out.
+METADATA_NAMES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+METADATA_PATTERNS = ("tokenizer*", "vocab*", "*.model", "*.tiktoken", "*.py")
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class WeightFolder:
+    """The weights of one `save_pretrained` folder, described from the safetensors headers only.
+
+    Args:
+        folder (`Path`): The folder.
+        kind (`str`): `"model"` (one `model.safetensors`), `"sharded"` (`model.safetensors.index.json`) or
+            `"adapter"` (a PEFT `adapter_model.safetensors`).
+        weight_map (`dict[str, str]`): Tensor name to the file (relative to `folder`) holding it.
+        specs (`dict[str, tuple[str, tuple[int, ...]]]`): Tensor name to its safetensors dtype and shape.
+        step (`int`, *optional*): The training step the folder was saved at, when known.
+    """
+
+    folder: Path
+    kind: str
+    weight_map: dict[str, str]
+    specs: dict[str, tuple[str, tuple[int, ...]]]
+    step: int | None = None
+    file_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        """The weight files, in a fixed order."""
+        return sorted(set(self.weight_map.values()))
+
+
+def _infer_step(folder: Path) -> int | None:
+    for name, key in (("ema_state.json", "step"), ("trainer_state.json", "global_step")):
+        path = folder / name
+        if path.is_file():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    value = json.load(f).get(key)
+            except (OSError, json.JSONDecodeError):
+                value = None
+            if isinstance(value, int):
+                return value
+    for candidate in (folder, folder.parent):
+        match = re.fullmatch(r"checkpoint-(\d+)", candidate.name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def read_weight_folder(folder: str | Path) -> WeightFolder:
+    """Describe the weights of a `save_pretrained` folder without loading them.
+
+    Args:
+        folder (`str` or `Path`): A folder with `adapter_model.safetensors`, `model.safetensors` or
+            `model.safetensors.index.json`.
+
+    Raises:
+        `CheckpointError`: when the folder does not exist or holds no safetensors weights.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder `{folder}` does not exist")
+    if (folder / ADAPTER_FILE).is_file():
+        kind, files = "adapter", None
+        weight_map_files = {ADAPTER_FILE}
+    elif (folder / INDEX_FILE).is_file():
+        kind = "sharded"
+        with open(folder / INDEX_FILE, encoding="utf-8") as f:
+            files = json.load(f).get("weight_map", {})
+        weight_map_files = set(files.values())
+    elif (folder / SINGLE_FILE).is_file():
+        kind, files = "model", None
+        weight_map_files = {SINGLE_FILE}
+    else:
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise CheckpointError(
+            f"`{folder}` holds no safetensors weights ({ADAPTER_FILE}, {SINGLE_FILE} or {INDEX_FILE}); found {found!r}"
+        )
+    weight_map: dict[str, str] = {}
+    specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+    file_metadata: dict[str, dict[str, str]] = {}
+    for name in sorted(weight_map_files):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"`{folder}` is incomplete: its index names {name!r}, which is missing")
+        with safe_open(str(path), framework="pt") as f:
+            file_metadata[name] = dict(f.metadata() or {})
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                view = f.get_slice(key)
+                specs[key] = (view.get_dtype(), tuple(view.get_shape()))
+                weight_map[key] = name
+    if files is not None:
+        missing = sorted(set(files) - set(weight_map))
+        if missing:
+            raise CheckpointError(
+                f"`{folder}` is incomplete: {len(missing)} indexed tensors are missing, e.g. {missing[:3]!r}"
+            )
+    return WeightFolder(folder, kind, weight_map, specs, _infer_step(folder), file_metadata)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_compatible(folders: Sequence[WeightFolder]) -> None:
+    """Fail unless every folder holds the same model: same kind, architecture, tensor names, shapes and dtypes.
+
+    Only headers and configs are read, so this runs before anything is written.
+
+    Args:
+        folders (`Sequence[WeightFolder]`): The folders; the last one is the reference.
+
+    Raises:
+        `CheckpointError`: naming the first folder that differs and how.
+    """
+    ref = folders[-1]
+    ref_config = _read_json(ref.folder / "config.json") or {}
+    ref_adapter = _read_json(ref.folder / "adapter_config.json") or {}
+    for other in folders[:-1]:
+        where = f"`{other.folder}` does not match `{ref.folder}`"
+        if other.kind != ref.kind:
+            raise CheckpointError(f"{where}: it holds {other.kind!r} weights, the other {ref.kind!r} weights")
+        config = _read_json(other.folder / "config.json") or {}
+        for key in ("model_type", "architectures"):
+            if key in config and key in ref_config and config[key] != ref_config[key]:
+                raise CheckpointError(f"{where}: config.json `{key}` is {config[key]!r}, not {ref_config[key]!r}")
+        adapter = _read_json(other.folder / "adapter_config.json") or {}
+        if adapter.get("peft_type") != ref_adapter.get("peft_type"):
+            raise CheckpointError(
+                f"{where}: adapter `peft_type` is {adapter.get('peft_type')!r}, not {ref_adapter.get('peft_type')!r}"
+            )
+        missing = sorted(set(ref.specs) - set(other.specs))
+        extra = sorted(set(other.specs) - set(ref.specs))
+        if missing or extra:
+            raise CheckpointError(
+                f"{where}: different tensors ({len(missing)} missing, e.g. {missing[:3]!r}; "
+                f"{len(extra)} extra, e.g. {extra[:3]!r})"
+            )
+        for key, (dtype, shape) in ref.specs.items():
+            other_dtype, other_shape = other.specs[key]
+            if other_shape != shape:
+                raise CheckpointError(f"{where}: tensor {key!r} has shape {other_shape}, not {shape}")
+            if other_dtype != dtype:
+                raise CheckpointError(f"{where}: tensor {key!r} has dtype {other_dtype}, not {dtype}")
+
+
+def _read_tensor(folder: WeightFolder, key: str) -> torch.Tensor:
+    # Open, read, close: `get_tensor` copies out of the memory map, and closing unmaps the file, so pages of the
+    # inputs never pile up in this process's resident memory while many checkpoints are merged.
+    with safe_open(str(folder.folder / folder.weight_map[key]), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+@torch.no_grad()
+def write_weighted_sum(
+    sources: Sequence[WeightFolder],
+    weights: Sequence[float],
+    out: Path,
+    progress: bool = True,
+    desc: str = "merging",
+) -> int:
+    """Write `sum_i weights[i] * sources[i]` into `out`, in the layout and dtypes of the last source.
+
+    Floating-point tensors are summed in fp32 (fp64 for fp64 tensors) and cast back; other tensors (integer
+    buffers) are copied from the last source. Call `check_compatible` first.
+
+    Args:
+        sources (`Sequence[WeightFolder]`): The folders, compatible with each other.
+        weights (`Sequence[float]`): One coefficient per source (any sign).
+        out (`Path`): An existing, empty folder.
+        progress (`bool`, *optional*, defaults to `True`): Show a tqdm progress bar over tensors.
+        desc (`str`, *optional*, defaults to `"merging"`): Label of the progress bar.
+
+    Returns:
+        `int`: the number of tensors written.
+    """
+    from tqdm.auto import tqdm
+
+    ref = sources[-1]
+    by_file: dict[str, list[str]] = {}
+    for key, name in ref.weight_map.items():
+        by_file.setdefault(name, []).append(key)
+    written = 0
+    with tqdm(total=len(ref.weight_map), desc=desc, unit="tensor", disable=not progress) as bar:
+        for name in ref.files:
+            tensors: dict[str, torch.Tensor] = {}
+            for key in by_file[name]:
+                dtype = ref.specs[key][0]
+                if dtype not in _FLOAT_DTYPES:
+                    tensors[key] = _read_tensor(ref, key)
+                else:
+                    acc = None
+                    for source, weight in zip(sources, weights):
+                        tensor = _read_tensor(source, key)
+                        acc_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+                        if acc is None:
+                            acc = torch.zeros(tensor.shape, dtype=acc_dtype)
+                        acc.add_(tensor.to(acc_dtype), alpha=float(weight))
+                        out_dtype = tensor.dtype
+                        del tensor
+                    tensors[key] = acc.to(out_dtype)
+                    del acc
+                written += 1
+                bar.update(1)
+            metadata = dict(ref.file_metadata.get(name, {}))
+            metadata.setdefault("format", "pt")
+            save_file(tensors, str(out / name), metadata=metadata)
+            del tensors
+    if ref.kind == "sharded":
+        shutil.copy2(ref.folder / INDEX_FILE, out / INDEX_FILE)
+    return written
+
+
+def _is_metadata_file(name: str) -> bool:
+    if name in METADATA_NAMES:
+        return True
+    return any(fnmatch.fnmatch(name, pattern) for pattern in METADATA_PATTERNS)
+
+
+def copy_metadata(out: Path, folders: Sequence[Path]) -> list[str]:
+    """Copy configs, tokenizer and processor files into `out`, each from the first of `folders` that has it.
+
+    Args:
+        out (`Path`): The destination folder.
+        folders (`Sequence[Path]`): Where to look, by priority (missing folders are skipped).
+
+    Returns:
+        `list[str]`: the names copied.
+    """
+    copied: list[str] = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and _is_metadata_file(path.name) and path.name not in copied:
+                if (out / path.name).exists():
+                    continue
+                shutil.copy2(path, out / path.name)
+                copied.append(path.name)
+    return copied

@@ -1,0 +1,40 @@
+"""The raw-vs-EMA Gradio app of hf-ema.
+
+`serve.loading` and `serve.generation` work without Gradio; `serve.app.build_demo` builds the page and
+`serve.launch.start_app` starts it (what `hf-ema serve PATH` and `python -m serve PATH` run).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, generate_pair, stream_pair, validate_prompt
+from .loading import CheckpointCatalog, CheckpointRef, ModelPair, find_checkpoints, load_pair
+
+__all__ = [
+    "MAX_NEW_TOKENS_LIMIT",
+    "CheckpointCatalog",
+    "CheckpointRef",
+    "GenerationSettings",
+    "ModelPair",
+    "build_demo",
+    "find_checkpoints",
+    "generate_pair",
+    "load_pair",
+    "start_app",
+    "stream_pair",
+    "validate_prompt",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Gradio is imported only when the page is actually built.
+    if name == "build_demo":
+        from .app import build_demo
+
+        return build_demo
+    if name == "start_app":
+        from .launch import start_app
+
+        return start_app
+    raise AttributeError(f"module 'serve' has no attribute {name!r}")

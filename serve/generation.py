@@ -1,0 +1,188 @@
+"""Generating from the raw and the EMA model with the same prompt, seed and settings, token by token.
+
+Usable without Gradio. Each model samples with its own `torch.Generator` seeded with the request's seed, so a
+request's output does not depend on what else runs at the same time, and greedy decoding gives exactly what
+`model.generate(do_sample=False)` gives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from hf_ema.errors import ConfigError, ConfigTypeError
+
+from .loading import EMA, RAW, ModelPair
+
+__all__ = [
+    "MAX_NEW_TOKENS_LIMIT",
+    "MAX_SEED",
+    "GenerationSettings",
+    "generate_pair",
+    "stream_pair",
+    "validate_prompt",
+]
+
+#: Default upper bound on `max_new_tokens` (the app's bound can be set lower or higher).
+MAX_NEW_TOKENS_LIMIT = 512
+MAX_SEED = 2**32 - 1
+
+
+def _as_int(name: str, value, minimum: int, maximum: int) -> int:
+    # Web forms send numbers as floats: accept 7.0, reject 7.5, NaN and booleans.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"`{name}` must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ConfigError(f"`{name}` must be a whole number, got {value!r}")
+        value = int(value)
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"`{name}` must be between {minimum} and {maximum}, got {value!r}")
+    return value
+
+
+def _as_float(name: str, value, low: float, high: float, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"`{name}` must be a number, got {value!r}")
+    value = float(value)
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ConfigError(f"`{name}` must be in {interval}, got {value!r}")
+    return value
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings shared by the raw and the EMA model; validated when built.
+
+    Args:
+        max_new_tokens (`int`, *optional*, defaults to 64): Tokens to generate, 1 to `max_new_tokens_limit`.
+        temperature (`float`, *optional*, defaults to 0.8): Softmax temperature, in (0, 5]; unused when greedy.
+        top_p (`float`, *optional*, defaults to 0.95): Nucleus sampling mass, in (0, 1]; unused when greedy.
+        seed (`int`, *optional*, defaults to 0): Seed of both models' samplers, 0 to 2**32 - 1.
+        greedy (`bool`, *optional*, defaults to `False`): Take the most likely token (no sampling).
+        max_new_tokens_limit (`int`, *optional*, defaults to `MAX_NEW_TOKENS_LIMIT`): Upper bound on
+            `max_new_tokens`.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    greedy: bool = False
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens_limit = _as_int("max_new_tokens_limit", self.max_new_tokens_limit, 1, 10**6)
+        self.max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, 1, self.max_new_tokens_limit)
+        self.seed = _as_int("seed", self.seed, 0, MAX_SEED)
+        if not isinstance(self.greedy, bool):
+            raise ConfigTypeError(f"`greedy` must be a bool, got {self.greedy!r}")
+        self.temperature = _as_float("temperature", self.temperature, 0.0, 5.0, low_open=True)
+        self.top_p = _as_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+
+
+def validate_prompt(prompt) -> str:
+    """Check that `prompt` is a non-empty string and return it.
+
+    Args:
+        prompt (`str`): The prompt.
+    """
+    if not isinstance(prompt, str):
+        raise ConfigTypeError(f"`prompt` must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ConfigError("`prompt` must not be empty, got an empty prompt; type some text to continue")
+    return prompt
+
+
+def _encode(pair: ModelPair, prompt: str, settings: GenerationSettings) -> torch.Tensor:
+    input_ids = pair.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    n_prompt = input_ids.shape[1]
+    if n_prompt == 0:
+        raise ConfigError(f"`prompt` encodes to no tokens, got {prompt!r}")
+    limit = pair.context_length
+    if limit is not None and n_prompt + settings.max_new_tokens > limit:
+        raise ConfigError(
+            f"`max_new_tokens` must be at most {max(limit - n_prompt, 0)} for this {n_prompt}-token prompt "
+            f"(the model's context is {limit} tokens), got {settings.max_new_tokens}"
+        )
+    return input_ids.to(pair.device)
+
+
+def _token_stream(pair: ModelPair, which: str, input_ids: torch.Tensor, settings: GenerationSettings) -> Iterator[int]:
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if not settings.greedy:
+        # The same warpers, in the same order, as `generate(do_sample=True, temperature=..., top_p=...)`.
+        if settings.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(settings.top_p))
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    eos = pair.eos_token_ids
+    ids = input_ids
+    step_input = input_ids
+    past = None
+    for _ in range(settings.max_new_tokens):
+        logits, past = pair.forward(which, step_input, past)
+        if settings.greedy:
+            token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            scores = warpers(ids, logits)
+            probs = torch.softmax(scores, dim=-1).cpu()
+            token = torch.multinomial(probs, num_samples=1, generator=generator).to(ids.device)
+        yield int(token)
+        if int(token) in eos:
+            return
+        ids = torch.cat([ids, token], dim=-1)
+        step_input = token
+
+
+def stream_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | None = None) -> Iterator[tuple[str, str]]:
+    """Generate from the raw and the EMA model in lockstep, yielding both texts so far after every token.
+
+    Args:
+        pair (`ModelPair`): The loaded models.
+        prompt (`str`): The prompt (the outputs hold only the continuation).
+        settings (`GenerationSettings`, *optional*): Sampling settings; the defaults when not given.
+
+    Yields:
+        `tuple[str, str]`: the raw and the EMA continuation decoded so far.
+    """
+    settings = GenerationSettings() if settings is None else settings
+    if not isinstance(settings, GenerationSettings):
+        raise ConfigTypeError(f"`settings` must be a GenerationSettings, got {type(settings).__name__}")
+    prompt = validate_prompt(prompt)
+    input_ids = _encode(pair, prompt, settings)
+    streams = {which: _token_stream(pair, which, input_ids, settings) for which in (RAW, EMA)}
+    tokens: dict[str, list[int]] = {RAW: [], EMA: []}
+    while streams:
+        for which in list(streams):
+            token = next(streams[which], None)
+            if token is None:
+                del streams[which]
+            else:
+                tokens[which].append(token)
+        if streams:
+            yield tuple(pair.tokenizer.decode(tokens[w], skip_special_tokens=True) for w in (RAW, EMA))
+    yield tuple(pair.tokenizer.decode(tokens[w], skip_special_tokens=True) for w in (RAW, EMA))
+
+
+def generate_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | None = None) -> tuple[str, str]:
+    """Generate the raw and the EMA continuation of `prompt` with the same settings (no streaming).
+
+    Args:
+        pair (`ModelPair`): The loaded models.
+        prompt (`str`): The prompt.
+        settings (`GenerationSettings`, *optional*): Sampling settings.
+
+    Returns:
+        `tuple[str, str]`: the raw and the EMA continuation.
+    """
+    *_, last = stream_pair(pair, prompt, settings)
+    return last

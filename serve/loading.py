@@ -1,0 +1,442 @@
+"""Finding the checkpoints in a folder (or a Hub repo) and loading their raw and EMA models side by side.
+
+Usable without Gradio: [`find_checkpoints`] lists what a path holds, [`load_pair`] loads one checkpoint's raw and EMA
+models (for a PEFT checkpoint: the base model once, both adapters on it), [`CheckpointCatalog`] keeps a few loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
+from hf_ema.serialization import EMA_DIRNAME, STATE_NAME, read_ema_state
+
+__all__ = [
+    "CheckpointCatalog",
+    "CheckpointRef",
+    "ModelPair",
+    "find_checkpoints",
+    "load_pair",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: Adapter names of the two PEFT adapters loaded on the one base model.
+RAW, EMA = "raw", "ema"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint to serve: where its raw weights are; its EMA is in the `ema/` subfolder.
+
+    Args:
+        label (`str`): Name shown in the checkpoint picker (`"checkpoint-300"`, `"final"`, or the repo id).
+        location (`str`): A local folder, or a Hub repo id when `is_local` is `False`.
+        is_local (`bool`, *optional*, defaults to `True`): Whether `location` is a local folder.
+        step (`int`, *optional*): The training step, when known.
+    """
+
+    label: str
+    location: str
+    is_local: bool = True
+    step: int | None = None
+
+    @property
+    def ema_location(self) -> str:
+        """The EMA folder (local) or the repo id whose `ema/` subfolder holds the EMA (Hub)."""
+        return str(Path(self.location) / EMA_DIRNAME) if self.is_local else self.location
+
+    @property
+    def ema_subfolder(self) -> str | None:
+        """`"ema"` for a Hub repo (passed to `from_pretrained(..., subfolder=...)`), `None` for a local folder."""
+        return None if self.is_local else EMA_DIRNAME
+
+
+def _has_raw_weights(folder: Path) -> bool:
+    if (folder / ADAPTER_CONFIG).is_file():
+        return True
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def _has_ema(folder: Path) -> bool:
+    return (folder / EMA_DIRNAME / STATE_NAME).is_file()
+
+
+def _looks_like_repo_id(path: str) -> bool:
+    # A path-like string that does not exist is a typo, not a repo id ("runs/tiny" is both: folders win).
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def find_checkpoints(path: str | os.PathLike) -> list[CheckpointRef]:
+    """List the servable checkpoints at `path`, oldest first.
+
+    `path` may be one checkpoint (`checkpoint-N/`, or any `save_pretrained` folder with an `ema/` beside the
+    weights), a training output folder (every `checkpoint-N/` with an `ema/`, then the folder itself as `"final"`
+    when `trainer.save_model()` wrote raw weights there), or a Hub repo id whose `ema/` subfolder holds the EMA
+    (used when no local folder of that name exists).
+
+    Args:
+        path (`str` or `os.PathLike`): The folder or repo id.
+
+    Returns:
+        `list[CheckpointRef]`: at least one entry.
+
+    Raises:
+        `CheckpointError`: if `path` is a file, a folder without weights or checkpoints, or weights without `ema/`.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigTypeError(f"`path` must be a folder or a Hub repo id, got {path!r}")
+    text = os.fspath(path)
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        if _looks_like_repo_id(text):
+            return [CheckpointRef(label=text, location=text, is_local=False)]
+        raise CheckpointError(f"`path` {text!r} is neither an existing folder nor a Hub repo id")
+    if not folder.is_dir():
+        raise CheckpointError(f"`path` {text!r} is a file; pass a checkpoint folder or a training output folder")
+    folder = folder.resolve()
+
+    children = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            children.append((int(match.group(1)), child))
+    children.sort()
+
+    refs = []
+    for step, child in children:
+        if _has_raw_weights(child) and _has_ema(child):
+            refs.append(CheckpointRef(label=child.name, location=str(child), step=step))
+    if _has_raw_weights(folder) and _has_ema(folder):
+        # The run folder itself, when `trainer.save_model()` wrote the final raw weights there.
+        match = _CHECKPOINT_RE.match(folder.name)
+        step = int(match.group(1)) if match else _ema_step(folder)
+        label = folder.name if match or not refs else "final"
+        refs.append(CheckpointRef(label=label, location=str(folder), step=step))
+    if refs:
+        return refs
+
+    if _has_raw_weights(folder):
+        raise CheckpointError(
+            f"`path` {text!r} holds model weights but no `{EMA_DIRNAME}/` folder with {STATE_NAME}; "
+            "was it trained with hf_ema.EMACallback?"
+        )
+    if children:
+        raise CheckpointError(
+            f"`path` {text!r} holds {len(children)} checkpoint-N folders but none has both weights and an "
+            f"`{EMA_DIRNAME}/` folder; was it trained with hf_ema.EMACallback?"
+        )
+    raise CheckpointError(
+        f"`path` {text!r} is not a checkpoint folder: no config.json with weights, no {ADAPTER_CONFIG}, "
+        "no checkpoint-N/ subfolders"
+    )
+
+
+def _ema_step(folder: Path) -> int | None:
+    try:
+        return int(read_ema_state(folder / EMA_DIRNAME)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def ema_info(ref: CheckpointRef) -> dict[str, Any]:
+    """The EMA's `ema_state.json` (step, decay, config...) for `ref`; `{}` when a Hub repo has none or is offline.
+
+    Args:
+        ref (`CheckpointRef`): The checkpoint.
+    """
+    if ref.is_local:
+        try:
+            return read_ema_state(ref.ema_location)
+        except (json.JSONDecodeError, OSError) as err:
+            raise CheckpointError(f"could not read {Path(ref.ema_location) / STATE_NAME}: {err}") from None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(ref.location, STATE_NAME, subfolder=EMA_DIRNAME)
+    except Exception as err:  # offline, private or no such file: the page just shows less
+        logger.warning("no %s/%s in %s: %s", EMA_DIRNAME, STATE_NAME, ref.location, err)
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ModelPair:
+    """A checkpoint's raw and EMA models, ready to generate, plus what the page shows about them.
+
+    For a PEFT checkpoint both names map to the same `PeftModel` holding two adapters, `"raw"` and `"ema"`;
+    [`ModelPair.forward`] switches between them under a lock, so concurrent requests never see the wrong one.
+
+    Args:
+        ref (`CheckpointRef`): Where the models came from.
+        tokenizer: The tokenizer.
+        models (`dict[str, torch.nn.Module]`): `"raw"` and `"ema"` models.
+        is_peft (`bool`, *optional*, defaults to `False`): Whether both are adapters on one `PeftModel`.
+        info (`dict`, *optional*): The EMA's `ema_state.json`.
+    """
+
+    ref: CheckpointRef
+    tokenizer: Any
+    models: dict[str, torch.nn.Module]
+    is_peft: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the models run on."""
+        return next(self.models[RAW].parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """The models' maximum sequence length, when their config states one."""
+        config = self.models[RAW].config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end a generation (from the generation config, else the tokenizer)."""
+        gen = getattr(self.models[RAW], "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    @torch.inference_mode()
+    def forward(self, which: str, input_ids: torch.Tensor, past_key_values: Any = None) -> tuple[torch.Tensor, Any]:
+        """One decoding step of the raw or the EMA model.
+
+        Args:
+            which (`str`): `"raw"` or `"ema"`.
+            input_ids (`torch.Tensor`): The new tokens, shape `(1, n)`.
+            past_key_values (*optional*): The cache returned by the previous step.
+
+        Returns:
+            `tuple`: the last position's logits (fp32, shape `(1, vocab)`) and the updated cache.
+        """
+        if which not in self.models:
+            raise ConfigError(f"`which` must be 'raw' or 'ema', got {which!r}")
+        with self._lock:
+            model = self.models[which]
+            if self.is_peft:
+                model.set_adapter(which)
+            out = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+
+def _read_adapter_config(ref: CheckpointRef) -> dict[str, Any] | None:
+    if ref.is_local:
+        path = Path(ref.location) / ADAPTER_CONFIG
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            path = hf_hub_download(ref.location, ADAPTER_CONFIG)
+        except EntryNotFoundError as err:
+            if not isinstance(err, LocalEntryNotFoundError):  # the repo is there but is no PEFT adapter
+                return None
+            raise CheckpointError(
+                f"`path` {ref.location!r} is not a local folder and could not be read from the Hub "
+                f"(offline, or no cached copy): {err}"
+            ) from err
+        except Exception as err:  # offline, no such repo, no access: one clear line
+            raise CheckpointError(
+                f"`path` {ref.location!r} is not a local folder and could not be read from the Hub: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"could not read {path}: {err}") from None
+
+
+def load_pair(
+    ref: CheckpointRef,
+    *,
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelPair:
+    """Load a checkpoint's raw model and its EMA (for PEFT: the base model once, and both adapters on it).
+
+    Args:
+        ref (`CheckpointRef`): The checkpoint, from [`find_checkpoints`].
+        base_model (`str`, *optional*): For a PEFT checkpoint, the base model's folder or repo id; defaults to the
+            adapter's `base_model_name_or_path`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): Allow custom modelling code from the checkpoint.
+        device (`str`, *optional*): Where to run; CUDA when available, else CPU.
+        dtype (`torch.dtype`, *optional*): Parameter dtype; defaults to the checkpoint's.
+
+    Returns:
+        `ModelPair`: both models in eval mode.
+
+    Raises:
+        `CheckpointError`: when a weights, config or tokenizer file cannot be read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or _default_device()
+    info = ema_info(ref)
+    load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    adapter_config = _read_adapter_config(ref)
+
+    def _load(what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as err:  # corrupt, truncated or unreadable files: one clear line for the user
+            where = args[-1] if args and isinstance(args[-1], (str, os.PathLike)) else ref.location
+            raise CheckpointError(f"could not load the {what} from `{where}`: {type(err).__name__}: {err}") from err
+
+    if adapter_config is None:
+        raw = _load("raw model", AutoModelForCausalLM.from_pretrained, ref.location, **load_kwargs)
+        ema = _load(
+            "EMA model",
+            AutoModelForCausalLM.from_pretrained,
+            ref.ema_location,
+            **load_kwargs,
+            **({"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}),
+        )
+        models = {RAW: raw.to(device).eval(), EMA: ema.to(device).eval()}
+        is_peft = False
+    else:
+        from peft import PeftModel
+
+        base_id = base_model or adapter_config.get("base_model_name_or_path")
+        if not base_id:
+            raise CheckpointError(
+                f"the adapter in `{ref.location}` names no base model (`base_model_name_or_path` is empty); "
+                "pass `base_model` (`--base-model` on the command line)"
+            )
+        base = _load("base model", AutoModelForCausalLM.from_pretrained, str(base_id), **load_kwargs)
+        peft_model = _load("raw adapter", PeftModel.from_pretrained, base, ref.location, adapter_name=RAW)
+        sub = {"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}
+        _load("EMA adapter", peft_model.load_adapter, ref.ema_location, adapter_name=EMA, **sub)
+        peft_model = peft_model.to(device).eval()
+        models = {RAW: peft_model, EMA: peft_model}
+        is_peft = True
+
+    tokenizer = None
+    tokenizer_sources = [
+        (ref.location, {}),
+        (ref.ema_location, {"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}),
+    ]
+    if adapter_config is not None and (base_model or adapter_config.get("base_model_name_or_path")):
+        tokenizer_sources.append((str(base_model or adapter_config["base_model_name_or_path"]), {}))
+    errors = []
+    for source, extra in tokenizer_sources:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+            break
+        except Exception as err:  # try the next place a tokenizer may be saved
+            errors.append(f"{source}: {type(err).__name__}")
+    if tokenizer is None:
+        raise CheckpointError(f"no loadable tokenizer for `{ref.location}` (tried {'; '.join(errors)})")
+    return ModelPair(ref=ref, tokenizer=tokenizer, models=models, is_peft=is_peft, info=info)
+
+
+class CheckpointCatalog:
+    """The checkpoints found at a path, loaded on demand and kept (at most `max_loaded` at a time).
+
+    Args:
+        path (`str` or `os.PathLike`): A checkpoint folder, a training output folder or a Hub repo id.
+        max_loaded (`int`, *optional*, defaults to 2): How many checkpoints stay in memory.
+        **load_kwargs: Passed to [`load_pair`] (`base_model`, `trust_remote_code`, `device`, `dtype`).
+    """
+
+    def __init__(self, path: str | os.PathLike, max_loaded: int = 2, **load_kwargs: Any) -> None:
+        if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
+            raise ConfigError(f"`max_loaded` must be an int >= 1, got {max_loaded!r}")
+        self.path = os.fspath(path)
+        self.refs = find_checkpoints(path)
+        self.max_loaded = max_loaded
+        self.load_kwargs = load_kwargs
+        self._loaded: OrderedDict[str, ModelPair] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> list[str]:
+        """The checkpoint labels, oldest first."""
+        return [ref.label for ref in self.refs]
+
+    @property
+    def default_label(self) -> str:
+        """The newest checkpoint (the final model when there is one)."""
+        return self.refs[-1].label
+
+    def ref(self, label: str | None = None) -> CheckpointRef:
+        """The checkpoint called `label` (default: the newest).
+
+        Args:
+            label (`str`, *optional*): A label from [`CheckpointCatalog.labels`].
+        """
+        label = self.default_label if label is None else label
+        for ref in self.refs:
+            if ref.label == label:
+                return ref
+        raise ConfigError(f"`checkpoint` must be one of {self.labels!r}, got {label!r}")
+
+    def get(self, label: str | None = None) -> ModelPair:
+        """The loaded models of checkpoint `label` (default: the newest), loading them on first use.
+
+        Args:
+            label (`str`, *optional*): A label from [`CheckpointCatalog.labels`].
+        """
+        ref = self.ref(label)
+        # One lock for loading: two requests for the same checkpoint load it once.
+        with self._lock:
+            pair = self._loaded.get(ref.label)
+            if pair is None:
+                logger.info("loading %s", ref.location)
+                pair = load_pair(ref, **self.load_kwargs)
+                self._loaded[ref.label] = pair
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(ref.label)
+            return pair

@@ -1,0 +1,527 @@
+"""Tests of `hf_ema.hub`: `hf-ema push` / `push_ema` and `Trainer(push_to_hub=True)` with `EMACallback`.
+
+The Hub cannot be reached from here, so `huggingface_hub` is pointed at a stand-in Hub: a local HTTP server run by
+these tests (`FakeHub`) that implements the few Hub endpoints the uploads and downloads use
+(`POST /api/repos/create`, `/api/validate-yaml`, `/api/models/{repo}/preupload|commit|branch/{rev}` and
+`GET|HEAD /{repo}/resolve/{rev}/{file}`) and keeps the committed files in memory. Everything above HTTP is the real
+`huggingface_hub` / `transformers` code. The preupload answer makes every file a "regular" (inline, base64) upload,
+so no LFS / Xet storage is needed. `test_real_hub_push` runs against the real Hub only when `HF_TOKEN` is set.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from hf_ema import EMACallback, push_ema
+from hf_ema.cli import main
+from hf_ema.errors import CheckpointError, ConfigError
+
+REPO_RE = r"(?P<repo>[^/]+/[^/]+)"
+
+
+class FakeHub:
+    """In-memory stand-in for the Hub's HTTP API (only the endpoints that uploads and `from_pretrained` use)."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict] = {}
+        self.snapshots: dict[str, dict[str, bytes]] = {}  # commit sha -> files
+        self.commits: list[dict] = []
+        self.unhandled: list[str] = []
+        self.lock = threading.Lock()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _send(self, status: int, body=b"", headers=None, head=False):
+                data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                if isinstance(body, (dict, list)):
+                    self.send_header("Content-Type", "application/json")
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+            def do_POST(self):
+                body = self._body()
+                with hub.lock:
+                    status, payload = hub.post(urlparse(self.path).path, body, self.headers)
+                self._send(status, payload)
+
+            def do_GET(self):
+                with hub.lock:
+                    self._send(*hub.get(urlparse(self.path).path))
+
+            def do_HEAD(self):
+                with hub.lock:
+                    self._send(*hub.get(urlparse(self.path).path), head=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    # -- routes
+    def post(self, path: str, body: bytes, headers) -> tuple[int, dict]:
+        if path != "/api/validate-yaml" and not headers.get("Authorization", "").startswith("Bearer "):
+            return 401, {"error": "Invalid credentials"}
+        if path == "/api/repos/create":
+            data = json.loads(body)
+            repo_id = f"{data.get('organization') or 'user'}/{data['name']}"
+            if repo_id in self.repos:
+                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            self.repos[repo_id] = {
+                "private": data.get("visibility") == "private",
+                "branches": {"main": {}},
+                "heads": {"main": "0" * 40},
+            }
+            return 200, {"url": f"{self.url}/{repo_id}"}
+        if path == "/api/validate-yaml":
+            content = json.loads(body)["content"]
+            match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+            try:
+                if match is not None and not isinstance(yaml.safe_load(match.group(1)), dict):
+                    raise yaml.YAMLError("metadata is not a mapping")
+            except yaml.YAMLError as err:
+                return 400, {"errors": [{"message": str(err)}]}
+            return 200, {"errors": [], "warnings": []}
+        match = re.fullmatch(rf"/api/models/{REPO_RE}/(?P<op>preupload|commit|branch)/(?P<rev>[^/]+)", path)
+        if match is None or match["repo"] not in self.repos:
+            self.unhandled.append(f"POST {path}")
+            return 404, {"error": "Repository not found"}
+        repo, rev = self.repos[match["repo"]], unquote(match["rev"])
+        if match["op"] == "branch":
+            if rev in repo["branches"]:
+                return 409, {"error": "Branch already exists"}
+            repo["branches"][rev] = dict(repo["branches"]["main"])
+            repo["heads"][rev] = repo["heads"]["main"]
+            return 200, {}
+        if rev not in repo["branches"]:
+            return 404, {"error": f"Invalid rev id: {rev}"}
+        if match["op"] == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        header = lines[0]["value"]
+        files = {}
+        for line in lines[1:]:
+            if line["key"] != "file":  # LFS files, deletions, copies: never produced with regular upload modes
+                return 400, {"error": f"unsupported commit operation {line['key']}"}
+            files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+        repo["branches"][rev].update(files)
+        oid = hashlib.sha1(f"{len(self.commits)}".encode()).hexdigest()
+        repo["heads"][rev] = oid
+        self.snapshots[oid] = dict(repo["branches"][rev])
+        self.commits.append({"repo": match["repo"], "revision": rev, "summary": header["summary"], "files": files})
+        return 200, {"commitUrl": f"{self.url}/{match['repo']}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+
+    def _revision(self, repo: dict, rev: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit sha, files) of a branch name or a commit sha."""
+        if rev in repo["branches"]:
+            return repo["heads"][rev], repo["branches"][rev]
+        if rev in self.snapshots:
+            return rev, self.snapshots[rev]
+        return None
+
+    def get(self, path: str) -> tuple[int, object, dict]:
+        if path == "/api/agent-harnesses":  # huggingface_hub's best-effort user-agent registry fetch
+            return 404, {"error": "not served"}, {}
+        info = re.fullmatch(rf"/api/models/{REPO_RE}(?:/revision/(?P<rev>[^/]+))?", path)
+        match = info or re.fullmatch(rf"/{REPO_RE}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+        if match is None:
+            self.unhandled.append(f"GET {path}")
+            return 404, {"error": "not found"}, {}
+        repo = self.repos.get(match["repo"])
+        if repo is None:
+            return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+        found = self._revision(repo, unquote(match["rev"] or "main"))
+        if found is None:
+            return 404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"}
+        sha, files = found
+        if info is not None:  # model_info / repo_info (transformers resolves the revision to a commit sha)
+            siblings = [{"rfilename": name} for name in sorted(files)]
+            return 200, {"id": match["repo"], "sha": sha, "private": repo["private"], "siblings": siblings}, {}
+        name = unquote(match["file"])
+        if name not in files:
+            return 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+        content = files[name]
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(content).hexdigest()}"'}
+        return 200, content, headers
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+    import huggingface_hub.hf_api as hf_api_module
+    import transformers.utils.hub as tf_hub
+
+    hub = FakeHub()
+    hub.thread.start()
+    # conftest sets HF_HUB_OFFLINE=1 for the rest of the suite; the stand-in Hub is local.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(
+        hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(tf_hub, "_hf_api", None)  # the Trainer's shared HfApi is built with the endpoint above
+    # `huggingface_hub.file_exists` & co. (used by peft) are methods of a default HfApi built at import time.
+    monkeypatch.setattr(hf_api_module.api, "endpoint", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
+    assert hub.unhandled == [], f"requests the stand-in Hub does not implement: {hub.unhandled}"
+
+
+def _train(tmp_path, tokenizer, lm_data, model, steps=4, save_steps=4, callbacks=(), **args):
+    from transformers import Trainer, TrainingArguments
+
+    train_ds, eval_ds = lm_data
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=steps,
+        save_steps=save_steps,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=5e-3,
+        eval_strategy="steps",
+        eval_steps=save_steps,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **args,
+    )
+    callback = EMACallback(decay=0.9)
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds.select(range(16)),
+        processing_class=tokenizer,
+        callbacks=[callback, *callbacks],
+    )
+    trainer.train()
+    return trainer, callback
+
+
+def _front_matter(card: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", card, re.S)
+    assert match is not None, card[:200]
+    return yaml.safe_load(match.group(1))
+
+
+def _local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cli_push_checkpoint_subfolder(fake_hub, tmp_path, tokenizer, lm_data, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    trainer, callback = _train(tmp_path, tokenizer, lm_data, tiny_model)
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-4"
+    # The raw and EMA eval losses the Trainer logged at step 4 (EMACallback(eval_ema=True) logs `eval_ema_loss`).
+    logged = next(e for e in trainer.state.log_history if e.get("step") == 4 and "eval_loss" in e)
+    raw_loss, ema_loss = logged["eval_loss"], logged["eval_ema_loss"]
+    assert raw_loss != ema_loss
+
+    rc = main(["push", str(checkpoint), "--repo-id", "user/tiny-ema", "--token", "fake-token"])
+    assert rc == 0
+    assert len(fake_hub.commits) == 1
+    commit = fake_hub.commits[0]
+    assert commit["repo"] == "user/tiny-ema" and commit["revision"] == "main"
+    assert commit["summary"] == "Upload EMA weights (step 4) with hf-ema"
+
+    local = _local_files(checkpoint / "ema")
+    assert {"model.safetensors", "config.json", "ema_state.json", "ema_config.json", "tokenizer.json"} <= set(local)
+    expected_paths = {f"ema/{name}" for name in local} | {"ema/README.md", "README.md"}
+    assert set(commit["files"]) == expected_paths
+    for name, content in local.items():
+        assert commit["files"][f"ema/{name}"] == content, name
+
+    card = commit["files"]["ema/README.md"].decode()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "transformers" and {"ema", "hf-ema"} <= set(meta["tags"])
+    assert "exponential moving average (EMA)" in card
+    assert "| EMA horizon | `decay=0.9` per optimizer step |" in card
+    assert "| Decay of the last update | 0.9 |" in card
+    assert "| Step (optimizer steps) | 4 |" in card
+    assert f"| loss | {raw_loss:.6g} | {ema_loss:.6g} |" in card
+    assert "Measured at step 4 (from `trainer_state.json`)." in card
+    assert 'AutoModelForCausalLM.from_pretrained("user/tiny-ema", subfolder="ema")' in card
+    root = commit["files"]["README.md"].decode()
+    assert root.count("<!-- hf-ema:start -->") == 1 and f"| loss | {raw_loss:.6g} | {ema_loss:.6g} |" in root
+
+    # The pushed EMA loads from the (stand-in) Hub with `subfolder="ema"` and holds the callback's EMA.
+    model = AutoModelForCausalLM.from_pretrained("user/tiny-ema", subfolder="ema")
+    ema_state = callback.ema.full_state_dict(dtype="ema")
+    for name, tensor in model.state_dict().items():
+        if name in ema_state:
+            torch.testing.assert_close(tensor, ema_state[name], rtol=0, atol=0)
+
+
+def test_push_as_main_and_revision_update_existing_card(fake_hub, tmp_path, tokenizer, lm_data, tiny_model):
+    trainer, _ = _train(tmp_path, tokenizer, lm_data, tiny_model)
+    run_dir = Path(trainer.args.output_dir)
+    # An existing repo with a hand-written card: the push keeps it and adds (then replaces) one EMA section.
+    from huggingface_hub import HfApi
+
+    api = HfApi(token="fake-token")
+    api.create_repo("org/model")
+    api.upload_file(
+        path_or_fileobj=b"---\nlicense: mit\ntags:\n- llama\n---\n\n# My model\n\nHand-written text.\n",
+        path_in_repo="README.md",
+        repo_id="org/model",
+    )
+    url = push_ema(run_dir, "org/model", as_main=True, token="fake-token")
+    assert url.startswith(f"{fake_hub.url}/org/model/commit/")
+    url = push_ema(run_dir / "ema", "org/model", as_main=True, token="fake-token", commit_message="again")
+    commit = fake_hub.commits[-1]
+    assert commit["summary"] == "again"
+    local = _local_files(run_dir / "ema")
+    assert set(commit["files"]) == set(local) | {"README.md"}
+    card = commit["files"]["README.md"].decode()
+    meta = _front_matter(card)
+    assert meta["license"] == "mit" and meta["tags"] == ["llama", "ema", "hf-ema"]
+    assert "Hand-written text." in card and card.count("<!-- hf-ema:start -->") == 1
+    assert "This repository's main weights are an **exponential moving average (EMA)**" in card
+    assert 'AutoModelForCausalLM.from_pretrained("org/model")' in card
+    # The run folder holds no trainer_state.json, but checkpoint-4 (the EMA's step) does.
+    assert "from `checkpoint-4/trainer_state.json`" in card
+
+    push_ema(run_dir, "org/model", subfolder="ema-0.9", revision="ema-branch", private=True, token="fake-token")
+    commit = fake_hub.commits[-1]
+    assert commit["revision"] == "ema-branch"
+    assert set(commit["files"]) == {f"ema-0.9/{n}" for n in local} | {"ema-0.9/README.md", "README.md"}
+    assert set(fake_hub.repos["org/model"]["branches"]) == {"main", "ema-branch"}
+    # The branch's card started from main's card: still one EMA section, now pointing at the subfolder.
+    branch_card = commit["files"]["README.md"].decode()
+    assert branch_card.count("<!-- hf-ema:start -->") == 1 and "Hand-written text." in branch_card
+    assert 'subfolder="ema-0.9"' in branch_card
+
+
+def test_trainer_push_to_hub_carries_ema(fake_hub, tmp_path, tokenizer, lm_data, tiny_model):
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    class RecordWeights(TrainerCallback):
+        """Raw weights at the start and after every optimizer step, for an EMA computed independently below."""
+
+        def __init__(self):
+            self.weights = []
+
+        def _record(self, model):
+            self.weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._record(model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self._record(model)
+
+    recorder = RecordWeights()
+    saves = []
+    original_save = EMACallback.save
+
+    def counting_save(self, folder, *args, **kwargs):
+        saves.append(Path(folder))
+        return original_save(self, folder, *args, **kwargs)
+
+    # Instrumentation only (the real `save` runs): checks that `on_save` does not write `ema/` a second time.
+    EMACallback.save = counting_save
+    try:
+        trainer, callback = _train(
+            tmp_path,
+            tokenizer,
+            lm_data,
+            tiny_model,
+            steps=4,
+            save_steps=2,
+            callbacks=[recorder],
+            push_to_hub=True,
+            hub_model_id="user/trainer-ema",
+            hub_token="fake-token",
+            hub_strategy="checkpoint",
+            hub_always_push=True,  # push every checkpoint (else a push still running skips the next one)
+        )
+        trainer.push_to_hub()
+    finally:
+        EMACallback.save = original_save
+
+    out = Path(trainer.args.output_dir)
+    assert saves == [out / "checkpoint-2" / "ema", out / "checkpoint-4" / "ema"]
+    summaries = [c["summary"] for c in fake_hub.commits]
+    assert summaries == [
+        "Training in progress, step 2",
+        "Training in progress, step 2, checkpoint",
+        "Training in progress, step 4",
+        "Training in progress, step 4, checkpoint",
+        "End of training",
+    ]
+    ema_files = {"model.safetensors", "config.json", "generation_config.json", "ema_state.json", "ema_config.json"}
+    ema_files |= {"tokenizer.json", "tokenizer_config.json", "README.md"}
+
+    # Independent EMA of the recorded raw weights: ema_0 = w_0, ema_t = 0.9 ema_{t-1} + 0.1 w_t.
+    reference = [dict(recorder.weights[0])]
+    for weights in recorder.weights[1:]:
+        reference.append({n: 0.9 * reference[-1][n] + 0.1 * w for n, w in weights.items()})
+
+    for index, step in enumerate((2, 4)):
+        for prefix, commit in (
+            ("ema/", fake_hub.commits[2 * index]),
+            ("last-checkpoint/ema/", fake_hub.commits[2 * index + 1]),
+        ):
+            files = commit["files"]
+            assert {prefix + f for f in ema_files} <= set(files), (step, prefix, sorted(files))
+            assert json.loads(files[prefix + "ema_state.json"])["step"] == step
+            assert "exponential moving average (EMA)" in files[prefix + "README.md"].decode()
+            pushed = load_safetensors(files[prefix + "model.safetensors"])
+            assert (
+                files[prefix + "model.safetensors"]
+                == (out / f"checkpoint-{step}" / "ema" / "model.safetensors").read_bytes()
+            )
+            for name, tensor in pushed.items():
+                torch.testing.assert_close(tensor, reference[step][name], rtol=1e-6, atol=1e-6)
+            raw = load_file(str(out / f"checkpoint-{step}" / "model.safetensors"))
+            assert any(not torch.equal(raw[n], pushed[n]) for n in pushed)
+        # The checkpoint push also uploaded the raw weights at the root, as the Trainer does.
+        assert "model.safetensors" in fake_hub.commits[2 * index]["files"]
+        assert "last-checkpoint/model.safetensors" in fake_hub.commits[2 * index + 1]["files"]
+
+    final = fake_hub.commits[-1]["files"]
+    assert {"README.md", "model.safetensors", "config.json"} | {f"ema/{f}" for f in ema_files} <= set(final)
+    assert not any(p.startswith(("checkpoint-", "last-checkpoint/")) for p in final)
+    card = final["ema/README.md"].decode()
+    logged = next(e for e in trainer.state.log_history if e.get("step") == 4 and "eval_loss" in e)
+    assert f"| loss | {logged['eval_loss']:.6g} | {logged['eval_ema_loss']:.6g} |" in card
+    assert json.loads(final["ema/ema_state.json"])["step"] == 4
+
+    model = AutoModelForCausalLM.from_pretrained("user/trainer-ema", subfolder="ema")
+    for name, tensor in model.named_parameters():
+        torch.testing.assert_close(tensor.detach(), reference[4][name], rtol=1e-6, atol=1e-6)
+
+
+def test_trainer_push_peft_adapter(fake_hub, tmp_path, tokenizer, lm_data, tiny_model):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hf_ema.offline import tiny_causal_lm
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer, callback = _train(
+        tmp_path, tokenizer, lm_data, model, push_to_hub=True, hub_model_id="user/lora-ema", hub_token="fake-token"
+    )
+    trainer.push_to_hub()
+    files = fake_hub.commits[-1]["files"]
+    assert {"ema/adapter_config.json", "ema/adapter_model.safetensors", "ema/README.md"} <= set(files)
+    assert _front_matter(files["ema/README.md"].decode())["library_name"] == "peft"
+    assert 'PeftModel.from_pretrained(base, "user/lora-ema", subfolder="ema")' in files["ema/README.md"].decode()
+
+    base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    loaded = PeftModel.from_pretrained(base, "user/lora-ema", subfolder="ema")
+    loaded_lora = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+    with callback.ema.swapped() as ema_model:
+        ema_lora = {n: p.detach().clone() for n, p in ema_model.named_parameters() if "lora_" in n}
+    raw_lora = {n: p.detach() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert set(loaded_lora) == set(ema_lora) and len(ema_lora) == 8
+    for name in ema_lora:
+        torch.testing.assert_close(loaded_lora[name], ema_lora[name], rtol=0, atol=0)
+    assert any(not torch.equal(raw_lora[n], ema_lora[n]) for n in ema_lora)
+
+
+def test_eval_metrics_from_log_history():
+    from hf_ema.model_card import eval_metrics_from_log_history
+
+    history = [
+        {"loss": 3.0, "step": 2},
+        {"eval_loss": 2.5, "eval_ema_loss": 2.5, "eval_ema_is_raw": 1.0, "eval_runtime": 0.1, "step": 2},
+        {"eval_loss": 2.0, "eval_accuracy": 0.5, "step": 4},
+        {"eval_ema_loss": 1.9, "eval_ema_accuracy": 0.6, "step": 4},
+        {"eval_loss": 1.5, "eval_ema_loss": 1.4, "step": 6},
+        {"eval_loss": 1.2, "step": 8},
+    ]
+    # Steps after the EMA's are ignored; the latest step with EMA metrics wins; split entries are merged.
+    assert eval_metrics_from_log_history(history, step=5) == {
+        "step": 4,
+        "metrics": {"loss": {"raw": 2.0, "ema": 1.9}, "accuracy": {"raw": 0.5, "ema": 0.6}},
+        "ema_is_raw": False,
+    }
+    assert eval_metrics_from_log_history(history)["step"] == 6
+    # With a dict of eval datasets: `eval_<name>_loss` pairs with `eval_<name>_ema_loss`.
+    named = [
+        {"eval_val_loss": 1.0, "eval_val_ema_loss": 0.9, "eval_val_ema_is_raw": 0.0, "eval_val_runtime": 1, "step": 1}
+    ]
+    assert eval_metrics_from_log_history(named) == {
+        "step": 1,
+        "metrics": {"val_loss": {"raw": 1.0, "ema": 0.9}},
+        "ema_is_raw": False,
+    }
+    assert eval_metrics_from_log_history(history, step=3)["ema_is_raw"] is True
+    assert eval_metrics_from_log_history(history[:1]) == {}
+
+
+def test_push_errors(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="`path` must be an hf-ema `ema/` folder"):
+        push_ema(tmp_path, "user/x")
+    (tmp_path / "ema").mkdir()
+    (tmp_path / "ema" / "ema_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="cannot be combined with subfolder='other'"):
+        push_ema(tmp_path, "user/x", subfolder="other", as_main=True)
+    with pytest.raises(ConfigError, match="`subfolder` must be a relative folder"):
+        push_ema(tmp_path, "user/x", subfolder="../up")
+    assert main(["push", str(tmp_path / "missing"), "--repo-id", "user/x"]) == 2
+    assert "hf-ema push: error: `path` must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["push", str(tmp_path), "--repo-id", "user/x", "--subfolder", "a", "--as-main"])
+
+
+@pytest.mark.hub
+@pytest.mark.skipif(not os.environ.get("HF_TOKEN"), reason="needs HF_TOKEN and network access to the real Hub")
+def test_real_hub_push(tmp_path, tokenizer, lm_data, tiny_model, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    trainer, _ = _train(tmp_path, tokenizer, lm_data, tiny_model)
+    api = HfApi()
+    repo_id = f"{api.whoami()['name']}/hf-ema-test-{uuid.uuid4().hex[:8]}"
+    try:
+        push_ema(Path(trainer.args.output_dir) / "checkpoint-4", repo_id, private=True)
+        files = set(api.list_repo_files(repo_id))
+        assert {"README.md", "ema/README.md", "ema/model.safetensors", "ema/config.json"} <= files
+        card = Path(api.hf_hub_download(repo_id, "ema/README.md", cache_dir=tmp_path / "cache")).read_text()
+        assert "exponential moving average (EMA)" in card and "| Step (optimizer steps) | 4 |" in card
+    finally:
+        api.delete_repo(repo_id, missing_ok=True)

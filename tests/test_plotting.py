@@ -1,0 +1,98 @@
+"""`plot_run` / `load_history` / `hf-ema plot` on a real short Trainer run (hf_ema.plotting)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from transformers import Trainer, TrainingArguments
+
+from hf_ema import CheckpointError, EMACallback
+from hf_ema.cli import main
+from hf_ema.plotting import find_trainer_state, load_history, plot_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer, lm_data):
+    from hf_ema.offline import tiny_causal_lm
+
+    train_ds, eval_ds = lm_data
+    out = tmp_path_factory.mktemp("plot") / "run"
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-2,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    callback = EMACallback(decay=0.8, start_step=2, stability_metrics={"sample_size": 256, "momentum": 0.2})
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds.select(range(32)), callbacks=[callback]
+    )
+    trainer.train()
+    return out
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_load_history_reads_the_logged_series(run_dir):
+    history = load_history(run_dir)
+    assert history["source"] == str(run_dir / "checkpoint-8" / "trainer_state.json")
+    state = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    for key in ("eval_loss", "eval_ema_loss", "eval_ema_is_raw", "loss", "ema_rel_distance", "ema_osc_frac"):
+        logged = [(e["step"], e[key]) for e in state["log_history"] if key in e]
+        s = history["series"][key]
+        assert list(zip(s["steps"], s["values"])) == logged and logged
+    assert ("eval_loss", "eval_ema_loss") in history["pairs"]
+    assert history["series"]["eval_ema_is_raw"]["values"][0] == 1.0  # step 2 = start_step
+    # A checkpoint folder reads its own file; an ema/ folder its checkpoint's.
+    assert load_history(run_dir / "checkpoint-4")["global_step"] == 4
+    assert load_history(run_dir / "checkpoint-4" / "ema")["global_step"] == 4
+
+
+def test_find_trainer_state_prefers_most_advanced(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    stale = json.loads((copy / "checkpoint-4" / "trainer_state.json").read_text())
+    (copy / "trainer_state.json").write_text(json.dumps(stale))
+    assert find_trainer_state(copy) == copy / "checkpoint-8" / "trainer_state.json"
+    stale["global_step"] = 8
+    (copy / "trainer_state.json").write_text(json.dumps(stale))
+    assert find_trainer_state(copy) == copy / "trainer_state.json"  # ties go to the run folder's own file
+
+
+def test_plot_run_and_cli_write_png(run_dir, tmp_path):
+    path = plot_run(run_dir, tmp_path / "a" / "plot.png")
+    width, height = _png_size(path)
+    assert width > 600 and height > 600  # two panels: losses and stability
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "cli.png")]) == 0
+    assert _png_size(tmp_path / "cli.png") == (width, height)
+    default = plot_run(run_dir / "checkpoint-4")
+    assert default == run_dir / "checkpoint-4" / "ema_eval.png" and default.is_file()
+
+
+def test_errors(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="trainer_state.json"):
+        load_history(tmp_path)
+    with pytest.raises(CheckpointError, match="must be a folder"):
+        plot_run(tmp_path / "missing")
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 0, "log_history": []}))
+    with pytest.raises(CheckpointError, match="no loss"):
+        plot_run(tmp_path)
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "hf-ema plot: error" in capsys.readouterr().err
