@@ -91,12 +91,7 @@ class EMACallback(TrainerCallback):
         posthoc: bool | dict | PostHocConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if config is None:
-            config = EMAConfig(**kwargs)
-        elif kwargs:
-            raise ConfigTypeError(f"pass either `config` or config fields, not both; got extra {sorted(kwargs)!r}")
-        if not isinstance(config, EMAConfig):
-            raise ConfigTypeError(f"`config` must be an EMAConfig, got {type(config).__name__}")
+        config = EMAConfig.resolve(config, kwargs)
         if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
             raise ConfigTypeError(f"`resume_from` must be a path, got {resume_from!r}")
         self.config = config

@@ -213,6 +213,22 @@ class EMAConfig:
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
 
+    @classmethod
+    def resolve(cls, config: EMAConfig | None, kwargs: dict[str, Any]) -> EMAConfig:
+        """The config of an API taking either `config=` or the config's fields as keyword arguments.
+
+        Args:
+            config (`EMAConfig`, *optional*): A ready config.
+            kwargs (`dict`): Config fields, used when `config` is None.
+        """
+        if config is None:
+            return cls(**kwargs)
+        if kwargs:
+            raise ConfigTypeError(f"pass either `config` or config fields, not both; got extra {sorted(kwargs)!r}")
+        if not isinstance(config, cls):
+            raise ConfigTypeError(f"`config` must be an EMAConfig, got {type(config).__name__}")
+        return config
+
     # ------------------------------------------------------------------ derived values
     @property
     def base_decay(self) -> float:

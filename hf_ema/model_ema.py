@@ -57,12 +57,7 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, config: EMAConfig | None = None, **kwargs: Any) -> None:
-        if config is None:
-            config = EMAConfig(**kwargs)
-        elif kwargs:
-            raise ConfigTypeError(f"pass either `config` or config fields, not both; got extra {sorted(kwargs)!r}")
-        if not isinstance(config, EMAConfig):
-            raise ConfigTypeError(f"`config` must be an EMAConfig, got {type(config).__name__}")
+        config = EMAConfig.resolve(config, kwargs)
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config

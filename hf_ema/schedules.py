@@ -37,13 +37,14 @@ def sigma_rel_from_gamma(gamma: float) -> float:
 def gamma_from_sigma_rel(sigma_rel: float) -> float:
     """Exponent `gamma` of the power-function profile whose relative width is `sigma_rel`.
 
-    Solves `sigma_rel**2 * (gamma + 2)**2 * (gamma + 3) = gamma + 1` for its root above -1. `sigma_rel_from_gamma`
-    decreases monotonically on (-1, inf) from sqrt(1/12)... to 0 so bisection on a bracket is exact and robust.
+    Solves `sigma_rel**2 * (gamma + 2)**2 * (gamma + 3) = gamma + 1` for the root with `gamma >= 0` (EDM2's
+    profiles; the cubic has a second root in (-1, 0)). On [0, inf) the width decreases monotonically from
+    sqrt(1/12) at gamma = 0 towards 0, so bisection on a bracket there is exact and robust.
 
     Args:
         sigma_rel (`float`): Relative width, in (0, 0.2887).
     """
-    lo, hi = -1.0 + 1e-12, 1.0
+    lo, hi = 0.0, 1.0
     # Widen the upper bracket until the width drops below the target.
     while sigma_rel_from_gamma(hi) > sigma_rel:
         hi *= 2.0
