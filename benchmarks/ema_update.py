@@ -166,7 +166,15 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
         t = statistics.median(samples[key])
         c = statistics.median(cpu[key])
         rows.append(
-            {"key": key, **m, "ms": t * 1e3, "cpu_ms": c * 1e3, "x_floor": t / floor_s, "n": len(samples[key])}
+            {
+                "key": key,
+                **m,
+                "ms": t * 1e3,
+                "min_ms": min(samples[key]) * 1e3,
+                "cpu_ms": c * 1e3,
+                "x_floor": t / floor_s,
+                "n": len(samples[key]),
+            }
         )
     anchors = [r for r in rows if not r.get("missing") and r["key"] != "hf_ema"]
     if dtype == torch.float32:
@@ -177,10 +185,12 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
         ref_label = f"fastest anchor with a {dtype_name} EMA"
     best = min(ref, key=lambda r: r["ms"]) if ref else None
     best_cpu = min(ref, key=lambda r: r["cpu_ms"]) if ref else None
+    best_min = min(ref, key=lambda r: r["min_ms"]) if ref else None
     for r in rows:
         if not r.get("missing") and best is not None:
             r["ratio"] = r["ms"] / best["ms"]
             r["cpu_ratio"] = r["cpu_ms"] / best_cpu["cpu_ms"]
+            r["min_ratio"] = r["min_ms"] / best_min["min_ms"]
     return {
         "size": size,
         "weights": dtype_name,
@@ -205,11 +215,14 @@ def print_case(res: dict) -> None:
         f"floor (read weights + read/write fp32 EMA, at the faster of the two) "
         f"{res['floor_ms']:.1f} ms; ratio vs {res['reference']}\n"
     )
-    print("| implementation | EMA dtype | ms / update | x floor | ratio | CPU ms | CPU ratio | calls | note |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "| implementation | EMA dtype | median ms | x floor | ratio | min ms | min ratio | CPU ms | CPU ratio | calls "
+        "| note |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in res["rows"]:
         if r.get("missing"):
-            print(f"| {r['name']} | - | not installed | | | | | | |")
+            print(f"| {r['name']} | - | not installed | | | | | | | | |")
             continue
         note = r.get("note", "")
         if "compiled" in note:
@@ -217,15 +230,15 @@ def print_case(res: dict) -> None:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
         cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
         print(
-            f"| {r['name']} | {r['ema_dtype']} | {r['ms']:.1f} | {r['x_floor']:.2f} | {ratio} | {r['cpu_ms']:.1f} | "
-            f"{cpu_ratio} | {r['n']} | {note} |"
+            f"| {r['name']} | {r['ema_dtype']} | {r['ms']:.1f} | {r['x_floor']:.2f} | {ratio} | {r['min_ms']:.1f} | "
+            f"{r.get('min_ratio', 0):.2f} | {r['cpu_ms']:.1f} | {cpu_ratio} | {r['n']} | {note} |"
         )
     hf = next(r for r in res["rows"] if r["key"] == "hf_ema")
     if "ratio" in hf:
         verdict = "met" if hf["ratio"] <= 1.0 else "NOT met"
         print(
-            f"\ngoal (hf-ema fp32 EMA, wall-clock ratio <= 1.00): {verdict} ({hf['ratio']:.2f}; "
-            f"CPU-time ratio {hf['cpu_ratio']:.2f})"
+            f"\ngoal (hf-ema fp32 EMA, median wall-clock ratio <= 1.00): {verdict} ({hf['ratio']:.2f}; "
+            f"min ratio {hf['min_ratio']:.2f}, CPU-time ratio {hf['cpu_ratio']:.2f})"
         )
 
 

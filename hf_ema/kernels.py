@@ -42,12 +42,13 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("foreach", "compiled", "chunked")
 #: Environment variable: `auto` (default), `never` (eager kernels only) or `always` (compile every mixed group).
 COMPILE_ENV = "HF_EMA_COMPILE"
-#: Mixed-precision groups smaller than this stay eager in `auto` mode: compiling costs seconds once (tens of seconds
-#: with a cold cache), the fused kernel saves about 0.2 ms per million elements per step on CPU.
+#: Mixed-precision groups smaller than this stay eager in `auto` mode: compiling costs 8-40 s once (less with a warm
+#: inductor cache), the fused kernel saves about 0.07 ms per million elements per step over the chunked fallback on
+#: a 2-core CPU (benchmarks/kernel_variants.py), so it pays off after some thousands of steps.
 COMPILE_MIN_NUMEL = 1 << 24
-#: Scratch size of the chunked fallback, in elements: 1 MiB of fp32 stays in a CPU core's L2 cache between the
-#: upcast and the lerp. On CUDA a larger chunk amortises the kernel launches.
-CPU_CHUNK_NUMEL = 1 << 18
+#: Scratch size of the chunked fallback, in elements (4 MiB of fp32): the fastest of 2**16 .. 2**22 measured by
+#: benchmarks/kernel_variants.py on CPU. On CUDA a larger chunk amortises the kernel launches.
+CPU_CHUNK_NUMEL = 1 << 20
 CUDA_CHUNK_NUMEL = 1 << 24
 
 
@@ -110,7 +111,7 @@ class LerpKernel:
             call, so they must keep their storage (model parameters do).
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, or one of `"foreach"` (same dtypes only),
             `"compiled"`, `"chunked"`.
-        chunk_numel (`int`, *optional*): Scratch size of the chunked path; defaults to 2**18 on CPU, 2**24 on CUDA.
+        chunk_numel (`int`, *optional*): Scratch size of the chunked path; defaults to 2**20 on CPU, 2**24 on CUDA.
     """
 
     def __init__(
