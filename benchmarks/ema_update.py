@@ -91,7 +91,7 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
     todo = builders(dtype, set(args.skip))
     # Interleave everything when all EMA copies fit comfortably, else build / time / free one at a time per round.
     need = n_params * sum(4 if k in ("hf_ema", "classic_fp32", "timm_v3_fp32") else w_bytes for k, _ in todo)
-    interleave = need < 0.5 * mem_available_bytes()
+    interleave = need < args.mem_fraction * mem_available_bytes()
     floor, floor_rmw = CopyFloor(), InPlaceFloor()
     samples: dict[str, list[float]] = {"floor": [], "floor_rmw": []}
     meta: dict[str, dict] = {}
@@ -208,7 +208,7 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
 def print_case(res: dict) -> None:
     print(
         f"\n### {res['size']} Llama ({res['params'] / 1e6:.1f}M parameters), {res['weights']} weights, "
-        f"{res['threads']} threads"
+        f"{res['threads']} threads, " + ("calls interleaved" if res["interleaved"] else "built and timed in turn")
     )
     print(
         f"bandwidth: copy {res['copy_GBps']:.1f} GB/s, in-place {res['rmw_GBps']:.1f} GB/s; "
@@ -248,6 +248,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="weight dtypes")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per implementation per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--mem-fraction", type=float, default=0.5, help="interleave call by call when all EMAs fit in this much"
+    )
     parser.add_argument("--slow-s", type=float, default=2.0, help="one call per round above this many seconds")
     parser.add_argument("--skip", default="", help="comma-separated implementation keys to leave out")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -5,8 +5,9 @@
 
 Every configuration trains the same model from the same seed (so the weights follow the same trajectory) with
 `Trainer` on CPU; the EMA is driven by `EMACallback` (hf-ema) or by a minimal callback calling the anchor's update
-after each optimizer step. Throughput is measured from the end of step `--warmup` to the end of the last step,
-the median over `--rounds` rounds in which the configurations run one after the other.
+after each optimizer step. Throughput is 1 / the median time between the ends of consecutive optimizer steps (after
+`--warmup` steps), so a burst of load from another process on a shared machine moves it little; the table gives the
+median over `--rounds` rounds in which the configurations run one after the other.
 
 The `update_every` rows also report what skipping updates costs in quality: the relative distance between their
 EMA and the every-step EMA (normalised by the distance between the every-step EMA and the raw weights), and the
@@ -98,7 +99,8 @@ def run_once(make_callback, tok, train_ds, args, out_dir):
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, callbacks=callbacks)
     trainer.train()
     t = clock.times
-    steps_per_s = (len(t) - 1 - args.warmup) / (t[-1] - t[args.warmup])
+    # 1 / median step time: a burst of load from another process slows a few steps, not the median.
+    steps_per_s = 1.0 / statistics.median(b - a for a, b in zip(t[args.warmup :], t[args.warmup + 1 :]))
     ema_state = None
     if isinstance(callback, EMACallback):
         callback.ema.wait()
@@ -133,12 +135,16 @@ def main(argv=None) -> None:
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--decay", type=float, default=0.95)
+    parser.add_argument("--only", default=None, help="comma-separated substrings: run only matching configurations")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     tok = train_tokenizer(vocab_size=args.vocab)
     train_ds, eval_ds = lm_datasets(tok, block_size=args.block, max_train_blocks=args.batch * args.steps)
     todo = configs(args.decay)
+    if args.only:
+        keep = args.only.split(",")
+        todo = {k: v for k, v in todo.items() if k == "no EMA" or any(x in k for x in keep)}
     speeds: dict[str, list[float]] = {k: [] for k in todo}
     states: dict[str, dict] = {}
     final_model = None
@@ -158,7 +164,7 @@ def main(argv=None) -> None:
     base = statistics.median(speeds["no EMA"])
     print(
         f"\n### Trainer throughput, Llama {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), "
-        f"batch {args.batch}x{args.block} tokens, fp32, {args.steps} steps (timed from step {args.warmup}), "
+        f"batch {args.batch}x{args.block} tokens, fp32, {args.steps} steps (median step time after step {args.warmup}), "
         f"median of {args.rounds} rounds, decay {args.decay}\n"
     )
     print("| configuration | steps/s | throughput vs no EMA | EMA cost |")

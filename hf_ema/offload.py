@@ -34,6 +34,9 @@ class OffloadedUpdate:
         side_stream (`SideStream`, *optional*): Stream for the device-to-host copies of CUDA weights; without it
             they are queued on the current stream.
         backend (`str`, *optional*, defaults to `"auto"`): Kernel choice, see [`LerpKernel`].
+        fold_threads (`int`, *optional*): Intra-op threads of the background fold. Defaults to 1 when the weights
+            are on the CPU (the fold shares the cores with training: two OpenMP teams spinning on the same cores
+            slowed a 2-core Trainer run by a quarter), else torch's default.
     """
 
     def __init__(
@@ -42,9 +45,13 @@ class OffloadedUpdate:
         async_update: bool = True,
         side_stream: SideStream | None = None,
         backend: str = "auto",
+        fold_threads: int | None = None,
     ) -> None:
         self.async_update = async_update
         self.side_stream = side_stream
+        if fold_threads is None and any(live and live[0].device.type == "cpu" for _, live in groups):
+            fold_threads = 1
+        self.fold_threads = fold_threads
         self.live: list[list[torch.Tensor]] = []
         self.staging: list[list[torch.Tensor]] = []
         self.kernels: list[LerpKernel] = []
@@ -118,8 +125,25 @@ class OffloadedUpdate:
             self._fold(weight, event)
             return
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-ema-update")
+            self._start_worker()
         self._future = self._executor.submit(self._fold, weight, event)
+
+    def _init_worker(self) -> None:
+        torch.get_num_threads()  # initialise this thread's intra-op setting first, so it is not re-read later
+        torch.set_num_threads(self.fold_threads)
+
+    def _start_worker(self) -> None:
+        if self.fold_threads is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-ema-update")
+            return
+        previous = torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="hf-ema-update", initializer=self._init_worker
+        )
+        self._executor.submit(lambda: None).result()  # run the initializer now
+        # `set_num_threads` in the worker also changed the default of threads created later: restore it (the worker
+        # keeps its own OpenMP setting, which is per thread).
+        torch.set_num_threads(previous)
 
     @torch.no_grad()
     def copy_now(self) -> None:

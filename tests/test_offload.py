@@ -183,6 +183,22 @@ def test_offloaded_update_direct_api():
     assert up._executor is None
 
 
+def test_background_fold_uses_one_thread_for_cpu_weights():
+    # The fold shares the cores with training: one intra-op thread in the worker, the rest of the process untouched.
+    before = torch.get_num_threads()
+    up = OffloadedUpdate([([torch.zeros(8)], [torch.ones(8)])], async_update=True)
+    up.submit(0.5)
+    up.wait()
+    assert up._executor.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == before
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [before]
+    up.close()
+
+
 @pytest.mark.skipif(not K.compile_available("cpu"), reason="no C++ compiler for inductor")
 def test_compiled_kernel_in_the_background_thread():
     # Large offloaded bf16 models get the compiled kernel, compiled on its first call: in the worker thread.
