@@ -262,7 +262,9 @@ class EMACallback(TrainerCallback):
                 from .hub import wait_for_pushes
 
                 wait_for_pushes(self)  # a checkpoint upload may still be reading output_dir/ema
-            self.save(Path(args.output_dir) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+            self.save(
+                Path(args.output_dir) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state
+            )
             self._output_step = state.global_step
         if self.swap_at_end:
             best = state.best_model_checkpoint if args.load_best_model_at_end else None

@@ -197,7 +197,9 @@ class EMAConfig:
             try:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise ConfigError(f"`device` must be None or a device string such as 'cpu', got {self.device!r}") from None
+                raise ConfigError(
+                    f"`device` must be None or a device string such as 'cpu', got {self.device!r}"
+                ) from None
         if self.trainable_only is not None and not isinstance(self.trainable_only, bool):
             raise ConfigTypeError(f"`trainable_only` must be None or a bool, got {self.trainable_only!r}")
         if not isinstance(self.include_buffers, bool):

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "hf_ema_demo.json"
 # Tuned so that, in a few minutes on 2 CPU cores, greedy generations are words rather than noise and the EMA's
-# eval loss is clearly below the raw weights' (see docs/serve.md for the measured figures).
+# eval loss is clearly below the raw weights' (see the README section "Try it" for the measured figures).
 DEFAULT_MAX_STEPS = 600
 DEFAULT_DECAY = 0.98
 DEFAULT_LR = 3e-3

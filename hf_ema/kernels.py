@@ -1,7 +1,7 @@
 """The update passes: one multi-tensor call per (device, dtype) group, never a Python loop of small ops.
 
 Three ways to compute `ema += weight * (live - ema)`, picked per group by [`LerpKernel`] (see
-`docs/performance.md` for the measurements behind the choice):
+the README section "Performance" for the measurements behind the choice):
 
 - `"foreach"`: `torch._foreach_lerp_`, when the EMA and the weights share a dtype. It runs at the copy-bandwidth
   floor, so nothing is gained by compiling it.

@@ -103,7 +103,9 @@ def tiny_causal_lm(
             **common,
         )
     elif arch == "gpt2":
-        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **common)
+        config = GPT2Config(
+            n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **common
+        )
     else:
         raise ValueError(f"`arch` must be 'llama' or 'gpt2', got {arch!r}")
     torch.manual_seed(seed)
@@ -143,7 +145,11 @@ def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max
         blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
         out.append(
             Dataset.from_dict(
-                {"input_ids": blocks, "attention_mask": [[1] * block_size] * n_blocks, "labels": [list(b) for b in blocks]}
+                {
+                    "input_ids": blocks,
+                    "attention_mask": [[1] * block_size] * n_blocks,
+                    "labels": [list(b) for b in blocks],
+                }
             )
         )
     return out[0], out[1]

@@ -177,7 +177,13 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, lm_data):
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoint-10", tmp_path / "saved-checkpoint-10")
     _, callback, _ = run(
-        resumed, model(), lm_data[0], tokenizer, cfg, resume=str(tmp_path / "saved-checkpoint-10"), max_steps=20,
+        resumed,
+        model(),
+        lm_data[0],
+        tokenizer,
+        cfg,
+        resume=str(tmp_path / "saved-checkpoint-10"),
+        max_steps=20,
         save_steps=10,
     )
     assert callback.ema.step == 20 and callback.ema.num_updates == 20
