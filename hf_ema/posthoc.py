@@ -13,6 +13,7 @@ Where things live in a `Trainer` run (`output_dir` is `TrainingArguments.output_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -139,25 +140,19 @@ class PostHocEMA:
         model (`nn.Module`): The model.
         config (`PostHocConfig`, *optional*): The profiles and intervals; defaults to `PostHocConfig()`.
         base (`EMAConfig`, *optional*): The main EMA's config, from which the tensor selection (`trainable_only`,
-            `include`, `exclude`, `include_buffers`), `dtype`, `device` and `start_step` are taken.
+            `include`, `exclude`, `include_buffers`), `dtype`, `device`, `start_step` and the sharding options are
+            taken.
     """
 
     def __init__(self, model: nn.Module, config: PostHocConfig | None = None, base: EMAConfig | None = None) -> None:
         self.config = config if config is not None else PostHocConfig()
         base = base if base is not None else EMAConfig()
         self.emas: list[ModelEMA] = [
+            # Everything but the horizon (tensor selection, dtype, device, sharding, ...) follows the main EMA.
             ModelEMA(
                 model,
-                EMAConfig(
-                    sigma_rel=s,
-                    update_every=self.config.update_every,
-                    start_step=base.start_step,
-                    dtype=base.dtype,
-                    device=base.device,
-                    trainable_only=base.trainable_only,
-                    include=base.include,
-                    exclude=base.exclude,
-                    include_buffers=base.include_buffers,
+                dataclasses.replace(
+                    base, decay=None, half_life=None, sigma_rel=s, warmup=False, update_every=self.config.update_every
                 ),
             )
             for s in self.config.sigma_rels

@@ -91,3 +91,17 @@ def smoke_request(url: str, prompt: str = "The for statement", max_new_tokens: i
     # Unnamed inputs (the checkpoint, temperature...) keep the page's defaults.
     raw, ema = client.predict(prompt=prompt, max_new_tokens=max_new_tokens, greedy=True, api_name="/generate")
     return raw, ema
+
+
+def serve_until_interrupted(demo: Any) -> None:
+    """Block until Ctrl+C, then close the server (what the `serve` and `demo` commands end with).
+
+    Args:
+        demo (`gr.Blocks`): A launched app, as returned by `start_app`.
+    """
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()

@@ -30,24 +30,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # The app needs gradio and lives in the top-level `serve` package: import it only now.
-    from serve.launch import smoke_request, start_app
+    from serve.launch import serve_until_interrupted, smoke_request, start_app
 
     exit_after_start = args.exit_after_start or os.environ.get(EXIT_AFTER_START_ENV, "0") not in ("", "0")
     demo, url = start_app(
         results["output_dir"], host=args.host, port=args.port, open_browser=args.open_browser and not exit_after_start
     )
     print(f"app running at {url}  (open it in a browser; Ctrl+C to stop)", flush=True)
-    try:
-        if exit_after_start:
+    if exit_after_start:
+        try:
             raw, ema = smoke_request(url)
-            print(f"smoke test: raw and EMA both generated ({len(raw)} and {len(ema)} characters)")
-            print(f"  raw: {raw!r}\n  EMA: {ema!r}")
-            return 0
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        demo.close()
+        finally:
+            demo.close()
+        print(f"smoke test: raw and EMA both generated ({len(raw)} and {len(ema)} characters)")
+        print(f"  raw: {raw!r}\n  EMA: {ema!r}")
+        return 0
+    serve_until_interrupted(demo)
     return 0
 
 

@@ -7,7 +7,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     # The app lives in the top-level `serve` package (it needs gradio); hf_ema itself never imports it.
-    from serve.launch import start_app
+    from serve.launch import serve_until_interrupted, start_app
 
     demo, url = start_app(
         args.path,
@@ -20,12 +20,7 @@ def run(args: argparse.Namespace) -> int:
         open_browser=args.open_browser,
     )
     print(f"hf-ema serve: raw vs EMA for {args.path} at {url}  (Ctrl+C to stop)", flush=True)
-    try:
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        demo.close()
+    serve_until_interrupted(demo)
     return 0
 
 

@@ -1,0 +1,84 @@
+"""What the multi-process workers and the single-process reference share: the model, the data and the loop.
+
+Both sides build the same tiny Llama from a config (odd vocabulary and widths, so shards are uneven), feed the same
+global batches in the same order and train with plain SGD (no optimizer state, so a resumed run continues exactly).
+With N ranks each rank takes rows `[r * B/N, (r + 1) * B/N)` of the global batch; the loss is a mean over the same
+number of tokens on every rank, so averaging the ranks' gradients gives the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 101
+GLOBAL_BATCH = 4
+SEQ = 16
+STEPS = 6
+SAVE_STEP = 4
+LR = 0.5
+DECAY = 0.8
+
+
+def build_model(seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def batches() -> torch.Tensor:
+    """`(STEPS, GLOBAL_BATCH, SEQ)` token ids, fixed by a seed."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, VOCAB, (STEPS, GLOBAL_BATCH, SEQ), generator=gen)
+
+
+def rank_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    per = GLOBAL_BATCH // world_size
+    return batch[rank * per : (rank + 1) * per]
+
+
+def train_step(model, optimizer, ids: torch.Tensor) -> None:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def eval_batch() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(99)
+    return torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+
+
+@torch.no_grad()
+def eval_loss(model) -> float:
+    ids = eval_batch()
+    return float(model(input_ids=ids, labels=ids).loss)
+
+
+def build_lora_model():
+    """The same base model (seed 0) with LoRA adapters on q_proj and v_proj; the adapter init is seeded too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(seed=0)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(model, config)
+
+
+def build(mode: str, seed: int = 0):
+    """The model of a worker mode: LoRA modes always use the same base and adapter init (their resumed and
+    `copy_to` models must share the frozen base weights)."""
+    return build_lora_model() if mode.startswith("lora_") else build_model(seed=seed)
