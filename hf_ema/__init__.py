@@ -2,18 +2,52 @@
 
 __version__ = "0.1.0"
 
-from .callback import EMACallback
-from .config import EMAConfig
-from .errors import CheckpointError, ConfigError, ConfigTypeError, HfEmaError, StateError
-from .evaluation import EMAEvaluator
-from .hub import push_ema
-from .merge import ema_weights, merge_checkpoints, wsm_weights
-from .model_card import write_model_card
-from .model_ema import ModelEMA
-from .plotting import load_history, plot_run
-from .posthoc import PostHocConfig, PostHocEMA, reconstruct
-from .serialization import load_ema, read_ema_state, save_ema
-from .stability import OscillationTracker, StabilityConfig, relative_distance
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public names -> the submodule defining them. They are imported on first access (PEP 562), so `import hf_ema`
+# and the `hf-ema` CLI start fast and only what is used loads transformers / peft / safetensors.
+_LAZY = {
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "ConfigTypeError": "errors",
+    "EMACallback": "callback",
+    "EMAConfig": "config",
+    "EMAEvaluator": "evaluation",
+    "HfEmaError": "errors",
+    "ModelEMA": "model_ema",
+    "OscillationTracker": "stability",
+    "PostHocConfig": "posthoc",
+    "PostHocEMA": "posthoc",
+    "StabilityConfig": "stability",
+    "StateError": "errors",
+    "ema_weights": "merge",
+    "load_ema": "serialization",
+    "load_history": "plotting",
+    "merge_checkpoints": "merge",
+    "plot_run": "plotting",
+    "push_ema": "hub",
+    "read_ema_state": "serialization",
+    "reconstruct": "posthoc",
+    "relative_distance": "stability",
+    "save_ema": "serialization",
+    "write_model_card": "model_card",
+    "wsm_weights": "merge",
+}
+
+if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
+    from .callback import EMACallback
+    from .config import EMAConfig
+    from .errors import CheckpointError, ConfigError, ConfigTypeError, HfEmaError, StateError
+    from .evaluation import EMAEvaluator
+    from .hub import push_ema
+    from .merge import ema_weights, merge_checkpoints, wsm_weights
+    from .model_card import write_model_card
+    from .model_ema import ModelEMA
+    from .plotting import load_history, plot_run
+    from .posthoc import PostHocConfig, PostHocEMA, reconstruct
+    from .serialization import load_ema, read_ema_state, save_ema
+    from .stability import OscillationTracker, StabilityConfig, relative_distance
 
 __all__ = [
     "CheckpointError",
@@ -43,3 +77,16 @@ __all__ = [
     "write_model_card",
     "wsm_weights",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_ema' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
