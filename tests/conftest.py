@@ -32,3 +32,20 @@ def tiny_model(tokenizer):
     from hf_ema.offline import tiny_causal_lm
 
     return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tokenizer, lm_data):
+    """A short Trainer + EMACallback run of the tiny Llama (checkpoints 4 and 8, final model). Read-only: tests that
+    change files work on copies."""
+    from _serve_runs import train_run
+
+    return train_run(tmp_path_factory.mktemp("full"), tokenizer, lm_data)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tokenizer, lm_data):
+    """The same as `full_run` for a LoRA adapter (base model saved in `base_model/`). Read-only."""
+    from _serve_runs import train_run
+
+    return train_run(tmp_path_factory.mktemp("lora"), tokenizer, lm_data, lora=True)

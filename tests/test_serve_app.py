@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from _serve_runs import train_run
 
 from serve.generation import GenerationSettings, generate_pair
 from serve.launch import start_app
@@ -33,16 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tokenizer, lm_data):
-    return train_run(tmp_path_factory.mktemp("full"), tokenizer, lm_data)
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tokenizer, lm_data):
-    return train_run(tmp_path_factory.mktemp("lora"), tokenizer, lm_data, lora=True)
 
 
 @pytest.fixture(scope="module")

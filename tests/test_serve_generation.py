@@ -7,23 +7,12 @@ import threading
 
 import pytest
 import torch
-from _serve_runs import train_run
 
 from hf_ema.errors import ConfigError, ConfigTypeError
 from serve.generation import GenerationSettings, generate_pair, stream_pair, validate_prompt
 from serve.loading import find_checkpoints, load_pair
 
 PROMPT = "The for statement"
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tokenizer, lm_data):
-    return train_run(tmp_path_factory.mktemp("full"), tokenizer, lm_data)
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tokenizer, lm_data):
-    return train_run(tmp_path_factory.mktemp("lora"), tokenizer, lm_data, lora=True)
 
 
 @pytest.fixture(scope="module")

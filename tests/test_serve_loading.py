@@ -11,23 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _serve_runs import train_run
 from safetensors.torch import load_file
 
 from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
 from serve.loading import EMA, RAW, CheckpointCatalog, CheckpointRef, find_checkpoints, load_pair
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tokenizer, lm_data):
-    return train_run(tmp_path_factory.mktemp("full"), tokenizer, lm_data)
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tokenizer, lm_data):
-    return train_run(tmp_path_factory.mktemp("lora"), tokenizer, lm_data, lora=True)
 
 
 def test_find_checkpoints_in_run_folder(full_run):
