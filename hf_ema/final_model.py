@@ -50,8 +50,12 @@ def make_ema_final(
     full = layout.full_model_tensors(ema.model, skip=set()) if model_sharded else None
     if layout.is_main_process():
         with atomic_folder(raw_dir) as tmp:
-            kwargs = {"state_dict": full} if full is not None else {}
-            layout.save_module(ema.model).save_pretrained(tmp, **kwargs)
+            module = layout.save_module(ema.model)
+            if full is not None:
+                # Through the layout: under FSDP1 it fixes the adapter key names PEFT would get wrong.
+                layout.save_pretrained(module, tmp, full)
+            else:
+                module.save_pretrained(tmp)
             if processing_class is not None:
                 processing_class.save_pretrained(tmp)
         path = raw_dir
