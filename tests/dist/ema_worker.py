@@ -40,6 +40,21 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
 
 
+def check_resume(ema: ModelEMA, model, out: Path, shadow_at_save: list[torch.Tensor], res: dict) -> None:
+    """Restore `out/ckpt/ema` into `ema` from this rank's shard file, then into a fresh EMA by re-sharding the full
+    weights (what happens when the world size changed: the shard files are dropped); record both differences."""
+    meta = read_ema_state(out / "ckpt" / "ema")
+    res["loaded_from_shards"] = load_rank_shard(ema, out / "ckpt" / "ema", meta)
+    res["shard_resume_max_diff"] = max_diff(ema.shadow, shadow_at_save)
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "ckpt" / "ema", out / "noshards" / "ema")
+        shutil.rmtree(out / "noshards" / "ema" / "shards")
+    dist.barrier()
+    fresh = ModelEMA(model, decay=DECAY)
+    load_ema(fresh, out / "noshards" / "ema")
+    res["reshard_resume_max_diff"] = max_diff(fresh.shadow, shadow_at_save)
+
+
 def wrap(model, mode: str):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -112,18 +127,7 @@ def run(mode: str, out: Path) -> dict:
         for live, saved in zip(ema2._live, snapshot):
             live.copy_(saved)
         ema2.layout.after_write(ema2._live)
-    meta = read_ema_state(out / "ckpt" / "ema")
-    res["loaded_from_shards"] = load_rank_shard(ema2, out / "ckpt" / "ema", meta)
-    res["shard_resume_max_diff"] = max_diff(ema2.shadow, shadow_at_save)
-
-    # Re-shard from the full weights (what happens when the world size changed): drop the shard files.
-    if rank == 0:
-        shutil.copytree(out / "ckpt" / "ema", out / "noshards" / "ema")
-        shutil.rmtree(out / "noshards" / "ema" / "shards")
-    dist.barrier()
-    ema3 = ModelEMA(wrapped2, decay=DECAY)
-    load_ema(ema3, out / "noshards" / "ema")
-    res["reshard_resume_max_diff"] = max_diff(ema3.shadow, shadow_at_save)
+    check_resume(ema2, wrapped2, out, shadow_at_save, res)
     res["resumed_step"] = ema2.step
     for step in range(SAVE_STEP + 1, STEPS + 1):
         train_step(wrapped2, optimizer2, rank_rows(data[step - 1], rank, world))
@@ -196,16 +200,7 @@ def run_zero3_simulation(out: Path) -> dict:
         res["swap_partition_diff"] = max_diff([params[n].ds_tensor for n in ema.names], ema_partitions)
     res["after_persistent_diff"] = float((params[persistent].data - ref_params[persistent].data).abs().max())
     ema2 = ModelEMA(model, decay=DECAY)
-    meta = read_ema_state(out / "ckpt" / "ema")
-    res["loaded_from_shards"] = load_rank_shard(ema2, out / "ckpt" / "ema", meta)
-    res["shard_resume_max_diff"] = max_diff(ema2.shadow, shadow_at_save)
-    if rank == 0:
-        shutil.copytree(out / "ckpt" / "ema", out / "noshards" / "ema")
-        shutil.rmtree(out / "noshards" / "ema" / "shards")
-    dist.barrier()
-    ema3 = ModelEMA(model, decay=DECAY)
-    load_ema(ema3, out / "noshards" / "ema")
-    res["reshard_resume_max_diff"] = max_diff(ema3.shadow, shadow_at_save)
+    check_resume(ema2, model, out, shadow_at_save, res)
     return res
 
 
