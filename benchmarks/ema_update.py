@@ -191,7 +191,23 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
             r["ratio"] = r["ms"] / best["ms"]
             r["cpu_ratio"] = r["cpu_ms"] / best_cpu["cpu_ms"]
             r["min_ratio"] = r["min_ms"] / best_min["min_ms"]
+    # What it would take, from this run's own figures: to cost no more than the reference, an fp32 EMA update
+    # must move its bytes (10 per parameter for bf16 weights) at (its bytes / the reference's time). Set beside the
+    # bandwidth the probes reached, that tells whether any fp32 EMA could have met the goal in this run. Even an
+    # fp32 EMA kept as two 16-bit planes, high halves written back only when they change, moves 8 bytes.
+    bound = None
+    if best is not None:
+        hf = next((r for r in rows if r["key"] == "hf_ema" and not r.get("missing")), None)
+        bound = {
+            # A same-dtype EMA reads the weights, reads and writes the EMA: 3 x the weights' bytes.
+            "reference_GBps": n_params * 3 * w_bytes / best["ms"] / 1e6,
+            "needed_GBps": floor_bytes / best["ms"] / 1e6,
+            "needed_split_GBps": n_params * (w_bytes + 6) / best["ms"] / 1e6,
+            "hf_ema_GBps": floor_bytes / hf["ms"] / 1e6 if hf is not None else None,
+            "probe_GBps": bandwidth / 1e9,
+        }
     return {
+        "bound": bound,
         "size": size,
         "weights": dtype_name,
         "params": n_params,
@@ -239,6 +255,15 @@ def print_case(res: dict) -> None:
         print(
             f"\ngoal (hf-ema fp32 EMA, median wall-clock ratio <= 1.00): {verdict} ({hf['ratio']:.2f}; "
             f"min ratio {hf['min_ratio']:.2f}, CPU-time ratio {hf['cpu_ratio']:.2f})"
+        )
+    bound = res.get("bound")
+    if bound is not None and res["weights"] != "float32":
+        print(
+            f"what the goal takes in this run: the fastest {res['weights']}-EMA anchor moved its 3 x 2 bytes per parameter "
+            f"at {bound['reference_GBps']:.1f} GB/s; to match its time an fp32 EMA must move 10 bytes per parameter "
+            f"at {bound['needed_GBps']:.1f} GB/s (8 bytes, with the EMA kept as two 16-bit planes: "
+            f"{bound['needed_split_GBps']:.1f} GB/s); hf-ema moved them at {bound['hf_ema_GBps']:.1f} GB/s; the "
+            f"fastest bandwidth probe reached {bound['probe_GBps']:.1f} GB/s"
         )
 
 

@@ -109,6 +109,8 @@ class EMACallback(TrainerCallback):
         # Steps whose EMA a Hub push already wrote to `checkpoint-N/ema/` and `output_dir/ema/` (see `hub.py`).
         self._pushed_step: int | None = None
         self._output_step: int | None = None
+        self._copied_step: int | None = None  # main process: the step whose EMA a push copied to output_dir/ema/
+        self._warned_distributed_push = False
         self._resume_checkpoint: str | os.PathLike | bool | None = None
 
     # ------------------------------------------------------------------ wiring
@@ -127,6 +129,9 @@ class EMACallback(TrainerCallback):
             return self
         self._trainer_ref = weakref.ref(trainer)
         self._wrap_train(trainer)
+        from .hub import install_checkpoint_push_hook
+
+        install_checkpoint_push_hook(self, trainer)  # a no-op at each save unless pushing under distributed training
         if self.evaluator is not None:
             self.evaluator.install(trainer)
         handler = trainer.callback_handler
@@ -168,7 +173,8 @@ class EMACallback(TrainerCallback):
             model = self.trainer.model
         self.ema = ModelEMA(model, self.config)
         self.ema.step = state.global_step
-        self._pushed_step = self._output_step = None  # a new run: nothing of it written by a Hub push yet
+        # A new run: nothing of it written by a Hub push yet.
+        self._pushed_step = self._output_step = self._copied_step = None
         if self.evaluator is not None:
             self.evaluator.active = True
         if state.global_step > 0:

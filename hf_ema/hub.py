@@ -2,14 +2,19 @@
 
 `Trainer` pushes a checkpoint from inside `_save_checkpoint`, calling `on_push_begin` right before the upload and
 `on_save` only after it, so [`EMACallback`] writes `checkpoint-N/ema/` and `output_dir/ema/` at `on_push_begin`
-([`prepare_trainer_push`]) and `on_save` then skips the write it would otherwise make.
+([`prepare_trainer_push`]) and `on_save` then skips the write it would otherwise make. Under distributed training
+`on_push_begin` reaches the main process only, too late for the collective gather of a sharded EMA, so
+[`install_checkpoint_push_hook`] writes `checkpoint-N/ema/` on every process just before the Trainer's checkpoint
+push starts, and `on_push_begin` then only copies it to `output_dir/ema/`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +27,14 @@ if TYPE_CHECKING:
 
     from .callback import EMACallback
 
-__all__ = ["after_checkpoint_save", "prepare_trainer_push", "push_ema", "wait_for_pushes", "write_model_card"]
+__all__ = [
+    "after_checkpoint_save",
+    "install_checkpoint_push_hook",
+    "prepare_trainer_push",
+    "push_ema",
+    "wait_for_pushes",
+    "write_model_card",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +180,8 @@ def prepare_trainer_push(
     During training (`Trainer._push_from_checkpoint`, main process only, before `on_save`): write
     `checkpoint-N/ema/`, copy it to `output_dir/ema/` and write their model cards, so both the `output_dir` push and
     a `last-checkpoint/` push carry this step's EMA. Under distributed training this event reaches only the main
-    process, so no collective gather is possible: the push then carries `output_dir/ema/` as of the previous save
-    (see [`after_checkpoint_save`]). After training (`Trainer.push_to_hub`, every process): make sure
+    process, where no collective gather is possible: every process has already written `checkpoint-N/ema/` (see
+    [`install_checkpoint_push_hook`]), and this only copies it to `output_dir/ema/`. After training (`Trainer.push_to_hub`, every process): make sure
     `output_dir/ema/` holds the final EMA and its card.
 
     Args:
@@ -185,24 +197,30 @@ def prepare_trainer_push(
     repo_id = _repo_id(callback, args)
     in_train = bool(getattr(callback.trainer, "is_in_train", False))
     if in_train:
-        if ema.layout.world_size > 1:
-            if not getattr(callback, "_warned_distributed_push", False):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_DIRNAME
+        distributed = ema.layout.world_size > 1
+        if distributed and callback._pushed_step != state.global_step:
+            # Only when the hook could not be installed (a Trainer without `_push_from_checkpoint`).
+            if not callback._warned_distributed_push:
                 logger.warning(
                     "Checkpoint pushes under distributed training carry the EMA of the previous checkpoint "
                     "(the Trainer calls on_push_begin on the main process only); the final push is up to date."
                 )
                 callback._warned_distributed_push = True
             return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_DIRNAME
         if not folder.parent.is_dir():
             logger.warning("Checkpoint folder %s not found; the push carries no EMA for this step", folder.parent)
             return
-        callback.save(folder, processing_class=processing_class, state=state)
-        callback._pushed_step = state.global_step
+        if not distributed:
+            callback.save(folder, processing_class=processing_class, state=state)
+            callback._pushed_step = state.global_step
         write_model_card(folder, repo_id=repo_id, log_history=state.log_history)
         wait_for_pushes(callback)
         _copy_folder(folder, output_ema)
-        callback._output_step = state.global_step
+        # Main process only under distributed training: `after_checkpoint_save` records the step on every process.
+        callback._copied_step = state.global_step
+        if not distributed:
+            callback._output_step = state.global_step
         return
     if callback._output_step != state.global_step:
         wait_for_pushes(callback)
@@ -210,6 +228,54 @@ def prepare_trainer_push(
         callback._output_step = state.global_step
     if ema.layout.is_main_process():
         write_model_card(output_ema, repo_id=repo_id, log_history=state.log_history)
+
+
+def save_before_checkpoint_push(callback: EMACallback, checkpoint_folder: str | os.PathLike) -> None:
+    """Write `checkpoint-N/ema/` on every process, right before the Trainer pushes `checkpoint-N` (distributed
+    training only: a single process writes it at `on_push_begin`).
+
+    Args:
+        callback (`EMACallback`): The callback, bound to its trainer.
+        checkpoint_folder (`str` or `os.PathLike`): The checkpoint folder the Trainer is about to push.
+    """
+    ema, trainer = callback.ema, callback.trainer
+    if ema is None or trainer is None or ema.layout.world_size == 1 or not trainer.args.push_to_hub:
+        return
+    if trainer.args.hub_strategy == "end":
+        return  # the Trainer pushes no checkpoint; `on_save` writes `ema/` as usual
+    state = trainer.state
+    # A collective call: every process reaches it, since every process runs `_save_checkpoint`.
+    callback.save(Path(checkpoint_folder) / EMA_DIRNAME, processing_class=trainer.processing_class, state=state)
+    callback._pushed_step = state.global_step
+
+
+def install_checkpoint_push_hook(callback: EMACallback, trainer: Any) -> None:
+    """Make `trainer` write the EMA of a checkpoint on every process before it pushes that checkpoint.
+
+    `Trainer._save_checkpoint` runs on every process and calls `_push_from_checkpoint` (which returns at once
+    except on the main process) before `on_save`; the `on_push_begin` event inside it reaches the main process only.
+    Wrapping `_push_from_checkpoint` is the one place where all processes can take part in gathering a sharded EMA
+    before the upload starts. Without that method (another Trainer version) nothing is wrapped, and distributed
+    checkpoint pushes carry the previous checkpoint's EMA, with a warning.
+
+    Args:
+        callback (`EMACallback`): The callback.
+        trainer (`Trainer`): The trainer to wrap.
+    """
+    original = getattr(trainer, "_push_from_checkpoint", None)
+    if not callable(original) or getattr(original, "_hf_ema_wrapped", False):
+        return
+    callback_ref = weakref.ref(callback)
+
+    @functools.wraps(original)
+    def push_from_checkpoint(checkpoint_folder, *args: Any, **kwargs: Any):
+        cb = callback_ref()
+        if cb is not None:
+            save_before_checkpoint_push(cb, checkpoint_folder)
+        return original(checkpoint_folder, *args, **kwargs)
+
+    push_from_checkpoint._hf_ema_wrapped = True
+    trainer._push_from_checkpoint = push_from_checkpoint
 
 
 def after_checkpoint_save(callback: EMACallback, args: TrainingArguments, state: TrainerState) -> None:
@@ -225,7 +291,8 @@ def after_checkpoint_save(callback: EMACallback, args: TrainingArguments, state:
     if ema is None or not args.push_to_hub or ema.layout.world_size == 1 or args.hub_strategy == "end":
         return
     folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_DIRNAME
-    if ema.layout.is_main_process() and folder.is_dir():
+    already_copied = getattr(callback, "_copied_step", None) == state.global_step  # by the push of this checkpoint
+    if ema.layout.is_main_process() and folder.is_dir() and not already_copied:
         wait_for_pushes(callback)
         _copy_folder(folder, Path(args.output_dir) / EMA_DIRNAME)
         write_model_card(

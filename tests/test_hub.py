@@ -434,6 +434,61 @@ def test_trainer_push_to_hub_carries_ema(fake_hub, tmp_path, tokenizer, lm_data,
         torch.testing.assert_close(tensor.detach(), reference[4][name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.multiprocess
+def test_trainer_push_under_ddp_carries_each_checkpoints_ema(fake_hub, tmp_path):
+    """2 processes (torchrun, gloo), DDP-sharded EMA: every checkpoint push carries the EMA of that checkpoint, gathered
+    from both ranks before the upload (not the previous checkpoint's), and the final push the final EMA."""
+    import sys
+
+    dist_dir = Path(__file__).resolve().parent / "dist"
+    sys.path.insert(0, str(dist_dir))
+    from common import DECAY
+    from launch import torchrun
+
+    out = tmp_path / "ddp"
+    torchrun(
+        "trainer_push_worker.py",
+        str(out),
+        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": fake_hub.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache")},
+    )
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["layout"] for r in ranks] == ["ddp_sharded"] * 2  # the EMA really was split across the ranks
+
+    raw = load_file(str(out / "raw_weights.safetensors"))
+    steps = sorted({int(k.split("/", 1)[0]) for k in raw})
+    weights = [{k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith(f"{s}/")} for s in steps]
+    assert steps == [0, 1, 2, 3, 4]
+    reference = [weights[0]]
+    for w in weights[1:]:
+        reference.append({n: DECAY * reference[-1][n] + (1 - DECAY) * t for n, t in w.items()})
+
+    summaries = [c["summary"] for c in fake_hub.commits]
+    assert summaries == [
+        "Training in progress, step 2",
+        "Training in progress, step 2, checkpoint",
+        "Training in progress, step 4",
+        "Training in progress, step 4, checkpoint",
+        "End of training",
+    ]
+    pushes = [(2, "ema/", 0), (2, "last-checkpoint/ema/", 1), (4, "ema/", 2), (4, "last-checkpoint/ema/", 3)]
+    pushes.append((4, "ema/", 4))
+    run = out / "run"
+    for step, prefix, index in pushes:
+        files = fake_hub.commits[index]["files"]
+        assert json.loads(files[prefix + "ema_state.json"])["step"] == step, (index, prefix)
+        assert "exponential moving average (EMA)" in files[prefix + "README.md"].decode()
+        assert (
+            files[prefix + "model.safetensors"]
+            == (run / f"checkpoint-{step}" / "ema" / "model.safetensors").read_bytes()
+        )
+        pushed = load_safetensors(files[prefix + "model.safetensors"])
+        common = set(pushed) & set(reference[step])
+        assert len(common) == len(reference[step])
+        for name in common:
+            torch.testing.assert_close(pushed[name], reference[step][name], rtol=1e-6, atol=1e-6)
+        assert any(not torch.equal(pushed[n], weights[step][n]) for n in common)  # an EMA, not the raw weights
+
+
 def test_trainer_push_peft_adapter(fake_hub, tmp_path, tokenizer, lm_data, tiny_model):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -25,17 +25,10 @@ DIST = Path(__file__).resolve().parent / "dist"
 sys.path.insert(0, str(DIST))
 
 import common  # noqa: E402
+from launch import torchrun as _torchrun  # noqa: E402
 
 MODES = ["fsdp2", "fsdp1", "ddp", "lora_fsdp2", "lora_fsdp1"]
 LAYOUT_KIND = {"fsdp2": "fsdp2", "fsdp1": "fsdp1", "ddp": "ddp_sharded", "lora_fsdp2": "fsdp2", "lora_fsdp1": "fsdp1"}
-
-
-def _torchrun(script: str, *args: str, timeout: int = 420) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(DIST / script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{script} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
 def _read_ranks(folder: Path) -> list[dict]:
