@@ -21,7 +21,7 @@ from .model_ema import ModelEMA
 from .posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
 from .selection import select_tensors, unwrap_model
 from .serialization import EMA_DIRNAME, load_ema, save_ema
-from .stability import StabilityConfig, StabilityMonitor
+from .stability import STABILITY_DIRNAME, StabilityConfig, StabilityMonitor
 
 __all__ = ["EMACallback"]
 
@@ -211,6 +211,9 @@ class EMACallback(TrainerCallback):
                         state.global_step,
                     )
                 logger.info("EMA restored from %s (step %s)", folder, meta["step"])
+                if self.stability is not None:
+                    layout = self.ema.layout
+                    self.stability.restore(self.ema, folder.parent / STABILITY_DIRNAME, layout.rank, layout.world_size)
                 return
         logger.warning(
             "Resuming at step %s but no EMA was found in %s: the EMA restarts from the current weights.",
@@ -245,6 +248,8 @@ class EMACallback(TrainerCallback):
             return
         if self._pushed_step != state.global_step:  # a Hub push (before on_save) may have written it already
             self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+        if self.stability is not None:  # every rank its own file: the oscillation sample is of its local shards
+            self.stability.save(folder / STABILITY_DIRNAME, self.ema.layout.rank, self.ema.layout.world_size)
         if self.posthoc is not None:
             self.posthoc.on_save(args, state, folder)
         if args.push_to_hub:

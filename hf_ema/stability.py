@@ -12,16 +12,32 @@ on `Trainer`: `EMACallback(stability_metrics=True)` drives them, any training lo
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, ConfigTypeError
 from .sharding import comm_device, dist_ready
 
-__all__ = ["OscillationTracker", "StabilityConfig", "StabilityMonitor", "all_reduce_sum", "relative_distance"]
+__all__ = [
+    "STABILITY_DIRNAME",
+    "OscillationTracker",
+    "StabilityConfig",
+    "StabilityMonitor",
+    "all_reduce_sum",
+    "relative_distance",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Folder of a checkpoint (beside `ema/`) that holds each rank's oscillation-tracker state, for an exact resume.
+STABILITY_DIRNAME = "ema_stability"
 
 
 def all_reduce_sum(values: Sequence[float], reduce: bool | None = None) -> list[float]:
@@ -231,6 +247,45 @@ class OscillationTracker:
         self._previous.copy_(current)
         self.num_updates += 1
 
+    def _fingerprint(self) -> dict[str, int]:
+        return {"num_sampled": self.num_sampled, "num_watched": self.num_watched, "num_tensors": len(self._views)}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The state that makes a resumed tracker continue exactly: the frequencies, the last nonzero move of each
+        sampled weight, and their values at the last update.
+
+        Returns:
+            `tuple[dict[str, torch.Tensor], dict[str, str]]`: CPU tensors and string metadata, as safetensors takes
+            them.
+        """
+        tensors = {"frequency": self.frequency.cpu(), "last_sign": self._last_sign.cpu()}
+        if self._previous is not None:
+            tensors["previous"] = self._previous.cpu()
+        meta = {**{k: str(v) for k, v in self._fingerprint().items()}, "num_updates": str(self.num_updates)}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Restore a state written by [`~OscillationTracker.state_dict`] for the same sample.
+
+        Args:
+            tensors (`dict[str, torch.Tensor]`): The tensors.
+            meta (`dict[str, str]`): The metadata.
+
+        Raises:
+            `ConfigError`: when the state belongs to another sample (other weights, sample size or sharding).
+        """
+        saved = {k: int(meta.get(k, -1)) for k in self._fingerprint()}
+        if saved != self._fingerprint():
+            raise ConfigError(
+                f"oscillation state of another sample: saved {saved}, this tracker {self._fingerprint()}"
+            )
+        device = self.frequency.device
+        self.frequency.copy_(tensors["frequency"].to(device))
+        self._last_sign.copy_(tensors["last_sign"].to(device))
+        previous = tensors.get("previous")
+        self._previous = previous.to(device).clone() if previous is not None else None
+        self.num_updates = int(meta["num_updates"])
+
     def summary(self, reduce: bool | None = None, prefix: str = "ema_osc_") -> dict[str, float]:
         """The frequencies summarised over the sample (and over ranks when reducing).
 
@@ -272,13 +327,88 @@ class StabilityMonitor:
         """
         if not self.config.oscillation:
             return
+        self._tracker_for(ema).update()
+
+    def _tracker_for(self, ema) -> OscillationTracker:
         if self.tracker is None or self._ema_id != id(ema):
             cfg = self.config
             self.tracker = OscillationTracker(
                 ema._live, sample_size=cfg.sample_size, momentum=cfg.momentum, threshold=cfg.threshold, seed=cfg.seed
             )
             self._ema_id = id(ema)
-        self.tracker.update()
+        return self.tracker
+
+    @staticmethod
+    def _state_path(folder: Path, rank: int, world_size: int) -> Path:
+        return folder / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+    def save(self, folder: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path | None:
+        """Write this rank's oscillation-tracker state to `folder` (one file per rank, written atomically; not a
+        collective). Nothing is written before the tracker has started.
+
+        Args:
+            folder (`str` or `os.PathLike`): The state folder, `checkpoint-N/ema_stability/` under `EMACallback`.
+            rank (`int`, *optional*, defaults to 0): This process's rank.
+            world_size (`int`, *optional*, defaults to 1): Number of processes.
+
+        Returns:
+            `Path` or `None`: the file written.
+        """
+        if self.tracker is None:
+            return None
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = self._state_path(folder, rank, world_size)
+        tensors, meta = self.tracker.state_dict()
+        meta["config"] = json.dumps(
+            {"sample_size": self.config.sample_size, "seed": self.config.seed, "momentum": self.config.momentum}
+        )
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def restore(self, ema, folder: str | os.PathLike, rank: int = 0, world_size: int = 1) -> bool:
+        """Continue the oscillation frequencies saved by [`~StabilityMonitor.save`] for this rank, when the file
+        exists and belongs to the same sample (same weights, settings and number of processes); otherwise they
+        start again from zero, with an info message. Not a collective.
+
+        Args:
+            ema (`ModelEMA`): The EMA whose tracked weights are watched.
+            folder (`str` or `os.PathLike`): The state folder.
+            rank (`int`, *optional*, defaults to 0): This process's rank.
+            world_size (`int`, *optional*, defaults to 1): Number of processes.
+
+        Returns:
+            `bool`: whether the state was restored.
+        """
+        if not self.config.oscillation:
+            return False
+        from safetensors import safe_open
+
+        path = self._state_path(Path(folder), rank, world_size)
+        if not path.is_file():
+            logger.info("No oscillation state at %s: the oscillation frequencies start again from zero", path)
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        saved_config = json.loads(meta.get("config", "{}"))
+        current = {"sample_size": self.config.sample_size, "seed": self.config.seed, "momentum": self.config.momentum}
+        tracker = self._tracker_for(ema)
+        try:
+            if saved_config != current:
+                raise ConfigError(f"saved with {saved_config}, now {current}")
+            tracker.load_state_dict(tensors, meta)
+        except (ConfigError, KeyError, ValueError) as err:
+            logger.info("Oscillation state at %s not restored (%s): the frequencies start again from zero", path, err)
+            return False
+        return True
 
     def metrics(self, ema) -> dict[str, float]:
         """`ema_rel_distance`, `ema_osc_frac` and `ema_osc_freq_mean` (those enabled). A collective call under

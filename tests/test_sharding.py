@@ -258,6 +258,13 @@ def test_trainer_ddp_resume_matches_uninterrupted(trainer_runs):
     ranks = _read_ranks(trainer_runs)
     assert all(r["C_step"] == 4 for r in ranks)
     assert _max_diff(_safetensors(trainer_runs / "C" / "ema"), _safetensors(trainer_runs / "A" / "ema")) < 1e-6
+    # Each rank saved its own oscillation state in checkpoint-2 and got it back: steps 3-4 log the same values.
+    saved = sorted(p.name for p in (trainer_runs / "A" / "checkpoint-2" / "ema_stability").iterdir())
+    assert saved == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+    for r in ranks:
+        assert set(r["A_osc"]) == {"1", "2", "3", "4"} and r["A_osc"]["4"][1] > 0
+        for step in ("3", "4"):
+            assert r["C_osc"][step] == pytest.approx(r["A_osc"][step], abs=1e-7), step
 
 
 def _zero3_runnable() -> bool:

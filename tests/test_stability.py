@@ -194,3 +194,51 @@ def test_callback_logs_stability_metrics(tmp_path, tiny_model, tokenizer, lm_dat
     norm = sum(ema[n].double().square().sum().item() for n in names)
     assert train_logs[-1]["ema_rel_distance"] == pytest.approx(math.sqrt(diff / norm), rel=1e-5)
     assert callback.stability.tracker.num_updates == 7  # 8 steps: the first only records the start
+
+
+def test_oscillation_state_resumes_exactly(tmp_path, tokenizer, lm_data):
+    """A run resumed from checkpoint-4 logs the same oscillation frequencies at steps 5-8 as the uninterrupted run:
+    the tracker's state is saved per rank in `checkpoint-N/ema_stability/` and restored with the EMA."""
+    import shutil
+
+    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.stability import STABILITY_DIRNAME
+
+    def train(out, resume=None):
+        args = TrainingArguments(
+            output_dir=str(out),
+            max_steps=8,
+            per_device_train_batch_size=8,
+            learning_rate=2e-2,
+            logging_steps=1,
+            save_steps=4,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        callback = EMACallback(
+            decay=0.8, stability_metrics={"sample_size": 512, "momentum": 0.3, "threshold": 0.2, "seed": 3}
+        )
+        model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=lm_data[0], callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return {
+            e["step"]: (e["ema_osc_frac"], e["ema_osc_freq_mean"]) for e in trainer.state.log_history if "loss" in e
+        }
+
+    full = train(tmp_path / "full")
+    saved = tmp_path / "full" / "checkpoint-4" / STABILITY_DIRNAME / "rank-00000-of-00001.safetensors"
+    assert saved.is_file()
+    assert any(v[1] > 0 for s, v in full.items() if s > 4)  # the frequencies are not trivially zero
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "copy" / "checkpoint-4")
+    resumed = train(tmp_path / "resumed", resume=str(tmp_path / "copy" / "checkpoint-4"))
+    assert sorted(resumed) == list(range(1, 9))  # steps 1-4 come back with the trainer state
+    for step in (5, 6, 7, 8):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-7), step
+
+    # Without the saved state the tracker starts again (the first step after resume only records the weights).
+    shutil.rmtree(tmp_path / "copy" / "checkpoint-4" / STABILITY_DIRNAME)
+    restarted = train(tmp_path / "restarted", resume=str(tmp_path / "copy" / "checkpoint-4"))
+    assert restarted[5] == (0.0, 0.0) and restarted[5] != full[5]

@@ -1,8 +1,8 @@
 """torchrun worker: `EMACallback` under `Trainer` + DDP on CPU (gloo), with and without the DDP-sharded EMA.
 
 Usage: `torchrun --nproc_per_node 2 tests/dist/trainer_ddp_worker.py OUT_DIR`. Three runs with the same seed and
-data: A with the default EMA (sharded across the 2 ranks), B with `shard_across_ranks=False`, and C resuming A
-from `checkpoint-2`. Writes what it measured to `OUT_DIR/rank<r>.json`; `tests/test_sharding.py` checks it.
+data: A with the default EMA (sharded across the 2 ranks) and stability metrics, B with `shard_across_ranks=False`,
+and C resuming A from `checkpoint-2`. Writes what it measured to `OUT_DIR/rank<r>.json`; `tests/test_sharding.py` checks it.
 """
 
 from __future__ import annotations
@@ -68,6 +68,19 @@ def eval_losses(trainer) -> list[list[float]]:
     return [[e["eval_loss"], e["eval_ema_loss"]] for e in trainer.state.log_history if "eval_ema_loss" in e]
 
 
+def osc_logs(trainer) -> dict[str, list[float]]:
+    """The oscillation metrics logged at each step (reduced over both ranks)."""
+    return {
+        str(e["step"]): [e["ema_osc_frac"], e["ema_osc_freq_mean"]]
+        for e in trainer.state.log_history
+        if "ema_osc_freq_mean" in e
+    }
+
+
+#: Stability metrics in runs A and C, to check that the per-rank oscillation state resumes exactly.
+STABILITY = {"sample_size": 256, "momentum": 0.3, "threshold": 0.2}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     from accelerate import PartialState
@@ -78,8 +91,9 @@ def main() -> None:
     state.wait_for_everyone()
     res: dict = {"world_size": dist.get_world_size(), "backend": dist.get_backend()}
 
-    sharded = EMACallback(decay=DECAY)
+    sharded = EMACallback(decay=DECAY, stability_metrics=STABILITY)
     trainer_a = run(out / "A", sharded)
+    res["A_osc"] = osc_logs(trainer_a)
     res["A_layout"] = sharded.ema.layout.kind
     res["A_ema_bytes"] = sharded.ema.num_bytes()
     res["A_local_numels"] = [t.numel() for t in sharded.ema.shadow]
@@ -91,8 +105,9 @@ def main() -> None:
     res["B_layout"] = full.ema.layout.kind
     res["B_ema_bytes"] = full.ema.num_bytes()
 
-    resumed = EMACallback(decay=DECAY)
-    run(out / "C", resumed, resume=str(out / "A" / "checkpoint-2"))
+    resumed = EMACallback(decay=DECAY, stability_metrics=STABILITY)
+    trainer_c = run(out / "C", resumed, resume=str(out / "A" / "checkpoint-2"))
+    res["C_osc"] = osc_logs(trainer_c)
     res["C_step"] = resumed.ema.step
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(res, indent=1))
     dist.barrier()
