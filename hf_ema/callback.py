@@ -30,20 +30,21 @@ logger = logging.getLogger(__name__)
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 
 
-def _find_calling_trainer() -> Trainer | None:
-    """The `Trainer` whose `__init__` is calling us (callbacks are not handed the trainer itself)."""
+def _find_calling_trainer() -> tuple[Trainer | None, Any]:
+    """The `Trainer` whose method is calling us (callbacks are not handed the trainer itself), and the value of
+    `resume_from_checkpoint` in that method (`_inner_training_loop` has it; `__init__` does not)."""
     frame = inspect.currentframe()
     try:
         for _ in range(12):
             if frame is None:
-                return None
+                return None, None
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Trainer):
-                return candidate
+                return candidate, frame.f_locals.get("resume_from_checkpoint")
             frame = frame.f_back
     finally:
         del frame
-    return None
+    return None, None
 
 
 class EMACallback(TrainerCallback):
@@ -157,7 +158,7 @@ class EMACallback(TrainerCallback):
         trainer.train = train
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        trainer = _find_calling_trainer()
+        trainer, _ = _find_calling_trainer()
         if trainer is not None:
             self.bind(trainer)
         model = kwargs.get("model")
@@ -166,6 +167,13 @@ class EMACallback(TrainerCallback):
             select_tensors(unwrap_model(model), self.config)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.trainer is None:
+            # Added with `trainer.add_callback(...)` after `Trainer(...)`: no `on_init_end` reached us, bind now
+            # (the EMA evaluation for this run, and the checkpoint this run resumes from).
+            trainer, resume = _find_calling_trainer()
+            if trainer is not None:
+                self.bind(trainer)
+                self._resume_checkpoint = resume
         model = kwargs["model"]
         if self.trainer is not None and self.trainer.model is not None:
             # Callbacks get the model as it was before `accelerator.prepare`; under FSDP1 the Trainer then points

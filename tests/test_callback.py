@@ -217,3 +217,30 @@ def test_bad_configuration_fails_before_training(tmp_path, tiny_model, lm_data, 
             callbacks=[EMACallback(include=["not_a_layer"])],
         )
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_callback_added_after_init_binds_at_train_begin(tmp_path, tokenizer, lm_data):
+    """`trainer.add_callback(EMACallback(...))` after `Trainer(...)`: the EMA evaluation runs, and a resume from a
+    checkpoint at another path restores the EMA from that path."""
+
+    def trainer_with_added_callback(out, max_steps):
+        model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+        args = make_args(
+            out, max_steps=max_steps, save_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=lm_data[0], eval_dataset=lm_data[1].select(range(8)))
+        callback = EMACallback(decay=0.9)
+        trainer.add_callback(callback)
+        return trainer, callback
+
+    trainer, callback = trainer_with_added_callback(tmp_path / "first", max_steps=2)
+    trainer.train()
+    assert callback.trainer is trainer
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert evals and all("eval_ema_loss" in e for e in evals)
+    assert evals[-1]["eval_ema_loss"] != evals[-1]["eval_loss"]
+
+    shutil.copytree(tmp_path / "first" / "checkpoint-2", tmp_path / "elsewhere" / "checkpoint-2")
+    trainer, callback = trainer_with_added_callback(tmp_path / "second", max_steps=4)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "checkpoint-2"))
+    assert callback.ema.step == 4 and callback.ema.num_updates == 4  # 2 restored + 2 new, not a restart
