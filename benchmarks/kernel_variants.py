@@ -10,7 +10,10 @@ Variants, all computing `ema += w * (weights - ema)` with an fp32 EMA (except th
 - one flat fp32 EMA buffer and one flat fp32 copy of the weights, then a single big `lerp_` (needs a full fp32
   copy of the weights: the memory the issue wants to avoid, measured for reference);
 - chunked: upcast a chunk at a time into one reusable scratch buffer, then `_foreach_lerp_` (hf-ema's fallback);
-- compiled: the `torch.compile`d fused kernel (hf-ema's choice for large groups when a compiler is there).
+- compiled: the `torch.compile`d fused kernel (one OpenMP region per tensor; hf-ema's choice for large groups
+  when the native kernel cannot be built);
+- native: hf-ema's C kernel built at first use (`hf_ema.native`; one OpenMP region for the whole group), hf-ema's
+  choice on CPU when a C compiler is there.
 The calls take turns (one call each per repetition), medians reported.
 """
 
@@ -28,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _anchors as A  # noqa: E402
 
 from hf_ema.kernels import LerpKernel, compile_available  # noqa: E402
+from hf_ema.native import compiler  # noqa: E402
 
 W = 1e-3
 
@@ -81,6 +85,14 @@ def main(argv=None) -> None:
         compile_s = time.perf_counter() - t0
         if kernel.backend == "compiled":
             variants["compiled fused kernel (torch.compile)"] = lambda k=kernel: k(W)
+    native_s = None
+    if compiler() is not None:
+        kernel = LerpKernel(fresh(), live, backend="native")
+        t0 = time.perf_counter()
+        kernel(W)
+        native_s = time.perf_counter() - t0
+        if kernel.backend == "native":
+            variants["native kernel (hf_ema.native)"] = lambda k=kernel: k(W)
     for fn in variants.values():
         fn()
         fn()
@@ -99,6 +111,8 @@ def main(argv=None) -> None:
         print(f"| {name} | {t * 1e3:.1f} | {t / ref:.2f} |")
     if compile_s is not None:
         print(f"\nfirst call of the compiled kernel (compilation): {compile_s:.1f} s")
+    if native_s is not None:
+        print(f"first call of the native kernel (build and load): {native_s:.2f} s")
     print(f"load average at the end {os.getloadavg()}")
 
 

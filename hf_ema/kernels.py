@@ -1,10 +1,13 @@
 """The update passes: one multi-tensor call per (device, dtype) group, never a Python loop of small ops.
 
-Three ways to compute `ema += weight * (live - ema)`, picked per group by [`LerpKernel`] (see
+Four ways to compute `ema += weight * (live - ema)`, picked per group by [`LerpKernel`] (see
 the README section "Performance" for the measurements behind the choice):
 
 - `"foreach"`: `torch._foreach_lerp_`, when the EMA and the weights share a dtype. It runs at the copy-bandwidth
   floor, so nothing is gained by compiling it.
+- `"native"`: on CPU, for bf16/fp16 weights and an fp32 EMA, a C kernel built at first use with the system C
+  compiler in well under a second (`hf_ema.native`): one OpenMP parallel region over the whole group, each weight
+  upcast in registers. If it cannot be built, the group falls back to `"compiled"` or `"chunked"`, with a warning.
 - `"compiled"`: a `torch.compile`d fused kernel for mixed precision (bf16/fp16 weights, fp32 EMA) that upcasts each
   weight in registers: one pass, no fp32 copy of the weights. Compiling costs seconds once, so `"auto"` uses it
   only for groups of at least `COMPILE_MIN_NUMEL` elements, and only when a compiler is there (a C++ compiler on
@@ -13,7 +16,8 @@ the README section "Performance" for the measurements behind the choice):
   scratch buffer (`chunk_numel` elements, cache-sized) and folded in with `_foreach_lerp_`. No allocation per step,
   no full-size temporary.
 
-The environment variable `HF_EMA_COMPILE` (`auto`, `never`, `always`) overrides the automatic choice.
+The environment variable `HF_EMA_COMPILE` (`auto`, `never`, `always`) overrides the automatic choice: `never` builds
+nothing at run time (eager kernels only), `always` uses `torch.compile` for every mixed-precision group.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The update implementations a [`LerpKernel`] can use.
-BACKENDS = ("foreach", "compiled", "chunked")
-#: Environment variable: `auto` (default), `never` (eager kernels only) or `always` (compile every mixed group).
+BACKENDS = ("foreach", "native", "compiled", "chunked")
+#: Environment variable: `auto` (default), `never` (eager kernels only, nothing built at run time) or `always`
+#: (`torch.compile` every mixed group).
 COMPILE_ENV = "HF_EMA_COMPILE"
 #: Mixed-precision groups smaller than this stay eager in `auto` mode: compiling costs 8-40 s once (less with a warm
 #: inductor cache), the fused kernel saves about 0.07 ms per million elements per step over the chunked fallback on
@@ -110,7 +115,7 @@ class LerpKernel:
         live (`list[torch.Tensor]`): The current weights (one device, one dtype), same shapes. They are read at every
             call, so they must keep their storage (model parameters do).
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, or one of `"foreach"` (same dtypes only),
-            `"compiled"`, `"chunked"`.
+            `"native"` (CPU, bf16/fp16 weights, fp32 EMA), `"compiled"`, `"chunked"`.
         chunk_numel (`int`, *optional*): Scratch size of the chunked path; defaults to 2**20 on CPU, 2**24 on CUDA.
     """
 
@@ -138,21 +143,45 @@ class LerpKernel:
             raise ValueError(
                 f"`backend='foreach'` needs equal dtypes, got EMA {self.ema[0].dtype} and weights {self.live[0].dtype}"
             )
+        if backend == "native" and not self._native_eligible():
+            raise ValueError(
+                "`backend='native'` needs CPU tensors, bf16/fp16 weights and an fp32 EMA, got weights "
+                f"{self.live[0].dtype if self.live else None} and EMA {self.ema[0].dtype if self.ema else None} "
+                f"on {device}"
+            )
         self.backend = backend
+        self._native = None
         self._compiled = None
         self._weight: torch.Tensor | None = None
         self._plan: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._oversized: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _auto_backend(self) -> str:
-        if not self.mixed:
-            return "foreach"
+    def _native_eligible(self) -> bool:
+        return (
+            bool(self.ema)
+            and self.device.type == "cpu"
+            and self.ema[0].dtype == torch.float32
+            and self.live[0].dtype in (torch.bfloat16, torch.float16)
+        )
+
+    def _compiled_or_chunked(self) -> str:
         mode = _compile_mode()
         if mode == "never" or not compile_available(self.device):
             return "chunked"
         if mode == "always" or self.numel >= COMPILE_MIN_NUMEL:
             return "compiled"
         return "chunked"
+
+    def _auto_backend(self) -> str:
+        if not self.mixed:
+            return "foreach"
+        mode = _compile_mode()
+        if mode == "auto" and self._native_eligible():
+            from .native import compiler
+
+            if compiler() is not None:
+                return "native"
+        return self._compiled_or_chunked()
 
     def __call__(self, weight: float) -> None:
         """Fold the weights into the EMA with interpolation weight `weight` (`1 - beta`).
@@ -164,10 +193,39 @@ class LerpKernel:
             return
         if self.backend == "foreach":
             torch._foreach_lerp_(self.ema, self.live, weight)
+        elif self.backend == "native":
+            self._native_call(weight)
         elif self.backend == "compiled":
             self._compiled_call(weight)
         else:
             self._chunked_call(weight)
+
+    # ------------------------------------------------------------------ native
+    def _native_call(self, weight: float) -> None:
+        if self._native is None:
+            from .native import NativeBuildError, NativeLerp
+
+            contiguous = [(e, w) for e, w in zip(self.ema, self.live) if e.is_contiguous() and w.is_contiguous()]
+            # A non-contiguous tensor (rare) is folded in eagerly, as in the chunked kernel.
+            self._oversized = [
+                (e, w) for e, w in zip(self.ema, self.live) if not (e.is_contiguous() and w.is_contiguous())
+            ]
+            try:
+                self._native = (
+                    NativeLerp([e for e, _ in contiguous], [w for _, w in contiguous]) if contiguous else None
+                )
+            except NativeBuildError as err:
+                fallback = self._compiled_or_chunked()
+                logger.warning("hf-ema: the native EMA kernel is unavailable (%s); using the %s update", err, fallback)
+                self._oversized = []
+                self.backend = fallback
+                self(weight)
+                return
+            if self._native is None:
+                self._native = lambda w: None  # every tensor is non-contiguous
+        self._native(weight)
+        for e, w in self._oversized:
+            e.lerp_(w.to(e.dtype), weight)
 
     # ------------------------------------------------------------------ compiled
     def _compiled_call(self, weight: float) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from hf_ema import ModelEMA
 from hf_ema import kernels as K
+from hf_ema import native as N
 from hf_ema.kernels import LerpKernel, lerp_
 
 SHAPES = [(37, 19), (5,), (300, 70), (3, 4, 5)]
@@ -113,7 +114,16 @@ def test_auto_choice(monkeypatch):
     monkeypatch.delenv(K.COMPILE_ENV, raising=False)
     monkeypatch.setattr(K, "compile_available", lambda device: True)
     assert LerpKernel(ema, [torch.zeros(8)]).backend == "foreach"
-    # Small mixed group: compiling does not pay off.
+    # CPU, bf16/fp16 weights into an fp32 EMA, a C compiler on the PATH: the native kernel, whatever the size.
+    monkeypatch.setattr(N, "compiler", lambda: "/usr/bin/cc")
+    assert LerpKernel(ema, low).backend == "native"
+    assert LerpKernel(ema, [torch.zeros(8, dtype=torch.float16)]).backend == "native"
+    assert LerpKernel([torch.zeros(8, dtype=torch.float64)], low).backend != "native"  # fp64 EMA: not its case
+    monkeypatch.setenv(K.COMPILE_ENV, "never")
+    assert LerpKernel(ema, low).backend == "chunked"
+    monkeypatch.delenv(K.COMPILE_ENV)
+    # Without a C compiler: small mixed group, compiling does not pay off.
+    monkeypatch.setattr(N, "compiler", lambda: None)
     assert LerpKernel(ema, low).backend == "chunked"
     monkeypatch.setattr(K, "COMPILE_MIN_NUMEL", 8)
     assert LerpKernel(ema, low).backend == "compiled"
@@ -125,6 +135,60 @@ def test_auto_choice(monkeypatch):
     # Fast path unavailable: the fallback, whatever the mode.
     monkeypatch.setattr(K, "compile_available", lambda device: False)
     assert LerpKernel(ema, low).backend == "chunked"
+
+
+native_available = pytest.mark.skipif(N.compiler() is None, reason="no C compiler for the native kernel")
+
+
+@native_available
+@pytest.mark.parametrize("live_dtype", [torch.bfloat16, torch.float16])
+def test_native_mixed_precision(live_dtype):
+    kernel = run_kernel("native", live_dtype, noncontiguous=True)  # the transposed tensor is folded in eagerly
+    assert kernel.backend == "native" and kernel._native is not None
+
+
+@native_available
+@pytest.mark.parametrize("live_dtype", [torch.bfloat16, torch.float16])
+def test_native_upcast_is_exact_for_every_bit_pattern(live_dtype):
+    # weight 1 from a zero EMA: ema = 0 + 1 * (x - 0) = x, so the EMA shows the kernel's conversion of every one of
+    # the 65,536 16-bit values (normal, subnormal, zero, inf, nan), against torch's own.
+    live = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(live_dtype)
+    ema = torch.zeros(live.shape, dtype=torch.float32)
+    LerpKernel([ema], [live], backend="native")(1.0)
+    expected = live.float()
+    finite = expected.isfinite()
+    assert torch.equal(ema[finite], expected[finite])
+    assert torch.equal(ema.isnan(), expected.isnan()) and torch.equal(ema.isinf(), expected.isinf())
+    assert torch.equal(ema[expected.isinf()], expected[expected.isinf()])
+
+
+@native_available
+def test_native_follows_storage_that_moved():
+    ema = [torch.zeros(70_000), torch.zeros(5)]
+    live = [torch.ones(70_000, dtype=torch.bfloat16), torch.ones(5, dtype=torch.bfloat16)]
+    kernel = LerpKernel(ema, live, backend="native")
+    kernel(0.5)
+    old_storage = ema[0].clone()
+    ema[0].data = ema[0].data.clone()  # the EMA tensor now lives elsewhere (e.g. `param.data = ...`)
+    live[0].data = torch.full((70_000,), 3.0, dtype=torch.bfloat16)
+    kernel(0.5)
+    assert torch.equal(ema[0], torch.full((70_000,), 0.5 + 0.5 * (3.0 - 0.5)))
+    assert torch.equal(ema[1], torch.full((5,), 0.75))
+    assert torch.equal(old_storage, torch.full((70_000,), 0.5))
+
+
+def test_native_build_failure_falls_back(monkeypatch, caplog):
+    # A fresh process state with no compiler: the first update warns and uses the eager chunked kernel.
+    monkeypatch.setattr(N, "_library", None)
+    monkeypatch.setattr(N, "_error", None)
+    monkeypatch.setattr(N, "compiler", lambda: None)
+    monkeypatch.setattr(K, "compile_available", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="hf_ema.kernels"):
+        kernel = run_kernel("native", torch.bfloat16)
+    assert kernel.backend == "chunked"
+    assert "native EMA kernel is unavailable (no C compiler found" in caplog.text
+    with pytest.raises(ValueError, match="`backend='native'` needs CPU tensors"):
+        LerpKernel([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3, dtype=torch.bfloat16)], backend="native")
 
 
 def test_compile_available_without_compiler(monkeypatch):
@@ -182,7 +246,8 @@ def test_model_ema_paths(dtype, update_every):
     assert_close([state[n] for n in ref], [ref[n] for n in ref], torch.float32)
     # Non-float buffers are copied at each update, i.e. at the last step that `update_every` keeps.
     assert int(state["count"]) == 7 - 7 % update_every
-    expected = "foreach" if dtype == torch.float32 else "chunked"
+    mixed = "native" if N.compiler() is not None else "chunked"
+    expected = "foreach" if dtype == torch.float32 else mixed
     assert [k.backend for k in ema._updater.kernels] == [expected]
 
 

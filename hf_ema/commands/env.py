@@ -13,6 +13,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from .. import __version__
+    from ..native import compiler
 
     rows = {
         "hf-ema": __version__,
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
         "peft": peft.__version__,
+        # Which kernel a bf16/fp16 model's fp32 EMA gets on CPU (see hf_ema.kernels).
+        "C compiler (native CPU kernel)": compiler() or "none: mixed-precision CPU updates use the fallback kernels",
     }
     for key, value in rows.items():
         print(f"- {key}: {value}")
