@@ -77,22 +77,18 @@ def main(argv=None) -> None:
     for chunk in (1 << 16, 1 << 18, 1 << 20, 1 << 22):
         kernel = LerpKernel(fresh(), live, backend="chunked", chunk_numel=chunk)
         variants[f"chunked, scratch 2^{chunk.bit_length() - 1} elements"] = lambda k=kernel: k(W)
-    compile_s = None
-    if compile_available("cpu"):
-        kernel = LerpKernel(fresh(), live, backend="compiled")
+    first_call_s = {}  # build time of the kernels built at run time
+    built = [("compiled", "compiled fused kernel (torch.compile)", compile_available("cpu"))]
+    built.append(("native", "native kernel (hf_ema.native)", compiler() is not None))
+    for backend, label, available in built:
+        if not available:
+            continue
+        kernel = LerpKernel(fresh(), live, backend=backend)
         t0 = time.perf_counter()
         kernel(W)
-        compile_s = time.perf_counter() - t0
-        if kernel.backend == "compiled":
-            variants["compiled fused kernel (torch.compile)"] = lambda k=kernel: k(W)
-    native_s = None
-    if compiler() is not None:
-        kernel = LerpKernel(fresh(), live, backend="native")
-        t0 = time.perf_counter()
-        kernel(W)
-        native_s = time.perf_counter() - t0
-        if kernel.backend == "native":
-            variants["native kernel (hf_ema.native)"] = lambda k=kernel: k(W)
+        first_call_s[backend] = time.perf_counter() - t0
+        if kernel.backend == backend:  # else the build failed and it fell back: not this variant
+            variants[label] = lambda k=kernel: k(W)
     for fn in variants.values():
         fn()
         fn()
@@ -109,10 +105,10 @@ def main(argv=None) -> None:
     for name, values in times.items():
         t = statistics.median(values)
         print(f"| {name} | {t * 1e3:.1f} | {t / ref:.2f} |")
-    if compile_s is not None:
-        print(f"\nfirst call of the compiled kernel (compilation): {compile_s:.1f} s")
-    if native_s is not None:
-        print(f"first call of the native kernel (build and load): {native_s:.2f} s")
+    if "compiled" in first_call_s:
+        print(f"\nfirst call of the compiled kernel (compilation): {first_call_s['compiled']:.1f} s")
+    if "native" in first_call_s:
+        print(f"first call of the native kernel (build and load): {first_call_s['native']:.2f} s")
     print(f"load average at the end {os.getloadavg()}")
 
 

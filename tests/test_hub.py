@@ -32,6 +32,14 @@ from hf_ema.cli import main
 from hf_ema.errors import CheckpointError, ConfigError
 
 REPO_RE = r"(?P<repo>[^/]+/[^/]+)"
+#: The Trainer's commits for 4 steps saved every 2 with `hub_strategy="checkpoint"`, then `trainer.push_to_hub()`.
+CHECKPOINT_PUSHES = [
+    "Training in progress, step 2",
+    "Training in progress, step 2, checkpoint",
+    "Training in progress, step 4",
+    "Training in progress, step 4, checkpoint",
+    "End of training",
+]
 
 
 class FakeHub:
@@ -383,14 +391,7 @@ def test_trainer_push_to_hub_carries_ema(fake_hub, tmp_path, tokenizer, lm_data,
 
     out = Path(trainer.args.output_dir)
     assert saves == [out / "checkpoint-2" / "ema", out / "checkpoint-4" / "ema"]
-    summaries = [c["summary"] for c in fake_hub.commits]
-    assert summaries == [
-        "Training in progress, step 2",
-        "Training in progress, step 2, checkpoint",
-        "Training in progress, step 4",
-        "Training in progress, step 4, checkpoint",
-        "End of training",
-    ]
+    assert [c["summary"] for c in fake_hub.commits] == CHECKPOINT_PUSHES
     ema_files = {"model.safetensors", "config.json", "generation_config.json", "ema_state.json", "ema_config.json"}
     ema_files |= {"tokenizer.json", "tokenizer_config.json", "README.md"}
 
@@ -462,14 +463,7 @@ def test_trainer_push_under_ddp_carries_each_checkpoints_ema(fake_hub, tmp_path)
     for w in weights[1:]:
         reference.append({n: DECAY * reference[-1][n] + (1 - DECAY) * t for n, t in w.items()})
 
-    summaries = [c["summary"] for c in fake_hub.commits]
-    assert summaries == [
-        "Training in progress, step 2",
-        "Training in progress, step 2, checkpoint",
-        "Training in progress, step 4",
-        "Training in progress, step 4, checkpoint",
-        "End of training",
-    ]
+    assert [c["summary"] for c in fake_hub.commits] == CHECKPOINT_PUSHES
     pushes = [(2, "ema/", 0), (2, "last-checkpoint/ema/", 1), (4, "ema/", 2), (4, "last-checkpoint/ema/", 3)]
     pushes.append((4, "ema/", 4))
     run = out / "run"

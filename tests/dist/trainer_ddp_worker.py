@@ -30,10 +30,11 @@ def dataset(rows: int = 16, seed: int = 7):
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def run(out: Path, callback: EMACallback, resume: str | None = None):
-    from transformers import Trainer, TrainingArguments
+def training_args(out: Path, **overrides):
+    """4 steps of DDP over gloo on CPU, saving every 2 steps (the arguments shared by the Trainer workers)."""
+    from transformers import TrainingArguments
 
-    args = TrainingArguments(
+    kwargs = dict(
         output_dir=str(out),
         use_cpu=True,
         ddp_backend="gloo",
@@ -52,6 +53,14 @@ def run(out: Path, callback: EMACallback, resume: str | None = None):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def run(out: Path, callback: EMACallback, resume: str | None = None):
+    from transformers import Trainer
+
+    args = training_args(out)
     trainer = Trainer(
         model=build_model(seed=0),
         args=args,

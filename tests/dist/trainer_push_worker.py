@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DECAY  # noqa: E402
-from trainer_ddp_worker import dataset  # noqa: E402
+from trainer_ddp_worker import dataset, training_args  # noqa: E402
 
 from hf_ema import EMACallback  # noqa: E402
 
@@ -42,26 +42,15 @@ class RecordWeights(TrainerCallback):
 
 def main() -> None:
     from accelerate import PartialState
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from common import build_model
 
     out = Path(sys.argv[1])
     state = PartialState()  # the Trainer would set up the process group the same way
-    args = TrainingArguments(
-        output_dir=str(out / "run"),
-        use_cpu=True,
-        ddp_backend="gloo",
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=0.05,
-        lr_scheduler_type="constant",
-        save_steps=2,
-        logging_steps=1,
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    args = training_args(
+        out / "run",
+        eval_strategy="no",
         push_to_hub=True,
         hub_model_id="user/ddp-ema",
         hub_token="fake-token",
