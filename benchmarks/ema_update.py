@@ -259,8 +259,8 @@ def print_case(res: dict) -> None:
     bound = res.get("bound")
     if bound is not None and res["weights"] != "float32":
         print(
-            f"what the goal takes in this run: the fastest {res['weights']}-EMA anchor moved its 3 x 2 bytes per parameter "
-            f"at {bound['reference_GBps']:.1f} GB/s; to match its time an fp32 EMA must move 10 bytes per parameter "
+            f"what the goal takes in this run: the fastest {res['weights']}-EMA anchor moved its 3 x 2 bytes per "
+            f"parameter at {bound['reference_GBps']:.1f} GB/s; to match its time an fp32 EMA must move 10 bytes per parameter "
             f"at {bound['needed_GBps']:.1f} GB/s (8 bytes, with the EMA kept as two 16-bit planes: "
             f"{bound['needed_split_GBps']:.1f} GB/s); hf-ema moved them at {bound['hf_ema_GBps']:.1f} GB/s; the "
             f"fastest bandwidth probe reached {bound['probe_GBps']:.1f} GB/s"

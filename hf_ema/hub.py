@@ -181,8 +181,8 @@ def prepare_trainer_push(
     `checkpoint-N/ema/`, copy it to `output_dir/ema/` and write their model cards, so both the `output_dir` push and
     a `last-checkpoint/` push carry this step's EMA. Under distributed training this event reaches only the main
     process, where no collective gather is possible: every process has already written `checkpoint-N/ema/` (see
-    [`install_checkpoint_push_hook`]), and this only copies it to `output_dir/ema/`. After training (`Trainer.push_to_hub`, every process): make sure
-    `output_dir/ema/` holds the final EMA and its card.
+    [`install_checkpoint_push_hook`]), and this only copies it to `output_dir/ema/`. After training
+    (`Trainer.push_to_hub`, every process): make sure `output_dir/ema/` holds the final EMA and its card.
 
     Args:
         callback (`EMACallback`): The callback.
@@ -291,7 +291,7 @@ def after_checkpoint_save(callback: EMACallback, args: TrainingArguments, state:
     if ema is None or not args.push_to_hub or ema.layout.world_size == 1 or args.hub_strategy == "end":
         return
     folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_DIRNAME
-    already_copied = getattr(callback, "_copied_step", None) == state.global_step  # by the push of this checkpoint
+    already_copied = callback._copied_step == state.global_step  # by the push of this very checkpoint
     if ema.layout.is_main_process() and folder.is_dir() and not already_copied:
         wait_for_pushes(callback)
         _copy_folder(folder, Path(args.output_dir) / EMA_DIRNAME)

@@ -205,15 +205,12 @@ class LerpKernel:
         if self._native is None:
             from .native import NativeBuildError, NativeLerp
 
-            contiguous = [(e, w) for e, w in zip(self.ema, self.live) if e.is_contiguous() and w.is_contiguous()]
+            pairs = list(zip(self.ema, self.live))
+            contiguous = [(e, w) for e, w in pairs if e.is_contiguous() and w.is_contiguous()]
             # A non-contiguous tensor (rare) is folded in eagerly, as in the chunked kernel.
-            self._oversized = [
-                (e, w) for e, w in zip(self.ema, self.live) if not (e.is_contiguous() and w.is_contiguous())
-            ]
+            self._oversized = [(e, w) for e, w in pairs if not (e.is_contiguous() and w.is_contiguous())]
             try:
-                self._native = (
-                    NativeLerp([e for e, _ in contiguous], [w for _, w in contiguous]) if contiguous else None
-                )
+                native = NativeLerp([e for e, _ in contiguous], [w for _, w in contiguous]) if contiguous else None
             except NativeBuildError as err:
                 fallback = self._compiled_or_chunked()
                 logger.warning("hf-ema: the native EMA kernel is unavailable (%s); using the %s update", err, fallback)
@@ -221,8 +218,7 @@ class LerpKernel:
                 self.backend = fallback
                 self(weight)
                 return
-            if self._native is None:
-                self._native = lambda w: None  # every tensor is non-contiguous
+            self._native = native if native is not None else (lambda w: None)  # None: all non-contiguous
         self._native(weight)
         for e, w in self._oversized:
             e.lerp_(w.to(e.dtype), weight)
