@@ -395,18 +395,20 @@ class StabilityMonitor:
         if not path.is_file():
             logger.info("No oscillation state at %s: the oscillation frequencies start again from zero", path)
             return False
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-        saved_config = json.loads(meta.get("config", "{}"))
         current = {"sample_size": self.config.sample_size, "seed": self.config.seed, "momentum": self.config.momentum}
         tracker = self._tracker_for(ema)
         try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+            saved_config = json.loads(meta.get("config", "{}"))
             if saved_config != current:
                 raise ConfigError(f"saved with {saved_config}, now {current}")
             tracker.load_state_dict(tensors, meta)
-        except (ConfigError, KeyError, ValueError) as err:
+        except Exception as err:  # a metric's state must never stop a resume: unreadable or foreign means restart
             logger.info("Oscillation state at %s not restored (%s): the frequencies start again from zero", path, err)
+            self.tracker = None
+            self._tracker_for(ema)  # a fresh one, whatever a partial load left
             return False
         return True
 

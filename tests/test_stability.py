@@ -242,3 +242,48 @@ def test_oscillation_state_resumes_exactly(tmp_path, tokenizer, lm_data):
     shutil.rmtree(tmp_path / "copy" / "checkpoint-4" / STABILITY_DIRNAME)
     restarted = train(tmp_path / "restarted", resume=str(tmp_path / "copy" / "checkpoint-4"))
     assert restarted[5] == (0.0, 0.0) and restarted[5] != full[5]
+
+
+def test_oscillation_state_round_trip_and_bad_files(tmp_path, caplog):
+    """`StabilityMonitor.save` / `restore` without a Trainer: an exact round trip, and a corrupt file, another
+    sample size or another world size each restart the frequencies from zero instead of failing the resume."""
+    import logging
+
+    from hf_ema import ModelEMA
+    from hf_ema.stability import StabilityMonitor
+
+    model = torch.nn.Linear(40, 30)
+    ema = ModelEMA(model, decay=0.9)
+    config = StabilityConfig(sample_size=300, momentum=0.3)
+    monitor = StabilityMonitor(config)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        ema.update()
+        monitor.step(ema)
+    path = monitor.save(tmp_path / "state", rank=1, world_size=2)
+    assert path.name == "rank-00001-of-00002.safetensors"
+
+    restored = StabilityMonitor(config)
+    assert restored.restore(ema, tmp_path / "state", rank=1, world_size=2)
+    assert torch.equal(restored.tracker.frequency, monitor.tracker.frequency)
+    assert restored.tracker.num_updates == monitor.tracker.num_updates == 5
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    monitor.step(ema)
+    restored.step(ema)
+    assert restored.tracker.summary() == monitor.tracker.summary()
+
+    with caplog.at_level(logging.INFO, logger="hf_ema.stability"):
+        assert not StabilityMonitor(config).restore(ema, tmp_path / "state", rank=0, world_size=1)  # no such file
+        other = StabilityMonitor(StabilityConfig(sample_size=100, momentum=0.3))
+        assert not other.restore(ema, tmp_path / "state", rank=1, world_size=2)
+        assert other.tracker.num_updates == 0 and float(other.tracker.frequency.sum()) == 0.0
+        path.write_bytes(b"not a safetensors file")
+        corrupt = StabilityMonitor(config)
+        assert not corrupt.restore(ema, tmp_path / "state", rank=1, world_size=2)
+        assert corrupt.tracker.num_updates == 0
+    assert caplog.text.count("start again from zero") == 3
