@@ -13,7 +13,8 @@ def train_run(out_dir: Path, tokenizer, lm_data, *, lora: bool = False, steps: i
     A high learning rate and a short EMA horizon make the raw and EMA weights clearly different.
     """
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from _trainer_args import cpu_args
+    from transformers import AutoModelForCausalLM, Trainer
 
     from hf_ema import EMACallback
     from hf_ema.offline import tiny_causal_lm
@@ -33,8 +34,8 @@ def train_run(out_dir: Path, tokenizer, lm_data, *, lora: bool = False, steps: i
             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
         )
     torch.manual_seed(0)
-    args = TrainingArguments(
-        output_dir=str(out_dir),
+    args = cpu_args(
+        out_dir,
         max_steps=steps,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=32,
@@ -44,10 +45,6 @@ def train_run(out_dir: Path, tokenizer, lm_data, *, lora: bool = False, steps: i
         save_steps=save_steps,
         eval_strategy="steps",
         eval_steps=save_steps,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
     )
     trainer = Trainer(
         model=model,

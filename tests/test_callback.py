@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 import torch
+from _trainer_args import cpu_args
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, pipeline
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, pipeline
 
 from hf_ema import ConfigError, EMACallback, EMAConfig
 from hf_ema.offline import tiny_causal_lm
@@ -45,20 +46,9 @@ def reference_ema(recorder, cfg: EMAConfig):
 
 
 def make_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        save_steps=6,
-        logging_steps=2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
+    kwargs = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3, save_steps=6, logging_steps=2)
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return cpu_args(tmp_path, **kwargs)
 
 
 def run(tmp_path, model, train_ds, tokenizer, cfg, resume=None, **arg_overrides):

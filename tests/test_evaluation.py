@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _trainer_args import cpu_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -18,19 +19,14 @@ from hf_ema.evaluation import EMAEvaluator
 
 def _args(out, **kw) -> TrainingArguments:
     base = dict(
-        output_dir=str(out),
         per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
         learning_rate=5e-3,
         lr_scheduler_type="constant",
         logging_steps=2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
     )
     base.update(kw)
-    return TrainingArguments(**base)
+    return cpu_args(out, **base)
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

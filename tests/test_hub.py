@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 import yaml
+from _trainer_args import cpu_args
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
@@ -215,11 +216,11 @@ def fake_hub(monkeypatch, tmp_path):
 
 
 def _train(tmp_path, tokenizer, lm_data, model, steps=4, save_steps=4, callbacks=(), **args):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     train_ds, eval_ds = lm_data
-    targs = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
+    targs = cpu_args(
+        tmp_path / "run",
         max_steps=steps,
         save_steps=save_steps,
         per_device_train_batch_size=8,
@@ -228,10 +229,6 @@ def _train(tmp_path, tokenizer, lm_data, model, steps=4, save_steps=4, callbacks
         eval_strategy="steps",
         eval_steps=save_steps,
         logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
         **args,
     )
     callback = EMACallback(decay=0.9)

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from _trainer_args import cpu_args
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_ema import CheckpointError, ConfigError, EMACallback, ema_weights, merge_checkpoints, wsm_weights
 from hf_ema.cli import main as cli_main
@@ -163,16 +164,12 @@ def test_wsm_is_first_order_for_quadratic_loss(tmp_path):
 def full_run(tmp_path_factory, tokenizer, lm_data):
     out = tmp_path_factory.mktemp("merge_full_run")
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
-    args = TrainingArguments(
-        output_dir=str(out),
+    args = cpu_args(
+        out,
         max_steps=10,
         save_steps=2,
         per_device_train_batch_size=4,
         learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
     )
     Trainer(
         model=model,
@@ -288,16 +285,12 @@ def test_merge_lora_adapters(tmp_path, tokenizer, lm_data):
     base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
+    args = cpu_args(
+        tmp_path / "run",
         max_steps=6,
         save_steps=2,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
     )
     Trainer(
         model=model, args=args, train_dataset=lm_data[0], callbacks=[EMACallback(decay=0.8, eval_ema=False)]

@@ -12,8 +12,9 @@ import time
 
 import pytest
 import torch
+from _trainer_args import cpu_args
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_ema import ConfigError, EMACallback, EMAConfig, ModelEMA
 from hf_ema import kernels as K
@@ -329,16 +330,12 @@ def test_pre_step_guard_runs_before_optimizer_step_and_goes_away():
 def train(tmp_path, tokenizer, train_ds, **ema_kwargs):
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     callback = EMACallback(decay=0.8, **ema_kwargs)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = cpu_args(
+        tmp_path,
         max_steps=5,
         per_device_train_batch_size=4,
         learning_rate=5e-3,
         save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=train_ds, callbacks=[callback]).train()
     return callback.ema.state_dict()["tensors"], callback

@@ -6,7 +6,8 @@ import json
 import shutil
 
 import pytest
-from transformers import Trainer, TrainingArguments
+from _trainer_args import cpu_args
+from transformers import Trainer
 
 from hf_ema import CheckpointError, EMACallback
 from hf_ema.cli import main
@@ -21,8 +22,8 @@ def run_dir(tmp_path_factory, tokenizer, lm_data):
 
     train_ds, eval_ds = lm_data
     out = tmp_path_factory.mktemp("plot") / "run"
-    args = TrainingArguments(
-        output_dir=str(out),
+    args = cpu_args(
+        out,
         max_steps=8,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
@@ -31,9 +32,6 @@ def run_dir(tmp_path_factory, tokenizer, lm_data):
         eval_strategy="steps",
         eval_steps=2,
         save_steps=4,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
     )
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     callback = EMACallback(decay=0.8, start_step=2, stability_metrics={"sample_size": 256, "momentum": 0.2})

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _trainer_args import cpu_args
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_ema import CheckpointError, ConfigError, EMACallback, PostHocConfig, PostHocEMA, reconstruct
 from hf_ema.cli import main as cli_main
@@ -157,17 +158,13 @@ def test_ignoring_the_interval_is_wrong():
 def test_trainer_run_posthoc_cli(tmp_path, tokenizer, lm_data, capsys):
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     run = tmp_path / "run"
-    args = TrainingArguments(
-        output_dir=str(run),
+    args = cpu_args(
+        run,
         max_steps=9,
         save_steps=3,
         save_total_limit=1,
         per_device_train_batch_size=4,
         learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
     )
     callback = EMACallback(decay=0.8, eval_ema=False, posthoc=PostHocConfig(snapshot_every=2))
     Trainer(model=model, args=args, train_dataset=lm_data[0], processing_class=tokenizer, callbacks=[callback]).train()
@@ -205,17 +202,13 @@ def test_trainer_run_posthoc_cli(tmp_path, tokenizer, lm_data, capsys):
 
 def test_posthoc_resume_matches_uninterrupted(tmp_path, tokenizer, lm_data):
     def train(out, max_steps, resume=None):
-        args = TrainingArguments(
-            output_dir=str(out),
+        args = cpu_args(
+            out,
             max_steps=max_steps,
             lr_scheduler_type="constant",  # a linear decay would depend on max_steps and differ between the runs
             save_steps=3,
             per_device_train_batch_size=4,
             learning_rate=5e-3,
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
         )
         model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
         callback = EMACallback(decay=0.8, eval_ema=False, posthoc={"snapshot_every": 2, "update_every": 2})

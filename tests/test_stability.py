@@ -8,8 +8,9 @@ import os
 
 import pytest
 import torch
+from _trainer_args import cpu_args
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_ema import ConfigError, ConfigTypeError, EMACallback
 from hf_ema.stability import OscillationTracker, StabilityConfig, relative_distance
@@ -155,16 +156,13 @@ def test_reduction_across_ranks_gloo():
 def test_callback_logs_stability_metrics(tmp_path, tiny_model, tokenizer, lm_data):
     train_ds, _ = lm_data
     out = tmp_path / "run"
-    args = TrainingArguments(
-        output_dir=str(out),
+    args = cpu_args(
+        out,
         max_steps=8,
         per_device_train_batch_size=8,
         learning_rate=1e-2,
         logging_steps=4,
         save_steps=8,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
     )
     callback = EMACallback(decay=0.8, stability_metrics={"sample_size": 512, "momentum": 0.1, "threshold": 0.2})
     trainer = Trainer(model=tiny_model, args=args, train_dataset=train_ds, callbacks=[callback])
@@ -205,17 +203,13 @@ def test_oscillation_state_resumes_exactly(tmp_path, tokenizer, lm_data):
     from hf_ema.stability import STABILITY_DIRNAME
 
     def train(out, resume=None):
-        args = TrainingArguments(
-            output_dir=str(out),
+        args = cpu_args(
+            out,
             max_steps=8,
             per_device_train_batch_size=8,
             learning_rate=2e-2,
             logging_steps=1,
             save_steps=4,
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=0,
         )
         callback = EMACallback(
             decay=0.8, stability_metrics={"sample_size": 512, "momentum": 0.3, "threshold": 0.2, "seed": 3}
