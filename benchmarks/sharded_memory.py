@@ -76,31 +76,12 @@ class PeakRSS:
 
 
 def wrap(model, mode: str):
-    import torch.distributed as dist
+    # The same FSDP2 / FSDP1 / DDP wrapping as the multi-process tests (tests/dist/common.py), so that the memory
+    # measured here is that of the layouts the tests check.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "dist"))
+    from common import wrap as wrap_for_tests
 
-    if mode in ("replicated", "ddp_sharded"):
-        return torch.nn.parallel.DistributedDataParallel(model)
-    layers = model.model.layers
-    if mode == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
-    if mode == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        return FSDP(
-            model,
-            device_id=torch.device("cpu"),
-            use_orig_params=True,
-            auto_wrap_policy=ModuleWrapPolicy({type(layers[0])}),
-        )
-    raise ValueError(mode)
+    return wrap_for_tests(model, "ddp" if mode in ("replicated", "ddp_sharded") else mode)
 
 
 def worker(mode: str, out: Path) -> None:

@@ -82,3 +82,36 @@ def build(mode: str, seed: int = 0):
     """The model of a worker mode: LoRA modes always use the same base and adapter init (their resumed and
     `copy_to` models must share the frozen base weights)."""
     return build_lora_model() if mode.startswith("lora_") else build_model(seed=seed)
+
+
+def wrap(model, mode: str):
+    """Wrap a Llama for `mode` on CPU ranks: `"fsdp2"` (`fully_shard`), `"fsdp1"` (`use_orig_params=True`), each
+    decoder layer its own unit, or `"ddp"`; a `"lora_"` prefix is ignored. Shared by the workers here and by
+    `benchmarks/sharded_memory.py`."""
+    import torch.distributed as dist
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    mode = mode.removeprefix("lora_")
+    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FSDP(
+            model,
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+        )
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    raise ValueError(mode)

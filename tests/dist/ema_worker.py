@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     eval_loss,
     rank_rows,
     train_step,
+    wrap,
 )
 
 from hf_ema import ModelEMA, load_ema, save_ema  # noqa: E402
@@ -53,35 +54,6 @@ def check_resume(ema: ModelEMA, model, out: Path, shadow_at_save: list[torch.Ten
     fresh = ModelEMA(model, decay=DECAY)
     load_ema(fresh, out / "noshards" / "ema")
     res["reshard_resume_max_diff"] = max_diff(fresh.shadow, shadow_at_save)
-
-
-def wrap(model, mode: str):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    mode = mode.removeprefix("lora_")
-    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
-    if mode == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
-    if mode == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        return FSDP(
-            model,
-            device_id=torch.device("cpu"),
-            use_orig_params=True,
-            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
-        )
-    if mode == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
-    raise ValueError(mode)
 
 
 def eval_module(wrapped, mode: str):
