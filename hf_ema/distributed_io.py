@@ -20,11 +20,28 @@ from safetensors.torch import save_file
 if TYPE_CHECKING:
     from .model_ema import ModelEMA
 
-__all__ = ["SHARDS_DIRNAME", "load_rank_shard", "rank_shard_path", "save_rank_shard"]
+__all__ = [
+    "SHARDS_DIRNAME",
+    "load_rank_shard",
+    "rank_file_name",
+    "rank_shard_path",
+    "save_file_atomic",
+    "save_rank_shard",
+]
 
 logger = logging.getLogger(__name__)
 
 SHARDS_DIRNAME = "shards"
+
+
+def rank_file_name(rank: int, world_size: int) -> str:
+    """Name of the file that rank `rank` of `world_size` writes: `rank-RRRRR-of-WWWWW.safetensors`.
+
+    Args:
+        rank (`int`): The rank.
+        world_size (`int`): Number of ranks.
+    """
+    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def rank_shard_path(folder: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -35,7 +52,30 @@ def rank_shard_path(folder: str | os.PathLike, rank: int, world_size: int) -> Pa
         rank (`int`): The rank.
         world_size (`int`): Number of ranks that wrote shards.
     """
-    return Path(folder) / SHARDS_DIRNAME / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+    return Path(folder) / SHARDS_DIRNAME / rank_file_name(rank, world_size)
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file under a temporary name in the same folder, then rename it into place: a crash or an
+    error mid-write leaves the previous file (or none) and no partial one. Creates the folder when missing.
+
+    Args:
+        tensors (`dict[str, torch.Tensor]`): Contiguous CPU tensors.
+        path (`str` or `os.PathLike`): The file to write.
+        metadata (`dict[str, str]`): The safetensors metadata.
+
+    Returns:
+        `Path`: the file written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_rank_shard(ema: ModelEMA, folder: str | os.PathLike) -> Path:
@@ -51,8 +91,6 @@ def save_rank_shard(ema: ModelEMA, folder: str | os.PathLike) -> Path:
         `Path`: the file written.
     """
     layout = ema.layout
-    path = rank_shard_path(folder, layout.rank, layout.world_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: t.detach().to("cpu").contiguous()
         for name, t in zip(ema.names + ema.copied_names, ema.shadow + ema.copied)
@@ -65,10 +103,7 @@ def save_rank_shard(ema: ModelEMA, folder: str | os.PathLike) -> Path:
         "world_size": str(layout.world_size),
         "step": str(ema.step),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return save_file_atomic(tensors, rank_shard_path(folder, layout.rank, layout.world_size), metadata)
 
 
 def load_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> bool:

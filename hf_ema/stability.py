@@ -338,10 +338,6 @@ class StabilityMonitor:
             self._ema_id = id(ema)
         return self.tracker
 
-    @staticmethod
-    def _state_path(folder: Path, rank: int, world_size: int) -> Path:
-        return folder / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
-
     def save(self, folder: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path | None:
         """Write this rank's oscillation-tracker state to `folder` (one file per rank, written atomically; not a
         collective). Nothing is written before the tracker has started.
@@ -356,22 +352,15 @@ class StabilityMonitor:
         """
         if self.tracker is None:
             return None
-        from safetensors.torch import save_file
+        from .distributed_io import rank_file_name, save_file_atomic
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = self._state_path(folder, rank, world_size)
         tensors, meta = self.tracker.state_dict()
-        meta["config"] = json.dumps(
-            {"sample_size": self.config.sample_size, "seed": self.config.seed, "momentum": self.config.momentum}
-        )
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        meta["config"] = json.dumps(self._sample_settings())
+        return save_file_atomic(tensors, Path(folder) / rank_file_name(rank, world_size), meta)
+
+    def _sample_settings(self) -> dict[str, float | int]:
+        # The settings a saved state must share with this monitor to be continued.
+        return {"sample_size": self.config.sample_size, "seed": self.config.seed, "momentum": self.config.momentum}
 
     def restore(self, ema, folder: str | os.PathLike, rank: int = 0, world_size: int = 1) -> bool:
         """Continue the oscillation frequencies saved by [`~StabilityMonitor.save`] for this rank, when the file
@@ -391,11 +380,13 @@ class StabilityMonitor:
             return False
         from safetensors import safe_open
 
-        path = self._state_path(Path(folder), rank, world_size)
+        from .distributed_io import rank_file_name
+
+        path = Path(folder) / rank_file_name(rank, world_size)
         if not path.is_file():
             logger.info("No oscillation state at %s: the oscillation frequencies start again from zero", path)
             return False
-        current = {"sample_size": self.config.sample_size, "seed": self.config.seed, "momentum": self.config.momentum}
+        current = self._sample_settings()
         tracker = self._tracker_for(ema)
         try:
             with safe_open(str(path), framework="pt") as f:
