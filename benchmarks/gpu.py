@@ -101,7 +101,7 @@ def trainer_section(args, device) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_ema import EMACallback
-    from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+    from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
     class Clock(TrainerCallback):
         def __init__(self):

@@ -12,7 +12,7 @@ Variants, all computing `ema += w * (weights - ema)` with an fp32 EMA (except th
 - chunked: upcast a chunk at a time into one reusable scratch buffer, then `_foreach_lerp_` (hf-ema's fallback);
 - compiled: the `torch.compile`d fused kernel (one OpenMP region per tensor; hf-ema's choice for large groups
   when the native kernel cannot be built);
-- native: hf-ema's C kernel built at first use (`hf_ema.native`; one OpenMP region for the whole group), hf-ema's
+- native: hf-ema's C kernel built at first use (`hf_ema.engine.native`; one OpenMP region for the whole group), hf-ema's
   choice on CPU when a C compiler is there.
 The calls take turns (one call each per repetition), medians reported.
 """
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _anchors as A  # noqa: E402
 
-from hf_ema.kernels import LerpKernel, compile_available  # noqa: E402
-from hf_ema.native import compiler  # noqa: E402
+from hf_ema.engine.kernels import LerpKernel, compile_available  # noqa: E402
+from hf_ema.engine.native import compiler  # noqa: E402
 
 W = 1e-3
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         variants[f"chunked, scratch 2^{chunk.bit_length() - 1} elements"] = lambda k=kernel: k(W)
     first_call_s = {}  # build time of the kernels built at run time
     built = [("compiled", "compiled fused kernel (torch.compile)", compile_available("cpu"))]
-    built.append(("native", "native kernel (hf_ema.native)", compiler() is not None))
+    built.append(("native", "native kernel (hf_ema.engine.native)", compiler() is not None))
     for backend, label, available in built:
         if not available:
             continue

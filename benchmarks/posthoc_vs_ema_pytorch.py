@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--snapshot-every", type=int, default=1000)
     args = parser.parse_args()
-    from hf_ema.schedules import gamma_from_sigma_rel
+    from hf_ema.decay import gamma_from_sigma_rel
 
     gamma = gamma_from_sigma_rel(0.10)
     print(f"sigma_rel 0.10 synthesized from 0.05 / 0.28 at step {args.steps}, linear drift (weight = step)")

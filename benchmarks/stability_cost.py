@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_ema import EMACallback
-from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 from hf_ema.stability import StabilityMonitor
 
 

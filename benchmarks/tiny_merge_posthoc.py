@@ -1,6 +1,6 @@
 """Worked example on the offline tiny model: checkpoint merging (mean / EMA / WSM) and post-hoc EMA widths.
 
-Trains the demo's tiny Llama (hf_ema.offline, no download) at a constant learning rate with
+Trains the demo's tiny Llama (hf_ema.demo.toy, no download) at a constant learning rate with
 `EMACallback(decay=..., posthoc=...)`, then evaluates on held-out text, side by side in one run:
 the raw final weights, the main EMA, merges of the last checkpoints, and post-hoc EMAs reconstructed for several
 `sigma_rel` (the two tracked profiles are 0.05 and 0.10; the others are reconstructed).
@@ -46,7 +46,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from hf_ema import EMACallback, PostHocConfig, merge_checkpoints, reconstruct
-    from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+    from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
     torch.manual_seed(0)
     out = Path(args.output_dir)

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _anchors as A  # noqa: E402
 
 from hf_ema import EMACallback  # noqa: E402
-from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer  # noqa: E402
+from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer  # noqa: E402
 
 
 class StepClock(TrainerCallback):

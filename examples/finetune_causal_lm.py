@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_ema import EMACallback
-from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:

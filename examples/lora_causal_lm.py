@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_ema import EMACallback
-from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
 
 def _base_model(name, tokenizer):

@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import Trainer, TrainingArguments
 
     from hf_ema import EMACallback
-    from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+    from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
     tokenizer = train_tokenizer(vocab_size=512)
     train, _ = lm_datasets(tokenizer, block_size=32, max_train_blocks=256)

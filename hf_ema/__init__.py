@@ -11,9 +11,9 @@ _LAZY = {
     "CheckpointError": "errors",
     "ConfigError": "errors",
     "ConfigTypeError": "errors",
-    "EMACallback": "callback",
+    "EMACallback": "trainer",
     "EMAConfig": "config",
-    "EMAEvaluator": "evaluation",
+    "EMAEvaluator": "trainer",
     "HfEmaError": "errors",
     "ModelEMA": "model_ema",
     "OscillationTracker": "stability",
@@ -21,33 +21,29 @@ _LAZY = {
     "PostHocEMA": "posthoc",
     "StabilityConfig": "stability",
     "StateError": "errors",
-    "ema_weights": "merge",
-    "load_ema": "serialization",
-    "load_history": "plotting",
-    "merge_checkpoints": "merge",
-    "plot_run": "plotting",
-    "push_ema": "hub",
-    "read_ema_state": "serialization",
+    "ema_weights": "tools",
+    "load_ema": "ema_folder",
+    "load_history": "tools",
+    "merge_checkpoints": "tools",
+    "plot_run": "tools",
+    "push_ema": "tools",
+    "read_ema_state": "ema_folder",
     "reconstruct": "posthoc",
     "relative_distance": "stability",
-    "save_ema": "serialization",
-    "write_model_card": "model_card",
-    "wsm_weights": "merge",
+    "save_ema": "ema_folder",
+    "write_model_card": "tools",
+    "wsm_weights": "tools",
 }
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
-    from .callback import EMACallback
     from .config import EMAConfig
+    from .ema_folder import load_ema, read_ema_state, save_ema
     from .errors import CheckpointError, ConfigError, ConfigTypeError, HfEmaError, StateError
-    from .evaluation import EMAEvaluator
-    from .hub import push_ema
-    from .merge import ema_weights, merge_checkpoints, wsm_weights
-    from .model_card import write_model_card
     from .model_ema import ModelEMA
-    from .plotting import load_history, plot_run
     from .posthoc import PostHocConfig, PostHocEMA, reconstruct
-    from .serialization import load_ema, read_ema_state, save_ema
     from .stability import OscillationTracker, StabilityConfig, relative_distance
+    from .tools import ema_weights, load_history, merge_checkpoints, plot_run, push_ema, write_model_card, wsm_weights
+    from .trainer import EMACallback, EMAEvaluator
 
 __all__ = [
     "CheckpointError",

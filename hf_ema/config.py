@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ConfigTypeError
-from .schedules import (
+from .decay import (
     decay_from_half_life,
     gamma_from_sigma_rel,
     power_function_beta,
     warmup_decay,
 )
+from .errors import ConfigError, ConfigTypeError
 
 __all__ = ["EMAConfig", "CONFIG_NAME"]
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from .config import EMAConfig
+from .engine.kernels import copy_
+from .engine.updater import EMAUpdater
 from .errors import CheckpointError, ConfigTypeError, StateError
-from .kernels import copy_
 from .selection import Selection, unwrap_model
 from .sharding import ShardLayout, detect_layout
-from .updater import EMAUpdater
 
 __all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
 
@@ -78,6 +78,11 @@ class ModelEMA:
         self._groups = self._build_groups()
         # Picks the kernel per group and runs offloaded / side-stream updates (see `hf_ema/updater.py`).
         self._updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
+
+    @property
+    def live_tensors(self) -> list[torch.Tensor]:
+        """The model-side tensors the EMA averages (this rank's local shards), in the order of `names`/`shadow`."""
+        return list(self._live)
 
     # ------------------------------------------------------------------ set-up helpers
     def _ema_device(self, live: torch.Tensor) -> torch.device:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compat.torch import unwrap_compiled
 from .config import EMAConfig
 from .errors import ConfigError
 
@@ -25,8 +26,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
+        elif unwrap_compiled(model) is not None:  # torch.compile
+            model = unwrap_compiled(model)
         elif type(model).__name__ == "DeepSpeedEngine":
             model = model.module
         else:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .compat.torch import foreach_norm, foreach_sub
 from .errors import ConfigError, ConfigTypeError
-from .sharding import comm_device, dist_ready
+from .sharding.base import comm_device, dist_ready
 
 __all__ = [
     "STABILITY_DIRNAME",
@@ -37,7 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Folder of a checkpoint (beside `ema/`) that holds each rank's oscillation-tracker state, for an exact resume.
-STABILITY_DIRNAME = "ema_stability"
+from .utils.paths import STABILITY_DIRNAME  # noqa: E402  (re-exported)
 
 
 def all_reduce_sum(values: Sequence[float], reduce: bool | None = None) -> list[float]:
@@ -95,9 +96,9 @@ def relative_distance(
     diff_sq = 0.0
     ema_sq = 0.0
     for thetas, avgs in groups.values():
-        diffs = torch._foreach_sub(thetas, avgs)
-        diff_sq += torch.stack(torch._foreach_norm(diffs)).double().square().sum().item()
-        ema_sq += torch.stack(torch._foreach_norm(avgs)).double().square().sum().item()
+        diffs = foreach_sub(thetas, avgs)
+        diff_sq += torch.stack(foreach_norm(diffs)).double().square().sum().item()
+        ema_sq += torch.stack(foreach_norm(avgs)).double().square().sum().item()
     diff_sq, ema_sq = all_reduce_sum([diff_sq, ema_sq], reduce=reduce)
     return math.sqrt(diff_sq) / max(math.sqrt(ema_sq), eps)
 
@@ -333,7 +334,11 @@ class StabilityMonitor:
         if self.tracker is None or self._ema_id != id(ema):
             cfg = self.config
             self.tracker = OscillationTracker(
-                ema._live, sample_size=cfg.sample_size, momentum=cfg.momentum, threshold=cfg.threshold, seed=cfg.seed
+                ema.live_tensors,
+                sample_size=cfg.sample_size,
+                momentum=cfg.momentum,
+                threshold=cfg.threshold,
+                seed=cfg.seed,
             )
             self._ema_id = id(ema)
         return self.tracker
@@ -352,7 +357,7 @@ class StabilityMonitor:
         """
         if self.tracker is None:
             return None
-        from .distributed_io import rank_file_name, save_file_atomic
+        from .sharding.rank_files import rank_file_name, save_file_atomic
 
         tensors, meta = self.tracker.state_dict()
         meta["config"] = json.dumps(self._sample_settings())
@@ -380,7 +385,7 @@ class StabilityMonitor:
             return False
         from safetensors import safe_open
 
-        from .distributed_io import rank_file_name
+        from .sharding.rank_files import rank_file_name
 
         path = Path(folder) / rank_file_name(rank, world_size)
         if not path.is_file():
@@ -412,7 +417,7 @@ class StabilityMonitor:
         """
         out: dict[str, float] = {}
         if self.config.relative_distance:
-            out["ema_rel_distance"] = relative_distance(ema._live, ema.shadow)
+            out["ema_rel_distance"] = relative_distance(ema.live_tensors, ema.shadow)
         if self.config.oscillation and self.tracker is not None and self._ema_id == id(ema):
             out.update(self.tracker.summary())
         return out

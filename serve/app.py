@@ -58,7 +58,7 @@ def loss_plot(ref: CheckpointRef, out_dir: str | os.PathLike) -> Path | None:
     """
     if not ref.is_local:
         return None
-    from hf_ema.plotting import plot_run
+    from hf_ema.tools.plotting import plot_run
 
     try:
         return plot_run(ref.location, Path(out_dir) / f"{ref.label}.png")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
-from hf_ema.serialization import EMA_DIRNAME, STATE_NAME, read_ema_state
+from hf_ema.ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
 
 __all__ = [
     "CheckpointCatalog",

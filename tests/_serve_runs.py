@@ -17,7 +17,7 @@ def train_run(out_dir: Path, tokenizer, lm_data, *, lora: bool = False, steps: i
     from transformers import AutoModelForCausalLM, Trainer
 
     from hf_ema import EMACallback
-    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.demo.toy import tiny_causal_lm
 
     train, evaluation = lm_data
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)

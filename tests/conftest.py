@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from hf_ema.offline import train_tokenizer
+    from hf_ema.demo.toy import train_tokenizer
 
     return train_tokenizer(vocab_size=512)
 
@@ -21,7 +21,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def lm_data(tokenizer):
     """(train, eval) datasets of 32-token blocks from the bundled corpus."""
-    from hf_ema.offline import lm_datasets
+    from hf_ema.demo.toy import lm_datasets
 
     return lm_datasets(tokenizer, block_size=32, max_train_blocks=256)
 
@@ -29,7 +29,7 @@ def lm_data(tokenizer):
 @pytest.fixture
 def tiny_model(tokenizer):
     """A fresh 2-layer Llama (hidden 32) with tied embeddings."""
-    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.demo.toy import tiny_causal_lm
 
     return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, pipeline
 
 from hf_ema import ConfigError, EMACallback, EMAConfig
-from hf_ema.offline import tiny_causal_lm
+from hf_ema.demo.toy import tiny_causal_lm
 
 
 class RecordWeights(TrainerCallback):
@@ -190,7 +190,7 @@ def test_resume_without_ema_warns_and_restarts(tmp_path, tokenizer, lm_data, cap
     run(tmp_path, model, lm_data[0], tokenizer, cfg, max_steps=4, save_steps=2)
     shutil.rmtree(tmp_path / "checkpoint-4" / "ema")
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
-    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_ema.trainer.callback"):
         _, callback, _ = run(tmp_path, model, lm_data[0], tokenizer, cfg, resume=True, max_steps=6, save_steps=2)
     assert any("no EMA was found" in r.getMessage() for r in caplog.records)
     assert callback.ema.step == 6 and callback.ema.num_updates == 2

@@ -20,7 +20,7 @@ def test_env_lists_versions(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert f"- hf-ema: {__version__}" in out and "- torch: " in out
-    from hf_ema.native import compiler
+    from hf_ema.engine.native import compiler
 
     assert f"- C compiler (native CPU kernel): {compiler() or 'none'}" in out
 

@@ -1,4 +1,4 @@
-"""EMA evaluation beside the raw one in real `Trainer` runs (hf_ema.evaluation, EMACallback(eval_ema=...))."""
+"""EMA evaluation beside the raw one in real `Trainer` runs (hf_ema.trainer.evaluation, EMACallback(eval_ema=...))."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_ema import EMACallback
-from hf_ema.evaluation import EMAEvaluator
+from hf_ema.trainer.evaluation import EMAEvaluator
 
 
 def _args(out, **kw) -> TrainingArguments:

@@ -54,7 +54,7 @@ def _loss(rows, method, step, seed=0):
 @pytest.fixture(scope="module")
 def eval_tokens(experiment):
     """The eval blocks the quick run uses, rebuilt here from the corpus: evenly spaced `round(i * n / 8)`."""
-    from hf_ema.offline import lm_datasets, train_tokenizer
+    from hf_ema.demo.toy import lm_datasets, train_tokenizer
 
     quick = experiment.QUICK
     tok = train_tokenizer(vocab_size=quick["vocab_size"])

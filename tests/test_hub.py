@@ -1,4 +1,4 @@
-"""Tests of `hf_ema.hub`: `hf-ema push` / `push_ema` and `Trainer(push_to_hub=True)` with `EMACallback`.
+"""Tests of `hf_ema.tools.hub`: `hf-ema push` / `push_ema` and `Trainer(push_to_hub=True)` with `EMACallback`.
 
 The Hub cannot be reached from here, so `huggingface_hub` is pointed at a stand-in Hub: a local HTTP server run by
 these tests (`FakeHub`) that implements the few Hub endpoints the uploads and downloads use
@@ -483,7 +483,7 @@ def test_trainer_push_under_ddp_carries_each_checkpoints_ema(fake_hub, tmp_path)
 def test_trainer_push_peft_adapter(fake_hub, tmp_path, tokenizer, lm_data, tiny_model):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.demo.toy import tiny_causal_lm
 
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainer, callback = _train(
@@ -508,7 +508,7 @@ def test_trainer_push_peft_adapter(fake_hub, tmp_path, tokenizer, lm_data, tiny_
 
 
 def test_eval_metrics_from_log_history():
-    from hf_ema.model_card import eval_metrics_from_log_history
+    from hf_ema.tools.model_card import eval_metrics_from_log_history
 
     history = [
         {"loss": 3.0, "step": 2},

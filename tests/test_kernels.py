@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from hf_ema import ModelEMA
-from hf_ema import kernels as K
-from hf_ema import native as N
-from hf_ema.kernels import LerpKernel, lerp_
+from hf_ema.engine import kernels as K
+from hf_ema.engine import native as N
+from hf_ema.engine.kernels import LerpKernel, lerp_
 
 SHAPES = [(37, 19), (5,), (300, 70), (3, 4, 5)]
 
@@ -102,7 +102,7 @@ def test_compile_failure_falls_back(monkeypatch, caplog):
         return fn
 
     monkeypatch.setattr(K, "_fresh_compiled_lerp", broken)
-    with caplog.at_level(logging.WARNING, logger="hf_ema.kernels"):
+    with caplog.at_level(logging.WARNING, logger="hf_ema.engine.kernels"):
         kernel = run_kernel("compiled", torch.bfloat16)
     assert kernel.backend == "chunked"
     assert "compiling the EMA update failed" in caplog.text
@@ -183,7 +183,7 @@ def test_native_build_failure_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(N, "_error", None)
     monkeypatch.setattr(N, "compiler", lambda: None)
     monkeypatch.setattr(K, "compile_available", lambda device: False)
-    with caplog.at_level(logging.WARNING, logger="hf_ema.kernels"):
+    with caplog.at_level(logging.WARNING, logger="hf_ema.engine.kernels"):
         kernel = run_kernel("native", torch.bfloat16)
     assert kernel.backend == "chunked"
     assert "native EMA kernel is unavailable (no C compiler found" in caplog.text

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_ema import CheckpointError, ConfigError, EMACallback, ema_weights, merge_checkpoints, wsm_weights
 from hf_ema.cli import main as cli_main
-from hf_ema.merge import decay_multipliers
-from hf_ema.offline import tiny_causal_lm
+from hf_ema.tools.merge import decay_multipliers
+from hf_ema.demo.toy import tiny_causal_lm
 
 # ---------------------------------------------------------------------- pure weights
 

@@ -17,10 +17,10 @@ from torch import nn
 from transformers import Trainer
 
 from hf_ema import ConfigError, EMACallback, EMAConfig, ModelEMA
-from hf_ema import kernels as K
-from hf_ema.offline import tiny_causal_lm
-from hf_ema.offload import OffloadedUpdate
-from hf_ema.streams import SideStream, register_pre_step_guard
+from hf_ema.engine import kernels as K
+from hf_ema.demo.toy import tiny_causal_lm
+from hf_ema.engine.offload import OffloadedUpdate
+from hf_ema.engine.streams import SideStream, register_pre_step_guard
 
 
 def perturb(model, g, scale=0.05):

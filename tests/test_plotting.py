@@ -1,4 +1,4 @@
-"""`plot_run` / `load_history` / `hf-ema plot` on a real short Trainer run (hf_ema.plotting)."""
+"""`plot_run` / `load_history` / `hf-ema plot` on a real short Trainer run (hf_ema.tools.plotting)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from transformers import Trainer
 
 from hf_ema import CheckpointError, EMACallback
 from hf_ema.cli import main
-from hf_ema.plotting import find_trainer_state, load_history, plot_run
+from hf_ema.tools.plotting import find_trainer_state, load_history, plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer, lm_data):
-    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.demo.toy import tiny_causal_lm
 
     train_ds, eval_ds = lm_data
     out = tmp_path_factory.mktemp("plot") / "run"

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_ema import CheckpointError, ConfigError, EMACallback, PostHocConfig, PostHocEMA, reconstruct
 from hf_ema.cli import main as cli_main
-from hf_ema.offline import tiny_causal_lm
-from hf_ema.phema import cell_weights, continuous_inner_product, gram_matrix, solve_posthoc_weights
+from hf_ema.demo.toy import tiny_causal_lm
+from hf_ema.posthoc.profiles import cell_weights, continuous_inner_product, gram_matrix, solve_posthoc_weights
 
 
 def gamma_of(sigma_rel: float) -> float:

@@ -19,7 +19,7 @@ import torch
 from hf_ema import EMAConfig, ModelEMA, load_ema
 from hf_ema.errors import ConfigTypeError
 from hf_ema.sharding import ReplicatedLayout, detect_layout
-from hf_ema.sharding_ddp import chunk_bounds
+from hf_ema.sharding.ddp import chunk_bounds
 
 DIST = Path(__file__).resolve().parent / "dist"
 sys.path.insert(0, str(DIST))

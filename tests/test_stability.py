@@ -199,7 +199,7 @@ def test_oscillation_state_resumes_exactly(tmp_path, tokenizer, lm_data):
     the tracker's state is saved per rank in `checkpoint-N/ema_stability/` and restored with the EMA."""
     import shutil
 
-    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.demo.toy import tiny_causal_lm
     from hf_ema.stability import STABILITY_DIRNAME
 
     def train(out, resume=None):

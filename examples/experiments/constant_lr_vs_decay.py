@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Constant learning rate + EMA or checkpoint merging versus cosine decay, on the offline tiny Llama.
 
-From the same seed (same initialisation, same batches) the tiny Llama of `hf_ema.offline` is trained twice on the
+From the same seed (same initialisation, same batches) the tiny Llama of `hf_ema.demo.toy` is trained twice on the
 bundled `pydoc_data.topics` corpus:
 
 (a) cosine decay of the learning rate to zero after a linear warmup (the baseline to match);
 (b) a constant learning rate after the same warmup, with `hf_ema.EMACallback` keeping EMAs of several decays
     (written into every `checkpoint-N/ema*/`);
-(c) the checkpoints of run (b) merged with `hf_ema.merge.merge_checkpoints`: the uniform mean and WSM decay
+(c) the checkpoints of run (b) merged with `hf_ema.tools.merge.merge_checkpoints`: the uniform mean and WSM decay
     emulation (cosine, 1-sqrt), over windows of several checkpoints;
 (d) post-hoc EMAs of a few widths `sigma_rel`, reconstructed by `hf_ema.posthoc.reconstruct` from the
     power-function EMA snapshots that `EMACallback(posthoc=...)` keeps during run (b).
@@ -189,7 +189,7 @@ def train_run(cfg: ExperimentConfig, seed: int, schedule: str, run_dir: Path, to
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from hf_ema.offline import tiny_causal_lm
+    from hf_ema.demo.toy import tiny_causal_lm
 
     # Only what changes the trained weights: other settings (eval, merges, seeds list) can change without retraining.
     settings = {name: getattr(cfg, name) for name in TRAINING_FIELDS}
@@ -288,8 +288,8 @@ def eval_subset(eval_ds, n_blocks: int) -> torch.Tensor:
 
 
 def merge_window(checkpoints: list[Path], out_dir: Path, schedule: str) -> Path:
-    """Merge raw checkpoints (oldest first) with `hf_ema.merge.merge_checkpoints`: the uniform mean or WSM."""
-    from hf_ema.merge import merge_checkpoints
+    """Merge raw checkpoints (oldest first) with `hf_ema.tools.merge.merge_checkpoints`: the uniform mean or WSM."""
+    from hf_ema.tools.merge import merge_checkpoints
 
     method, kwargs = ("mean", {}) if schedule == "mean" else ("wsm", {"schedule": schedule})
     return merge_checkpoints(checkpoints, out_dir, method=method, overwrite=True, progress=False, **kwargs)
@@ -334,7 +334,7 @@ def run_experiment(
     import transformers
     from tqdm.auto import tqdm
 
-    from hf_ema.offline import lm_datasets, tiny_causal_lm, train_tokenizer
+    from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

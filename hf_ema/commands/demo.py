@@ -6,12 +6,15 @@ import argparse
 import os
 import time
 
+from ..cli_types import SubParsers
+from .app_entry import load_app
+
 #: Set to 1 to start the app, check it answers one request, and exit (headless runs, tests, CI).
 EXIT_AFTER_START_ENV = "HF_EMA_DEMO_EXIT_AFTER_START"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import train_tiny_run
+    from ..demo.tiny_run import train_tiny_run
 
     start = time.perf_counter()
     results = train_tiny_run(
@@ -29,28 +32,28 @@ def run(args: argparse.Namespace) -> int:
     if args.no_serve:
         return 0
 
-    # The app needs gradio and lives in the top-level `serve` package: import it only now.
-    from serve.launch import serve_until_interrupted, smoke_request, start_app
+    # The app (repository folder `serve/`, installed as `hf_ema.app`) is found by entry point, never imported here.
+    app = load_app()
 
     exit_after_start = args.exit_after_start or os.environ.get(EXIT_AFTER_START_ENV, "0") not in ("", "0")
-    demo, url = start_app(
+    demo, url = app.start_app(
         results["output_dir"], host=args.host, port=args.port, open_browser=args.open_browser and not exit_after_start
     )
     print(f"app running at {url}  (open it in a browser; Ctrl+C to stop)", flush=True)
     if exit_after_start:
         try:
-            raw, ema = smoke_request(url)
+            raw, ema = app.smoke_request(url)
         finally:
             demo.close()
         print(f"smoke test: raw and EMA both generated ({len(raw)} and {len(ema)} characters)")
         print(f"  raw: {raw!r}\n  EMA: {ema!r}")
         return 0
-    serve_until_interrupted(demo)
+    app.serve_until_interrupted(demo)
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..demo import DEFAULT_DECAY, DEFAULT_MAX_STEPS
+def register(subparsers: SubParsers) -> None:
+    from ..demo.tiny_run import DEFAULT_DECAY, DEFAULT_MAX_STEPS
 
     parser = subparsers.add_parser(
         "demo", help="train the tiny offline model with EMA, then compare raw and EMA generations in a Gradio app"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import platform
 
+from ..cli_types import SubParsers
+
 
 def run(args: argparse.Namespace) -> int:
     import accelerate
@@ -13,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from .. import __version__
-    from ..native import compiler
+    from ..engine.native import compiler
 
     rows = {
         "hf-ema": __version__,
@@ -23,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
         "peft": peft.__version__,
-        # Which kernel a bf16/fp16 model's fp32 EMA gets on CPU (see hf_ema.kernels).
+        # Which kernel a bf16/fp16 model's fp32 EMA gets on CPU (see hf_ema.engine.kernels).
         "C compiler (native CPU kernel)": compiler() or "none: mixed-precision CPU updates use the fallback kernels",
     }
     for key, value in rows.items():
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("env", help="print the versions of hf-ema and its dependencies")
     parser.set_defaults(func=run)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_types import SubParsers
+
 
 def run(args: argparse.Namespace) -> int:
-    from ..merge import MERGE_RECIPE_NAME, merge_checkpoints
+    from ..tools.merge import MERGE_RECIPE_NAME, merge_checkpoints
 
     out = merge_checkpoints(
         args.checkpoints,
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "merge",
         help="average saved checkpoints (mean, EMA-like, or WSM learning-rate-decay emulation)",

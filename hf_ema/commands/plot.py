@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_types import SubParsers
+
 
 def run(args: argparse.Namespace) -> int:
-    from ..plotting import plot_run
+    from ..tools.plotting import plot_run
 
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "plot", help="plot raw vs EMA eval loss (and stability metrics) of a run from its trainer_state.json"
     )

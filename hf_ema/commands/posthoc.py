@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_types import SubParsers
+
 
 def run(args: argparse.Namespace) -> int:
     from ..posthoc import RECIPE_NAME, reconstruct
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "posthoc",
         help="reconstruct the EMA of any sigma_rel from a run's post-hoc snapshots (EDM2)",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_types import SubParsers
+
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import push_ema
+    from ..tools.hub import push_ema
 
     url = push_ema(
         args.path,
@@ -23,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "push",
         help="upload an ema/ folder to the Hugging Face Hub with a model card",

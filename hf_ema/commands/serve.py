@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_types import SubParsers
+from .app_entry import load_app
+
 
 def run(args: argparse.Namespace) -> int:
-    # The app lives in the top-level `serve` package (it needs gradio); hf_ema itself never imports it.
-    from serve.launch import serve_until_interrupted, start_app
+    # The app (repository folder `serve/`, installed as `hf_ema.app`) is found by entry point, never imported here.
+    app = load_app()
 
-    demo, url = start_app(
+    demo, url = app.start_app(
         args.path,
         host=args.host,
         port=args.port,
@@ -20,11 +23,11 @@ def run(args: argparse.Namespace) -> int:
         open_browser=args.open_browser,
     )
     print(f"hf-ema serve: raw vs EMA for {args.path} at {url}  (Ctrl+C to stop)", flush=True)
-    serve_until_interrupted(demo)
+    app.serve_until_interrupted(demo)
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="compare raw and EMA generations of a checkpoint side by side in a Gradio app"
     )

@@ -33,8 +33,8 @@ from common import (  # noqa: E402
 )
 
 from hf_ema import ModelEMA, load_ema, save_ema  # noqa: E402
-from hf_ema.distributed_io import load_rank_shard  # noqa: E402
-from hf_ema.serialization import read_ema_state  # noqa: E402
+from hf_ema.sharding.rank_files import load_rank_shard  # noqa: E402
+from hf_ema.ema_folder import read_ema_state  # noqa: E402
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

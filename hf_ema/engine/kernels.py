@@ -6,7 +6,7 @@ the README section "Performance" for the measurements behind the choice):
 - `"foreach"`: `torch._foreach_lerp_`, when the EMA and the weights share a dtype. It runs at the copy-bandwidth
   floor, so nothing is gained by compiling it.
 - `"native"`: on CPU, for bf16/fp16 weights and an fp32 EMA, a C kernel built at first use with the system C
-  compiler in well under a second (`hf_ema.native`): one OpenMP parallel region over the whole group, each weight
+  compiler in well under a second (`hf_ema.engine.native`): one OpenMP parallel region over the whole group, each weight
   upcast in registers. If it cannot be built, the group falls back to `"compiled"` or `"chunked"`, with a warning.
 - `"compiled"`: a `torch.compile`d fused kernel for mixed precision (bf16/fp16 weights, fp32 EMA) that upcasts each
   weight in registers: one pass, no fp32 copy of the weights. Compiling costs seconds once, so `"auto"` uses it
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import types
 from collections.abc import Sequence
 
 import torch
+
+from ..compat.torch import compile_supported, foreach_copy_, foreach_lerp_
 
 __all__ = [
     "BACKENDS",
@@ -72,24 +73,7 @@ def compile_available(device: torch.device | str) -> bool:
     Args:
         device (`torch.device` or `str`): Where the kernel would run.
     """
-    try:
-        import torch._dynamo
-
-        if not torch._dynamo.is_dynamo_supported():
-            return False
-        device_type = torch.device(device).type
-        if device_type == "cpu":
-            from torch._inductor import config as inductor_config
-
-            compiler = os.environ.get("CXX") or getattr(inductor_config.cpp, "cxx", (None, "g++"))[-1] or "g++"
-            return shutil.which(compiler) is not None or shutil.which("g++") is not None
-        if device_type == "cuda":
-            from torch.utils._triton import has_triton
-
-            return has_triton()
-    except Exception:  # any import or probing failure means: no compiler
-        return False
-    return False
+    return compile_supported(device)
 
 
 def _fused_lerp(ema: list[torch.Tensor], live: list[torch.Tensor], weight: torch.Tensor) -> None:
@@ -192,7 +176,7 @@ class LerpKernel:
         if not self.ema:
             return
         if self.backend == "foreach":
-            torch._foreach_lerp_(self.ema, self.live, weight)
+            foreach_lerp_(self.ema, self.live, weight)
         elif self.backend == "native":
             self._native_call(weight)
         elif self.backend == "compiled":
@@ -284,8 +268,8 @@ class LerpKernel:
         if self._plan is None:
             self._build_plan()
         for ema, live, scratch in self._plan:
-            torch._foreach_copy_(scratch, live)
-            torch._foreach_lerp_(ema, scratch, weight)
+            foreach_copy_(scratch, live)
+            foreach_lerp_(ema, scratch, weight)
         for e, w in self._oversized:
             e.lerp_(w.to(e.dtype), weight)
 
@@ -311,7 +295,7 @@ def lerp_(ema: list[torch.Tensor], live: list[torch.Tensor], weight: float) -> N
     if not ema:
         return
     if ema[0].dtype == live[0].dtype:
-        torch._foreach_lerp_(ema, live, weight)
+        foreach_lerp_(ema, live, weight)
     else:
         LerpKernel(ema, live, backend="chunked")(weight)
 
@@ -324,4 +308,4 @@ def copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         src (`list[torch.Tensor]`): Source tensors, same shapes.
     """
     if dst:
-        torch._foreach_copy_(dst, src)
+        foreach_copy_(dst, src)

@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError, ConfigTypeError
-from .serialization import EMA_DIRNAME, STATE_NAME, atomic_folder
-from .weight_files import WeightFolder, check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
+from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder
+from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..weighted_sum import WeightFolder, check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
 
 __all__ = ["MERGE_RECIPE_NAME", "SCHEDULES", "decay_multipliers", "ema_weights", "merge_checkpoints", "wsm_weights"]
 
@@ -237,7 +237,7 @@ def merge_checkpoints(
         recipe["schedule"] = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", repr(schedule))
         recipe["decay_multipliers"] = decay_multipliers(n, schedule)
 
-    from . import __version__
+    from .. import __version__
 
     recipe.update(
         {

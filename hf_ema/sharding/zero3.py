@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .sharding import comm_device
-from .sharding_fsdp import ShardedLayoutBase
+from ..errors import ConfigError
+from .base import ShardedLayoutBase, comm_device
 
 __all__ = ["ZeRO3Layout", "is_zero3"]
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
-    from .model_ema import ModelEMA
+    from ..model_ema import ModelEMA
 
 __all__ = [
     "SHARDS_DIRNAME",

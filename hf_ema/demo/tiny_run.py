@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["DEFAULT_DECAY", "DEFAULT_MAX_STEPS", "RESULTS_NAME", "train_tiny_run"]
 
@@ -76,8 +76,8 @@ def train_tiny_run(
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from .callback import EMACallback
-    from .offline import lm_datasets, tiny_causal_lm, train_tokenizer
+    from ..trainer.callback import EMACallback
+    from .toy import lm_datasets, tiny_causal_lm, train_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = train_tokenizer()

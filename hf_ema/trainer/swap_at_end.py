@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .serialization import EMA_DIRNAME, STATE_NAME, atomic_folder, load_ema
+from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder, load_ema
 
 __all__ = ["RAW_DIRNAME", "make_ema_final"]
 

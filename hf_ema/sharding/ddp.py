@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .sharding import ShardLayout, comm_device
+from ..errors import ConfigError
+from .base import ShardLayout, comm_device
 
 if TYPE_CHECKING:
-    from .config import EMAConfig
-    from .selection import Selection
+    from ..config import EMAConfig
+    from ..selection import Selection
 
 __all__ = ["DDPShardedLayout", "chunk_bounds"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 import weakref
@@ -13,38 +11,28 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import EMAConfig
-from .errors import ConfigTypeError
+from ..compat.transformers import find_calling_trainer, wrap_train
+from ..config import EMAConfig
+from ..ema_folder import load_ema, save_ema
+from ..errors import ConfigTypeError
+from ..model_ema import ModelEMA
+from ..posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
+from ..selection import select_tensors, unwrap_model
+from ..stability import StabilityConfig, StabilityMonitor
+from ..utils.paths import EMA_DIRNAME, STABILITY_DIRNAME, checkpoint_dir
 from .evaluation import EMAEvaluator
-from .final_model import make_ema_final
-from .model_ema import ModelEMA
-from .posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
-from .selection import select_tensors, unwrap_model
-from .serialization import EMA_DIRNAME, load_ema, save_ema
-from .stability import STABILITY_DIRNAME, StabilityConfig, StabilityMonitor
+from .hub_push import (
+    PushSteps,
+    after_checkpoint_save,
+    install_checkpoint_push_hook,
+    prepare_trainer_push,
+    wait_for_pushes,
+)
+from .swap_at_end import make_ema_final
 
 __all__ = ["EMACallback"]
 
 logger = logging.getLogger(__name__)
-
-PREFIX_CHECKPOINT_DIR = "checkpoint"
-
-
-def _find_calling_trainer() -> tuple[Trainer | None, Any]:
-    """The `Trainer` whose method is calling us (callbacks are not handed the trainer itself), and the value of
-    `resume_from_checkpoint` in that method (`_inner_training_loop` has it; `__init__` does not)."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(12):
-            if frame is None:
-                return None, None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate, frame.f_locals.get("resume_from_checkpoint")
-            frame = frame.f_back
-    finally:
-        del frame
-    return None, None
 
 
 class EMACallback(TrainerCallback):
@@ -107,11 +95,8 @@ class EMACallback(TrainerCallback):
         self.stability = StabilityMonitor(stability) if stability is not None else None
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._saved_step: int | None = None
-        # Steps whose EMA a Hub push already wrote to `checkpoint-N/ema/` and `output_dir/ema/` (see `hub.py`).
-        self._pushed_step: int | None = None
-        self._output_step: int | None = None
-        self._copied_step: int | None = None  # main process: the step whose EMA a push copied to output_dir/ema/
-        self._warned_distributed_push = False
+        #: Steps whose EMA a Hub push already wrote to `checkpoint-N/ema/` and `output_dir/ema/` (see `hub_push.py`).
+        self.push_steps = PushSteps()
         self._resume_checkpoint: str | os.PathLike | bool | None = None
 
     # ------------------------------------------------------------------ wiring
@@ -129,9 +114,7 @@ class EMACallback(TrainerCallback):
         if self.trainer is trainer:
             return self
         self._trainer_ref = weakref.ref(trainer)
-        self._wrap_train(trainer)
-        from .hub import install_checkpoint_push_hook
-
+        wrap_train(trainer, self._record_resume)
         install_checkpoint_push_hook(self, trainer)  # a no-op at each save unless pushing under distributed training
         if self.evaluator is not None:
             self.evaluator.install(trainer)
@@ -142,23 +125,13 @@ class EMACallback(TrainerCallback):
             handler.callbacks.insert(0, self)
         return self
 
-    def _wrap_train(self, trainer: Trainer) -> None:
-        # Callbacks never see the folder passed to `trainer.train(resume_from_checkpoint=...)`: record it here so
-        # the EMA is restored from the same checkpoint as the weights, wherever it lives.
-        original = trainer.train
-        callback_ref = weakref.ref(self)
-
-        @functools.wraps(original)
-        def train(*args: Any, **kwargs: Any):
-            callback = callback_ref()
-            if callback is not None:
-                callback._resume_checkpoint = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-            return original(*args, **kwargs)
-
-        trainer.train = train
+    def _record_resume(self, resume_from_checkpoint: Any) -> None:
+        # Callbacks never see the folder passed to `trainer.train(resume_from_checkpoint=...)`: record it so the EMA
+        # is restored from the same checkpoint as the weights, wherever it lives.
+        self._resume_checkpoint = resume_from_checkpoint
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        trainer, _ = _find_calling_trainer()
+        trainer, _ = find_calling_trainer()
         if trainer is not None:
             self.bind(trainer)
         model = kwargs.get("model")
@@ -170,7 +143,7 @@ class EMACallback(TrainerCallback):
         if self.trainer is None:
             # Added with `trainer.add_callback(...)` after `Trainer(...)`: no `on_init_end` reached us, bind now
             # (the EMA evaluation for this run, and the checkpoint this run resumes from).
-            trainer, resume = _find_calling_trainer()
+            trainer, resume = find_calling_trainer()
             if trainer is not None:
                 self.bind(trainer)
                 self._resume_checkpoint = resume
@@ -182,7 +155,7 @@ class EMACallback(TrainerCallback):
         self.ema = ModelEMA(model, self.config)
         self.ema.step = state.global_step
         # A new run: nothing of it written by a Hub push yet.
-        self._pushed_step = self._output_step = self._copied_step = None
+        self.push_steps.reset()
         if self.evaluator is not None:
             self.evaluator.active = True
         if state.global_step > 0:
@@ -203,7 +176,7 @@ class EMACallback(TrainerCallback):
             out.append(Path(resume))
         if isinstance(getattr(args, "resume_from_checkpoint", None), str):
             out.append(Path(args.resume_from_checkpoint))
-        out.append(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        out.append(checkpoint_dir(args.output_dir, state.global_step))
         return out
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
@@ -250,25 +223,21 @@ class EMACallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = checkpoint_dir(args.output_dir, state.global_step)
         if not folder.is_dir() and args.should_save:
             logger.warning("Checkpoint folder %s not found; EMA not saved for this step", folder)
             return
-        if self._pushed_step != state.global_step:  # a Hub push (before on_save) may have written it already
+        if self.push_steps.pushed != state.global_step:  # a Hub push (before on_save) may have written it already
             self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
         if self.stability is not None:  # every rank its own file: the oscillation sample is of its local shards
             self.stability.save(folder / STABILITY_DIRNAME, self.ema.layout.rank, self.ema.layout.world_size)
         if self.posthoc is not None:
             self.posthoc.on_save(args, state, folder)
         if args.push_to_hub:
-            from .hub import after_checkpoint_save
-
             after_checkpoint_save(self, args, state)
 
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # The Trainer uploads right after this event (for a checkpoint: before `on_save`), so `ema/` is written now.
-        from .hub import prepare_trainer_push
-
         prepare_trainer_push(self, args, state, processing_class=kwargs.get("processing_class"))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -276,15 +245,13 @@ class EMACallback(TrainerCallback):
             return
         if self.posthoc is not None:
             self.posthoc.on_train_end(args, state)
-        if self.save_final and self._output_step != state.global_step:  # else a Hub push wrote this step's EMA
+        if self.save_final and self.push_steps.output != state.global_step:  # else a Hub push wrote this step's EMA
             if args.push_to_hub:
-                from .hub import wait_for_pushes
-
                 wait_for_pushes(self)  # a checkpoint upload may still be reading output_dir/ema
             self.save(
                 Path(args.output_dir) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state
             )
-            self._output_step = state.global_step
+            self.push_steps.output = state.global_step
         if self.swap_at_end:
             best = state.best_model_checkpoint if args.load_best_model_at_end else None
             make_ema_final(self.ema, args.output_dir, kwargs.get("processing_class"), best_checkpoint=best)

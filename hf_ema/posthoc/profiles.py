@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "cell_weights",

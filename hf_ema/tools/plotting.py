@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run"]
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import EMAConfig
+from ..config import EMAConfig
 from .kernels import LerpKernel, copy_
 from .offload import OffloadedUpdate
 from .streams import SideStream, register_pre_step_guard

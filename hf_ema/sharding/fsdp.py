@@ -19,78 +19,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .sharding import ShardLayout
+from ..compat.torch_fsdp import (
+    fsdp1_flat_params,
+    fsdp1_lazy_init,
+    fsdp1_local_view,
+    fsdp1_reshard,
+    fsdp2_lazy_init,
+    is_fsdp_flattened,
+    local_shape_and_offset,
+)
+from ..errors import ConfigError
+from .base import ShardedLayoutBase, persistent_buffers, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
-    from .config import EMAConfig
-    from .selection import Selection
+    from ..config import EMAConfig
+    from ..selection import Selection
 
-__all__ = ["FSDP1Layout", "FSDP2Layout", "ShardedLayoutBase", "is_fsdp1", "is_fsdp2", "persistent_buffers"]
-
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _clean_name(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The model's persistent buffers by name, found without calling `state_dict()` (a collective under FSDP1).
-
-    Args:
-        model (`nn.Module`): The model.
-    """
-    out = []
-    for prefix, module in model.named_modules():
-        for name, buf in module._buffers.items():
-            if buf is None or name in module._non_persistent_buffers_set:
-                continue
-            out.append((f"{prefix}.{name}" if prefix else name, buf))
-    return out
+__all__ = ["FSDP1Layout", "FSDP2Layout", "is_fsdp1", "is_fsdp2"]
 
 
 def _device_of_mesh(mesh: Any) -> torch.device:
     if mesh.device_type == "cpu":
         return torch.device("cpu")
     return torch.device(mesh.device_type, torch.accelerator.current_device_index())
-
-
-class ShardedLayoutBase(ShardLayout):
-    """Shared save-time logic of layouts whose model itself is sharded (FSDP1, FSDP2, ZeRO-3)."""
-
-    is_sharded = True
-
-    def clean_name(self, name: str) -> str:
-        """The `state_dict` name of a parameter, without wrapper prefixes.
-
-        Args:
-            name (`str`): The name from `named_parameters()`.
-        """
-        return _clean_name(name)
-
-    def full_model_tensors(self, model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor] | None:
-        from .selection import is_peft_model
-
-        out: dict[str, torch.Tensor] | None = {} if self.is_main_process() else None
-        if is_peft_model(self.save_module(model)):
-            # A PEFT folder holds the adapter only, which the EMA provides: never gather the frozen base model.
-            return out
-        for raw, param in model.named_parameters():
-            name = self.clean_name(raw)
-            if name in skip:
-                continue
-            full = self.full_tensor(name, self.local(name, param))
-            if out is not None and full is not None:
-                out[name] = full.detach().to("cpu", copy=True)
-        if out is not None:
-            for raw, buf in persistent_buffers(model):
-                name = self.clean_name(raw)
-                if name not in skip:
-                    out[name] = buf.detach().to("cpu", copy=True)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
@@ -130,12 +81,8 @@ class FSDP2Layout(ShardedLayoutBase):
             FSDPModule = ()  # noqa: N806
         self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if model is not None else []
         if self._fsdp_modules:
-            # FSDP2's lazy init (normally at the first forward) re-pads the local shard of unevenly sharded
-            # parameters whose storage was replaced (e.g. by `load_state_dict(assign=True)` in accelerate's
-            # RAM-efficient loading): run it now, so that the views the EMA follows are the final ones.
-            state = getattr(self._fsdp_modules[0], "_get_fsdp_state", None)
-            if state is not None:
-                state()._lazy_init()
+            # FSDP2's lazy init re-pads uneven shards whose storage was replaced: the EMA's views must be final.
+            fsdp2_lazy_init(self._fsdp_modules[0])
 
     def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
@@ -173,12 +120,10 @@ class FSDP2Layout(ShardedLayoutBase):
             module.reshard()
 
     def shard_full_tensor(self, name: str, full: torch.Tensor, local_like: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         spec = self._specs.get(name)
         if spec is None:
             return full
-        local_shape, offset = compute_local_shape_and_global_offset(spec.shape, spec.mesh, spec.placements)
+        local_shape, offset = local_shape_and_offset(spec.shape, spec.mesh, spec.placements)
         out = full
         for dim, (start, length) in enumerate(zip(offset, local_shape)):
             out = out.narrow(dim, min(start, full.shape[dim]), length)
@@ -232,15 +177,15 @@ class _Fsdp1SelectionView:
 
     def named_parameters(self, remove_duplicate: bool = True):
         for name, p in self._root.named_parameters(remove_duplicate=remove_duplicate):
-            yield _clean_name(name), p
+            yield strip_wrapper_prefixes(name), p
 
     def named_buffers(self):
         for name, b in self._root.named_buffers():
-            yield _clean_name(name), b
+            yield strip_wrapper_prefixes(name), b
 
     def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
         out = dict(self.named_parameters())
-        out.update((_clean_name(n), b) for n, b in persistent_buffers(self._root))
+        out.update((strip_wrapper_prefixes(n), b) for n, b in persistent_buffers(self._root))
         return out
 
 
@@ -258,49 +203,33 @@ class FSDP1Layout(ShardedLayoutBase):
     kind = "fsdp1"
 
     def __init__(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp._flat_param import HandleShardingStrategy
-
         fsdp_cls = _fsdp1_class()
-        from torch.distributed.fsdp._runtime_utils import _lazy_init
-
         for root in fsdp_cls.fsdp_modules(model, root_only=True):
-            # What FSDP runs before the first forward (and in `clip_grad_norm_`, `summon_full_params`): it fixes
-            # each flat parameter's `_local_shard`, the storage the EMA must follow (pinned anew under CPU offload).
-            _lazy_init(root, root)
+            fsdp1_lazy_init(root)  # fixes each flat parameter's local shard, the storage the EMA follows
         self._by_param: dict[int, _FlatSlice] = {}
         self._by_name: dict[str, _FlatSlice] = {}
         self._handles: list[tuple[nn.Module, Any]] = []
-        for module in fsdp_cls.fsdp_modules(model):
-            handle = module._handle
-            if handle is None:
-                continue
-            self._handles.append((module, handle))
-            if not handle._use_orig_params:
+        for flat in fsdp1_flat_params(fsdp_cls, model):
+            self._handles.append((flat.module, flat.handle))
+            if not flat.use_orig_params:
                 raise ConfigError(
                     f"an EMA of an FSDP1 model needs `use_orig_params=True` (accelerate: `fsdp_use_orig_params: "
-                    f"true`), got use_orig_params={handle._use_orig_params!r}"
+                    f"true`), got use_orig_params={flat.use_orig_params!r}"
                 )
-            if handle._sharding_strategy == HandleShardingStrategy.NO_SHARD:
+            if flat.strategy == "NO_SHARD":
                 raise ConfigError(
-                    f"FSDP1 with sharding_strategy={handle._sharding_strategy.name!r} replicates the model: use DDP, "
+                    f"FSDP1 with sharding_strategy={flat.strategy!r} replicates the model: use DDP, "
                     f"or FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD"
                 )
-            flat = handle.flat_param
-            starts: list[int] = []
-            offset = 0
-            for numel, is_padding in zip(flat._numels_with_padding, flat._is_padding_mask):
-                if not is_padding:
-                    starts.append(offset)
-                offset += numel
-            for index, param in enumerate(flat._params):
+            for index, param in enumerate(flat.params):
                 self._by_param[id(param)] = _FlatSlice(
-                    flat_param=flat,
+                    flat_param=flat.flat_param,
                     index=index,
-                    group=handle.process_group,
-                    start=starts[index],
-                    numel=flat._numels[index],
-                    shape=flat._shapes[index],
-                    shard_numel=flat._sharded_size.numel(),
+                    group=flat.process_group,
+                    start=flat.starts[index],
+                    numel=flat.numels[index],
+                    shape=flat.shapes[index],
+                    shard_numel=flat.shard_numel,
                 )
         inner = model
         while isinstance(inner, fsdp_cls):
@@ -308,7 +237,7 @@ class FSDP1Layout(ShardedLayoutBase):
         self._inner = inner
 
     def select(self, model: nn.Module, config: EMAConfig) -> Selection:
-        from .selection import is_peft_model, select_tensors
+        from ..selection import is_peft_model, select_tensors
 
         if config.trainable_only is None and is_peft_model(self._inner):
             config = dataclasses.replace(config, trainable_only=True)
@@ -320,7 +249,7 @@ class FSDP1Layout(ShardedLayoutBase):
     def save_pretrained(
         self, module: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     ) -> None:
-        from .selection import is_peft_model
+        from ..selection import is_peft_model
 
         if not is_peft_model(module):
             module.save_pretrained(folder, state_dict=state_dict)
@@ -330,15 +259,17 @@ class FSDP1Layout(ShardedLayoutBase):
         # PEFT picks the adapter's keys by the names of the modules it finds, and under FSDP1 the units nested
         # in the model add `_fsdp_wrapped_module.` inside those names (PEFT only strips a leading one). Hand it
         # keys under those names, then write the adapter file back under the clean names `from_pretrained` reads.
-        peft_names = {_clean_name(n): n.removeprefix("_fsdp_wrapped_module.") for n, _ in module.named_parameters()}
+        peft_names = {
+            strip_wrapper_prefixes(n): n.removeprefix("_fsdp_wrapped_module.") for n, _ in module.named_parameters()
+        }
         module.save_pretrained(folder, state_dict={peft_names.get(k, k): v for k, v in state_dict.items()})
         for path in Path(folder).glob("adapter_model*.safetensors"):
             tensors = load_file(str(path))
-            save_file({_clean_name(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+            save_file({strip_wrapper_prefixes(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
     def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         where = self._by_param.get(id(tensor))
-        if where is None and getattr(tensor, "_fsdp_flattened", False):
+        if where is None and is_fsdp_flattened(tensor):
             raise ConfigError(
                 f"parameter {name!r} belongs to an FSDP1 unit outside the model given to the EMA: pass the FSDP root "
                 f"(under Trainer: `trainer.model` after `accelerator.prepare`), got a model without its root wrapper"
@@ -347,9 +278,7 @@ class FSDP1Layout(ShardedLayoutBase):
             self._by_name.pop(name, None)
             return tensor.detach()
         self._by_name[name] = where
-        info = where.flat_param._shard_param_infos[where.index]
-        shard = where.flat_param._local_shard
-        view = shard[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard] if info.in_shard else shard[:0]
+        view = fsdp1_local_view(where.flat_param, where.index)
         lo, hi = where.bounds(where.group.rank())
         if view.numel() != hi - lo:
             raise RuntimeError(
@@ -363,14 +292,11 @@ class FSDP1Layout(ShardedLayoutBase):
         # FSDP1 keeps the root's flat parameter unsharded after a forward without backward (and SHARD_GRAD_OP keeps
         # every one): such a handle would not re-gather the shards just written, and a training forward after
         # `swapped()` would even run on the EMA. Reshard them, as `summon_full_params` does on exit.
-        from torch.distributed.fsdp._runtime_utils import _reshard
-
         for module, handle in self._handles:
-            if not handle.needs_unshard():
-                _reshard(module, handle, True)
+            fsdp1_reshard(module, handle)
 
     def full_tensor(self, name: str, local_ema: torch.Tensor, *, all_ranks: bool = False) -> torch.Tensor | None:
-        from .sharding import comm_device
+        from .base import comm_device
 
         where = self._by_name.get(name)
         if where is None:

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigTypeError
-from .serialization import EMA_DIRNAME, STATE_NAME, read_ema_state
+from ..ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
+from ..errors import CheckpointError, ConfigTypeError
 
 __all__ = [
     "CARD_NAME",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME
-from .distributed_io import load_rank_shard, save_rank_shard
 from .errors import CheckpointError
 from .model_ema import STATE_FORMAT_VERSION, ModelEMA
 from .selection import is_peft_model
+from .sharding.rank_files import load_rank_shard, save_rank_shard
+from .utils.atomic import atomic_folder
+from .utils.paths import EMA_DIRNAME, STATE_NAME, TENSORS_NAME
 
 __all__ = [
     "EMA_DIRNAME",
@@ -31,49 +31,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EMA_DIRNAME = "ema"
-STATE_NAME = "ema_state.json"
-#: The EMA tensors in their own dtype (fp32), written when the `save_pretrained` weights cannot restore them exactly.
-TENSORS_NAME = "ema_state.safetensors"
-
-
-class atomic_folder:  # noqa: N801 - used as a context manager, reads like a function
-    """Context manager that builds a folder under a temporary name and renames it into place on success.
-
-    On an exception the temporary folder is removed and an existing folder at `path` is left untouched, so a
-    crash never leaves a partial folder.
-
-    Args:
-        path (`str` or `os.PathLike`): The final folder.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
 
 def _needs_exact_tensors(ema: ModelEMA) -> bool:
     if is_peft_model(ema.layout.save_module(ema.model)):
         # Adapter files rename keys (the adapter name is dropped); keep our own exact copy, it is small.
         return True
-    return any(e.dtype != live.dtype for e, live in zip(ema.shadow, ema._live))
+    return any(e.dtype != live.dtype for e, live in zip(ema.shadow, ema.live_tensors))
 
 
 def _write_weights(
@@ -81,7 +44,7 @@ def _write_weights(
 ) -> None:
     model = ema.layout.save_module(ema.model)
     model_dtype_full = {}
-    live_dtypes = {n: live.dtype for n, live in zip(ema.names, ema._live)}
+    live_dtypes = {n: live.dtype for n, live in zip(ema.names, ema.live_tensors)}
     for name, tensor in full.items():
         model_dtype_full[name] = tensor.to(live_dtypes.get(name, tensor.dtype))
     # `base`: the model's other tensors (full, gathered by the layout for a sharded model).

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..compat.torch import foreach_copy_
 from .kernels import LerpKernel
 from .streams import SideStream
 
@@ -87,7 +88,7 @@ class OffloadedUpdate:
         if not cuda:
             for staging, live in zip(self.staging, self.live):
                 if staging is not live:
-                    torch._foreach_copy_(staging, live)
+                    foreach_copy_(staging, live)
             return None
         if self.side_stream is not None:
             with self.side_stream.launch() as stream:

@@ -14,11 +14,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .config import EMAConfig
-    from .selection import Selection
+from ..compat.torch import persistent_buffers
 
-__all__ = ["ReplicatedLayout", "ShardLayout", "comm_device", "detect_layout", "dist_ready"]
+if TYPE_CHECKING:
+    from ..config import EMAConfig
+    from ..selection import Selection
+
+__all__ = [
+    "ReplicatedLayout",
+    "ShardLayout",
+    "ShardedLayoutBase",
+    "comm_device",
+    "dist_ready",
+    "persistent_buffers",
+    "strip_wrapper_prefixes",
+]
 
 
 def dist_ready() -> bool:
@@ -66,7 +76,7 @@ class ShardLayout:
             model (`nn.Module`): The unwrapped model.
             config (`EMAConfig`): The EMA configuration.
         """
-        from .selection import select_tensors
+        from ..selection import select_tensors
 
         return select_tensors(model, config)
 
@@ -173,32 +183,45 @@ class ReplicatedLayout(ShardLayout):
     """Every rank holds full tensors (single process, DDP): the EMA holds full tensors too."""
 
 
-def detect_layout(model: nn.Module, config: EMAConfig | None = None) -> ShardLayout:
-    """The layout of a model as the Trainer / accelerate prepared it.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-    In order: FSDP2 / DTensor parameters, FSDP1 (`FullyShardedDataParallel` with `use_orig_params=True`),
-    DeepSpeed ZeRO-3 partitioned parameters; otherwise the model is replicated, and the EMA is sharded across
-    ranks when `config.shard_across_ranks` is `True`, or `None` with more than one rank.
 
-    Args:
-        model (`nn.Module`): The (possibly wrapped) model.
-        config (`EMAConfig`, *optional*): The EMA configuration (for `shard_across_ranks`).
+def strip_wrapper_prefixes(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
-    Raises:
-        `ConfigError`: FSDP1 without `use_orig_params=True`, or ZeRO-3 parameters offloaded to NVMe.
-    """
-    from .sharding_fsdp import FSDP1Layout, FSDP2Layout, is_fsdp1, is_fsdp2
-    from .sharding_zero import ZeRO3Layout, is_zero3
 
-    if is_fsdp2(model):
-        return FSDP2Layout(model)
-    if is_fsdp1(model):
-        return FSDP1Layout(model)
-    if is_zero3(model):
-        return ZeRO3Layout(model)
-    shard = None if config is None else getattr(config, "shard_across_ranks", None)
-    if dist_ready() and torch.distributed.get_world_size() > 1 and shard is not False:
-        from .sharding_ddp import DDPShardedLayout
+class ShardedLayoutBase(ShardLayout):
+    """Shared save-time logic of layouts whose model itself is sharded (FSDP1, FSDP2, ZeRO-3)."""
 
-        return DDPShardedLayout()
-    return ReplicatedLayout()
+    is_sharded = True
+
+    def clean_name(self, name: str) -> str:
+        """The `state_dict` name of a parameter, without wrapper prefixes.
+
+        Args:
+            name (`str`): The name from `named_parameters()`.
+        """
+        return strip_wrapper_prefixes(name)
+
+    def full_model_tensors(self, model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor] | None:
+        from ..selection import is_peft_model
+
+        out: dict[str, torch.Tensor] | None = {} if self.is_main_process() else None
+        if is_peft_model(self.save_module(model)):
+            # A PEFT folder holds the adapter only, which the EMA provides: never gather the frozen base model.
+            return out
+        for raw, param in model.named_parameters():
+            name = self.clean_name(raw)
+            if name in skip:
+                continue
+            full = self.full_tensor(name, self.local(name, param))
+            if out is not None and full is not None:
+                out[name] = full.detach().to("cpu", copy=True)
+        if out is not None:
+            for raw, buf in persistent_buffers(model):
+                name = self.clean_name(raw)
+                if name not in skip:
+                    out[name] = buf.detach().to("cpu", copy=True)
+        return out

@@ -1,0 +1,204 @@
+"""Post-hoc EMA reconstruction (EDM2, Karras et al. 2024, section 3.2): the EMA of any width `sigma_rel`, built after
+training as a least-squares combination of the stored power-function EMA snapshots (see `profiles.py`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import MAX_SIGMA_REL
+from ..decay import gamma_from_sigma_rel, sigma_rel_from_gamma
+from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder, read_ema_state
+from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..utils.paths import POSTHOC_DIRNAME, posthoc_step
+from ..weighted_sum import check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
+from .profiles import solve_posthoc_weights
+
+__all__ = ["RECIPE_NAME", "Snapshot", "list_snapshots", "reconstruct"]
+
+logger = logging.getLogger(__name__)
+
+RECIPE_NAME = "posthoc_recipe.json"
+
+
+@dataclass
+class Snapshot:
+    """One stored power-function EMA snapshot.
+
+    Args:
+        folder (`Path`): Its `save_ema` folder.
+        step (`int`): The optimizer step it was taken at.
+        t (`int`): Time of its last update, in steps since the EMA started.
+        gamma (`float`): Exponent of its profile.
+        update_every (`int`): Steps between two updates.
+    """
+
+    folder: Path
+    step: int
+    t: int
+    gamma: float
+    update_every: int
+
+
+def _posthoc_root(run_dir: Path) -> Path:
+    if run_dir.name == POSTHOC_DIRNAME or any(posthoc_step(p) is not None for p in run_dir.iterdir()):
+        return run_dir
+    return run_dir / POSTHOC_DIRNAME
+
+
+def list_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
+    """The post-hoc snapshots of a run, oldest first.
+
+    Args:
+        run_dir (`str` or `os.PathLike`): The run's `output_dir` (or its `ema_posthoc/` folder).
+
+    Raises:
+        `CheckpointError`: when the folder holds no snapshot.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"`run_dir` `{run_dir}` does not exist")
+    root = _posthoc_root(run_dir)
+    out: list[Snapshot] = []
+    if root.is_dir():
+        for step_dir in sorted(root.iterdir()):
+            if not (step_dir.is_dir() and posthoc_step(step_dir) is not None):
+                continue
+            for folder in sorted(step_dir.iterdir()):
+                if not (folder / STATE_NAME).is_file():
+                    continue
+                meta = read_ema_state(folder).get("posthoc")
+                if not meta:
+                    continue
+                out.append(
+                    Snapshot(
+                        folder,
+                        int(meta["global_step"]),
+                        int(meta["t"]),
+                        float(meta["gamma"]),
+                        int(meta["update_every"]),
+                    )
+                )
+    if not out:
+        raise CheckpointError(
+            f"`{run_dir}` holds no post-hoc EMA snapshots (expected `{POSTHOC_DIRNAME}/step-N/sigma_rel-S/`); "
+            f"train with EMACallback(posthoc=True)"
+        )
+    out.sort(key=lambda s: (s.t, s.gamma))
+    return out
+
+
+def _metadata_sources(run_dir: Path, newest: Path) -> list[Path]:
+    # The snapshot has config.json / adapter_config.json; the tokenizer is in the run's ema/, the run root (after
+    # trainer.save_model) or the newest checkpoint.
+    root = run_dir.parent if run_dir.name == POSTHOC_DIRNAME else run_dir
+    checkpoints = sorted(
+        (p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return [newest, root / EMA_DIRNAME, root] + ([checkpoints[-1]] if checkpoints else [])
+
+
+def reconstruct(
+    run_dir: str | os.PathLike,
+    sigma_rel: float | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    gamma: float | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Reconstruct the power-function EMA of width `sigma_rel` from a run's post-hoc snapshots.
+
+    Finds the weights `x` that best fit the wanted profile with the stored ones (least squares over the profiles,
+    with the update interval accounted for; see `hf_ema.posthoc.profiles`), then writes `sum_i x_i * snapshot_i`, streamed
+    tensor by tensor, as a `from_pretrained`-loadable folder with configs and tokenizer copied from the run and
+    the recipe (coefficients, fit error) in `posthoc_recipe.json`.
+
+    Args:
+        run_dir (`str` or `os.PathLike`): The run's `output_dir` (or its `ema_posthoc/` folder).
+        sigma_rel (`float`, *optional*): Wanted relative width, in (0, 0.2887). Give this or `gamma`.
+        out_dir (`str` or `os.PathLike`, *optional*): Output folder; defaults to `run_dir/ema-sigma_rel-<s>`.
+        gamma (`float`, *optional*): Wanted profile exponent instead of `sigma_rel`.
+        step (`int`, *optional*): Optimizer step of the wanted EMA; defaults to the last snapshot's.
+        overwrite (`bool`, *optional*, defaults to `False`): Replace `out_dir` if it exists.
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+
+    Returns:
+        `Path`: the output folder.
+    """
+    if (sigma_rel is None) == (gamma is None):
+        raise ConfigError(f"give exactly one of `sigma_rel` and `gamma`, got sigma_rel={sigma_rel!r}, gamma={gamma!r}")
+    if sigma_rel is not None:
+        if (
+            isinstance(sigma_rel, bool)
+            or not isinstance(sigma_rel, (int, float))
+            or not 0.0 < sigma_rel < MAX_SIGMA_REL
+        ):
+            raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
+        gamma = gamma_from_sigma_rel(float(sigma_rel))
+    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > -1.0:
+        raise ConfigError(f"`gamma` must be a number > -1, got {gamma!r}")
+    else:
+        sigma_rel = sigma_rel_from_gamma(float(gamma))
+    run_dir = Path(run_dir)
+    snapshots = list_snapshots(run_dir)
+    intervals = sorted({s.update_every for s in snapshots})
+    if len(intervals) != 1:
+        raise CheckpointError(f"snapshots in `{run_dir}` mix update intervals {intervals!r}; reconstruct needs one")
+    k = intervals[0]
+    offset = {s.step - s.t for s in snapshots}  # the EMAs' start step
+    last = max(snapshots, key=lambda s: s.t)
+    if step is None:
+        t_target = last.t
+        step = last.step
+    else:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ConfigTypeError(f"`step` must be an int, got {step!r}")
+        start = min(offset)
+        # The EMA at `step` is the one after the last update at or before it.
+        t_target = ((step - start) // k) * k
+        if not 0 < t_target <= last.t:
+            raise ConfigError(f"`step` must be within the snapshots' range ({start + k}..{last.step}), got {step!r}")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / f"ema-sigma_rel-{sigma_rel:g}"
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"`out_dir` `{out_dir}` exists and is not empty; pass overwrite=True to replace it")
+
+    x, fit_error = solve_posthoc_weights([s.t for s in snapshots], [s.gamma for s in snapshots], t_target, gamma, k)
+    folders = [read_weight_folder(s.folder) for s in snapshots]
+    # The newest snapshot is the layout reference (write_weighted_sum and check_compatible use the last one).
+    newest_index = snapshots.index(last)
+    order = [i for i in range(len(snapshots)) if i != newest_index] + [newest_index]
+    folders = [folders[i] for i in order]
+    coefficients = [float(x[i]) for i in order]
+    check_compatible(folders)
+    if fit_error > 0.05:
+        logger.warning("post-hoc fit of sigma_rel=%g is poor (relative profile error %.3f)", sigma_rel, fit_error)
+
+    from .. import __version__
+
+    recipe = {
+        "sigma_rel": sigma_rel,
+        "gamma": gamma,
+        "step": step,
+        "t": t_target,
+        "update_every": k,
+        "relative_profile_error": fit_error,
+        "snapshots": [
+            {"path": str(s.folder), "step": s.step, "t": s.t, "gamma": s.gamma, "weight": float(w)}
+            for s, w in zip(snapshots, x)
+        ],
+        "hf_ema_version": __version__,
+    }
+    with atomic_folder(out_dir) as tmp:
+        write_weighted_sum(folders, coefficients, tmp, progress=progress, desc="post-hoc EMA")
+        copy_metadata(tmp, _metadata_sources(run_dir, last.folder))
+        with open(tmp / RECIPE_NAME, "w", encoding="utf-8") as f:
+            json.dump(recipe, f, indent=2)
+            f.write("\n")
+    logger.info("post-hoc EMA sigma_rel=%g written to %s (profile fit error %.2e)", sigma_rel, out_dir, fit_error)
+    return out_dir

@@ -1,0 +1,19 @@
+"""Sharding: how each averaged tensor maps to the shard this rank holds (replicated, DDP-sharded, FSDP1, FSDP2,
+DeepSpeed ZeRO-3) and the per-rank files written next to an EMA."""
+
+from .base import ReplicatedLayout, ShardedLayoutBase, ShardLayout, comm_device, dist_ready
+from .detect import detect_layout
+from .rank_files import load_rank_shard, rank_file_name, save_file_atomic, save_rank_shard
+
+__all__ = [
+    "ReplicatedLayout",
+    "ShardLayout",
+    "ShardedLayoutBase",
+    "comm_device",
+    "detect_layout",
+    "dist_ready",
+    "load_rank_shard",
+    "rank_file_name",
+    "save_file_atomic",
+    "save_rank_shard",
+]

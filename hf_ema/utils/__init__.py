@@ -1,0 +1,36 @@
+"""Small rules used everywhere: path names of a run (`checkpoint-N/`, `ema/`), crash-safe folder writes, argument
+validation and JSON I/O."""
+
+from .atomic import atomic_folder, commit_folder, recover_folder
+from .paths import (
+    CHECKPOINT_PREFIX,
+    EMA_DIRNAME,
+    MARKER_NAME,
+    POSTHOC_DIRNAME,
+    STABILITY_DIRNAME,
+    STATE_NAME,
+    TENSORS_NAME,
+    checkpoint_dir,
+    checkpoint_step,
+    is_ema_folder,
+    is_run_folder,
+    list_checkpoints,
+)
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "EMA_DIRNAME",
+    "MARKER_NAME",
+    "POSTHOC_DIRNAME",
+    "STABILITY_DIRNAME",
+    "STATE_NAME",
+    "TENSORS_NAME",
+    "atomic_folder",
+    "checkpoint_dir",
+    "checkpoint_step",
+    "commit_folder",
+    "is_ema_folder",
+    "is_run_folder",
+    "list_checkpoints",
+    "recover_folder",
+]
