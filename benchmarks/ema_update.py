@@ -2,6 +2,7 @@
 
     python benchmarks/ema_update.py                       # 50M and 500M parameters, fp32 and bf16 weights
     python benchmarks/ema_update.py --sizes 50M --reps 9  # quicker
+    python benchmarks/ema_update.py --sizes 50M --only nan_check --docs docs/guides/nan_guarantee.md  # the NaN check
 
 For each (size, weight dtype) the script builds a Llama from a config, builds every EMA implementation on it, and
 times `update()`: the median of `--rounds` x `--reps` calls after two warm-up calls. When every EMA fits in memory
@@ -13,6 +14,13 @@ faster of a 256 MiB copy and a 256 MiB in-place scale (read-modify-write, the EM
 
 The ratio column divides by the fastest anchor: with fp32 weights any anchor; with low-precision weights the
 fastest anchor that keeps an EMA in the weights' dtype (hf-ema keeps fp32, the goal is to cost no more than them).
+
+The cost of the NaN check (`EMAConfig(on_nonfinite=...)`) is measured side by side in the same run: `ModelEMA` as
+configured by default (`"skip"`: the check fused into the native kernel) against `on_nonfinite="ignore"` (no check,
+the kernel hf-ema used before the check: `_foreach_lerp_` for fp32 weights), and, to isolate the check from the
+choice of kernel, the native kernel's `fold_checked` against its plain update on the same tensors. The goal: the
+checked update within 5% of the unchecked one. `--only nan_check` times these four alone; `--docs FILE` writes their
+table into FILE between the `<!-- ema_update.py:nan-check -->` markers.
 """
 
 from __future__ import annotations
@@ -29,8 +37,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _anchors as A  # noqa: E402
+from _docs_page import DocsPage, default_path  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The hf-ema rows of the NaN-check comparison (never anchors).
+NAN_CHECK = ("hf_ema", "hf_ema_ignore", "kernel_checked", "kernel_unchecked")
+OURS = set(NAN_CHECK)
+#: Relative cost allowed for the NaN check.
+NAN_CHECK_GOAL = 1.05
+DOCS_BEGIN = "<!-- ema_update.py:nan-check:begin -->"
+DOCS_END = "<!-- ema_update.py:nan-check:end -->"
+
+
+def native_kernel(model, checked: bool) -> A.Impl:
+    """The native kernel alone on an fp32 EMA of the model's parameters: `fold_checked` (the check fused in) or the
+    plain update, so that the ratio of the two is the check's own cost."""
+    from hf_ema.engine.kernels import LerpKernel
+
+    live = [p.detach() for p in model.parameters()]
+    ema = [p.float().clone() for p in live]
+    kernel = LerpKernel(ema, live, backend="native", check_finite=checked)
+    weight = 1.0 - A.DECAY
+    update = (lambda: kernel.fold_checked(weight)) if checked else (lambda: kernel(weight))
+    name = "native kernel, " + ("check fused (fold_checked)" if checked else "no check")
+    return A.Impl(name, update, torch.float32, kernel, note="kernel: native")
 
 
 def mem_available_bytes() -> int:
@@ -74,23 +104,29 @@ class InPlaceFloor(CopyFloor):
         self.src.mul_(1.0)
 
 
-def builders(weight_dtype: torch.dtype, skip: set[str]):
-    out = [("hf_ema", A.hf_ema)]
+def builders(weight_dtype: torch.dtype, skip: set[str], only: set[str] | None = None):
+    out = [
+        ("hf_ema", A.hf_ema),
+        ("hf_ema_ignore", lambda m: A.hf_ema(m, on_nonfinite="ignore")),
+        ("kernel_checked", lambda m: native_kernel(m, True)),
+        ("kernel_unchecked", lambda m: native_kernel(m, False)),
+    ]
     out += [(k, v) for k, v in A.ANCHORS.items()]
     if weight_dtype != torch.float32:
         out += [(k, v) for k, v in A.FP32_EMA_ANCHORS.items()]
-    return [(k, v) for k, v in out if k not in skip]
+    return [(k, v) for k, v in out if k not in skip and (only is None or k in only)]
 
 
 def bench_case(size: str, dtype_name: str, args) -> dict:
     dtype = DTYPES[dtype_name]
+    load = os.getloadavg()[0]
     torch.manual_seed(0)
     model = A.build_llama(size, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     w_bytes = torch.finfo(dtype).bits // 8
-    todo = builders(dtype, set(args.skip))
+    todo = builders(dtype, set(args.skip), args.only)
     # Interleave everything when all EMA copies fit comfortably, else build / time / free one at a time per round.
-    need = n_params * sum(4 if k in ("hf_ema", "classic_fp32", "timm_v3_fp32") else w_bytes for k, _ in todo)
+    need = n_params * sum(4 if k in OURS | {"classic_fp32", "timm_v3_fp32"} else w_bytes for k, _ in todo)
     interleave = need < args.mem_fraction * mem_available_bytes()
     floor, floor_rmw = CopyFloor(), InPlaceFloor()
     samples: dict[str, list[float]] = {"floor": [], "floor_rmw": []}
@@ -176,7 +212,7 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
                 "n": len(samples[key]),
             }
         )
-    anchors = [r for r in rows if not r.get("missing") and r["key"] != "hf_ema"]
+    anchors = [r for r in rows if not r.get("missing") and r["key"] not in OURS]
     if dtype == torch.float32:
         ref = [r for r in anchors]
         ref_label = "fastest anchor"
@@ -206,7 +242,23 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
             "hf_ema_GBps": floor_bytes / hf["ms"] / 1e6 if hf is not None else None,
             "probe_GBps": bandwidth / 1e9,
         }
+    by_key = {r["key"]: r for r in rows if not r.get("missing")}
+    nan_check = {}
+    for label, (checked, plain) in {"model": ("hf_ema", "hf_ema_ignore"), "kernel": NAN_CHECK[2:]}.items():
+        if checked in by_key and plain in by_key:
+            a, b = by_key[checked], by_key[plain]
+            nan_check[label] = {
+                "checked_ms": a["ms"],
+                "plain_ms": b["ms"],
+                "ratio": a["ms"] / b["ms"],
+                "min_ratio": a["min_ms"] / b["min_ms"],
+                "cpu_ratio": a["cpu_ms"] / b["cpu_ms"],
+                "checked_note": a.get("note", ""),
+                "plain_note": b.get("note", ""),
+            }
     return {
+        "load": load,
+        "nan_check": nan_check,
         "bound": bound,
         "size": size,
         "weights": dtype_name,
@@ -219,6 +271,17 @@ def bench_case(size: str, dtype_name: str, args) -> dict:
         "rows": rows,
         "threads": torch.get_num_threads(),
     }
+
+
+PAGE_INTRO = """For each Llama size and weight dtype, every EMA implementation is built on the same model and one `update()`
+is timed: the median of the timed calls after two warm-up calls, the implementations taking turns call by call
+(so that load from other processes hits them alike), with the process CPU time of the same calls beside it. The
+floor is the bytes an fp32-EMA update must move (read the weights, read and write the fp32 EMA) over the faster of
+a 256 MiB copy and a 256 MiB in-place scale measured in the same run. `ratio` divides by the fastest other library:
+with fp32 weights any of them; with bf16 weights the fastest one that keeps a bf16 EMA (hf-ema keeps fp32, the
+goal is to cost no more than them). Each library is configured the way its documentation shows, at its fastest
+documented setting; timm is installed with `pip install --no-deps timm` and its self-contained
+`timm/utils/model_ema.py` loaded by file path (its package imports torchvision, which would pull a CUDA torch)."""
 
 
 def print_case(res: dict) -> None:
@@ -249,7 +312,14 @@ def print_case(res: dict) -> None:
             f"| {r['name']} | {r['ema_dtype']} | {r['ms']:.1f} | {r['x_floor']:.2f} | {ratio} | {r['min_ms']:.1f} | "
             f"{r.get('min_ratio', 0):.2f} | {r['cpu_ms']:.1f} | {cpu_ratio} | {r['n']} | {note} |"
         )
-    hf = next(r for r in res["rows"] if r["key"] == "hf_ema")
+    for label, c in res.get("nan_check", {}).items():
+        what = "ModelEMA default vs on_nonfinite='ignore'" if label == "model" else "native kernel, checked vs plain"
+        verdict = "met" if c["ratio"] <= NAN_CHECK_GOAL else "NOT met"
+        print(
+            f"\nNaN check, {what}: {c['checked_ms']:.1f} vs {c['plain_ms']:.1f} ms, ratio {c['ratio']:.3f} "
+            f"(min {c['min_ratio']:.3f}, CPU {c['cpu_ratio']:.3f}); goal <= {NAN_CHECK_GOAL:.2f}: {verdict}"
+        )
+    hf = next((r for r in res["rows"] if r["key"] == "hf_ema"), {})
     if "ratio" in hf:
         verdict = "met" if hf["ratio"] <= 1.0 else "NOT met"
         print(
@@ -267,6 +337,45 @@ def print_case(res: dict) -> None:
         )
 
 
+def nan_check_table(results: list[dict], argv: list[str]) -> str:
+    """The NaN-check rows of a run as a markdown table, with the command that made it."""
+    lines = [
+        f"`python benchmarks/ema_update.py {' '.join(argv)}` (torch {torch.__version__}, "
+        f"{results[0]['threads'] if results else '?'} threads, load average {results[0]['load'] if results else 0:.1f} "
+        "at the start; median of the timed calls, interleaved; copy bandwidth as the same run measured it):",
+        "",
+        '| model | weights | copy GB/s | ModelEMA, default (`skip`) ms | `on_nonfinite="ignore"` ms | ratio | min ratio | CPU ratio '
+        "| native kernel, check fused ms | same kernel, no check ms | ratio | min ratio | CPU ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        m, k = res["nan_check"].get("model"), res["nan_check"].get("kernel")
+        cells = [f"{res['size']} Llama ({res['params'] / 1e6:.1f}M)", res["weights"], f"{res['copy_GBps']:.1f}"]
+        for c in (m, k):
+            if c is None:
+                cells += ["-"] * 5
+            else:
+                cells += [f"{c['checked_ms']:.1f}", f"{c['plain_ms']:.1f}", f"{c['ratio']:.3f}"]
+                cells += [f"{c['min_ratio']:.3f}", f"{c['cpu_ratio']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = {c["checked_note"] + " / " + c["plain_note"] for r in results for c in r["nan_check"].values()}
+    lines += ["", "Kernels (checked / unchecked): " + "; ".join(sorted(notes)) + "."]
+    return "\n".join(lines)
+
+
+def write_docs(path: str, results: list[dict], argv: list[str]) -> None:
+    """Replace the text between the NaN-check markers of `path` with this run's table."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise SystemExit(f"ema_update.py: error: {path!r} lacks the markers {DOCS_BEGIN} ... {DOCS_END}")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{DOCS_BEGIN}\n{nan_check_table(results, argv)}\n{DOCS_END}{tail}")
+    print(f"wrote the NaN-check table into {path}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="50M,500M", help="comma-separated keys of LLAMA_SIZES")
@@ -278,18 +387,44 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--slow-s", type=float, default=2.0, help="one call per round above this many seconds")
     parser.add_argument("--skip", default="", help="comma-separated implementation keys to leave out")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated implementation keys to run alone; 'nan_check' for the check's"
+    )
+    parser.add_argument("--docs", default=None, help="write the NaN-check table into this markdown file")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--page",
+        default=None,
+        help="results page to write ('' for none; default: docs/benchmarks/ema_update.md, none with --only)",
+    )
     args = parser.parse_args(argv)
     args.skip = [s for s in args.skip.split(",") if s]
+    if args.only is not None:
+        keys = set()
+        for key in args.only.split(","):
+            keys |= set(NAN_CHECK) if key == "nan_check" else {key}
+        args.only = keys
+    if args.docs is not None and not os.path.isfile(args.docs):
+        parser.error(f"--docs: no such file: {args.docs!r}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     results = []
+    page = DocsPage(
+        "ema_update",
+        "One EMA update against the other EMA libraries",
+        intro=PAGE_INTRO,
+    )
     for size in args.sizes.split(","):
         for dtype_name in args.dtypes.split(","):
             res = bench_case(size, dtype_name, args)
-            print_case(res)
+            with page.capture():
+                print_case(res)
             results.append(res)
             sys.stdout.flush()
     print(f"\nload average at the end {os.getloadavg()}")
+    # A run of a subset (`--only`) is not the page's full comparison: no page unless asked for.
+    page.write(args.page if args.page is not None else (None if args.only else default_path("ema_update")), argv)
+    if args.docs:
+        write_docs(args.docs, results, argv if argv is not None else sys.argv[1:])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

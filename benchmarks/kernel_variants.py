@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _anchors as A  # noqa: E402
+from _docs_page import DocsPage, default_path  # noqa: E402
 
 from hf_ema.engine.kernels import LerpKernel, compile_available  # noqa: E402
 from hf_ema.engine.native import compiler  # noqa: E402
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", default="50M")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--page", default=default_path("kernel_variants"), help="results page to write ('' for none)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     model = A.build_llama(args.size, dtype)
@@ -99,16 +101,27 @@ def main(argv=None) -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times[next(iter(variants))])
-    print(f"\n### mixed-precision update variants, {args.size} Llama ({n / 1e6:.1f}M), {args.dtype} weights\n")
-    print("| variant | ms / update | vs reference |")
-    print("|---|---:|---:|")
-    for name, values in times.items():
-        t = statistics.median(values)
-        print(f"| {name} | {t * 1e3:.1f} | {t / ref:.2f} |")
-    if "compiled" in first_call_s:
-        print(f"\nfirst call of the compiled kernel (compilation): {first_call_s['compiled']:.1f} s")
-    if "native" in first_call_s:
-        print(f"first call of the native kernel (build and load): {first_call_s['native']:.2f} s")
+    page = DocsPage(
+        "kernel_variants",
+        "Mixed-precision update kernels",
+        intro=(
+            "The candidate implementations of the mixed-precision update (bf16/fp16 weights into an fp32 EMA), timed "
+            "side by side in one run (the calls take turns, medians reported): the measurements behind the kernel "
+            "`ModelEMA` picks. The reference row keeps an EMA in the weights' dtype; every other row an fp32 EMA."
+        ),
+    )
+    with page.capture():
+        print(f"\n### mixed-precision update variants, {args.size} Llama ({n / 1e6:.1f}M), {args.dtype} weights\n")
+        print("| variant | ms / update | vs reference |")
+        print("|---|---:|---:|")
+        for name, values in times.items():
+            t = statistics.median(values)
+            print(f"| {name} | {t * 1e3:.1f} | {t / ref:.2f} |")
+        if "compiled" in first_call_s:
+            print(f"\nfirst call of the compiled kernel (compilation): {first_call_s['compiled']:.1f} s")
+        if "native" in first_call_s:
+            print(f"first call of the native kernel (build and load): {first_call_s['native']:.2f} s")
+    page.write(args.page, argv)
     print(f"load average at the end {os.getloadavg()}")
 
 

@@ -26,6 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _docs_page import DocsPage, default_path  # noqa: E402
+
 WORKER = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -138,20 +141,37 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], help="checkpoint dtypes to test")
     parser.add_argument("--n", type=int, default=5, help="number of checkpoints (default: 5)")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument("--page", default=default_path("merge_memory"), help="results page to write ('' for none)")
     args = parser.parse_args()
     mib = 1024 * 1024
+    page = DocsPage(
+        "merge_memory",
+        "Memory of a checkpoint merge",
+        intro=(
+            "Peak resident memory added by merging checkpoints of a ~50M-parameter Llama, each way of merging in a "
+            "fresh subprocess (`VmHWM` of `/proc/self/status`, reset after the imports, so memory-mapped pages that "
+            "stay resident count too). `hf_ema (streamed)` is `merge_checkpoints`: one tensor at a time, each input "
+            "file opened and closed per tensor; `safe_open kept open` is the same loop with the files left open; "
+            "`load one, accumulate` loads each checkpoint in turn into fp32 accumulators; `load all, average` loads "
+            "them all. Wall times on a shared machine are only indicative."
+        ),
+    )
     for dtype in args.dtype:
         root = Path(args.workdir or tempfile.mkdtemp(prefix="merge_memory_")) / dtype
         try:
             folders, params, size = make_checkpoints(root, args.n, dtype)
-            print(f"\n{args.n} checkpoints of {params / 1e6:.1f}M parameters, {dtype}: {size / mib:.0f} MiB each")
-            print(f"{'way':<24}{'peak RSS added (MiB)':>22}{'x model size':>14}{'wall (s)':>10}")
+            page.add(
+                f"\n### {args.n} checkpoints of {params / 1e6:.1f}M parameters, {dtype} ({size / mib:.0f} MiB each)\n"
+            )
+            page.add("| way | peak RSS added (MiB) | x model size | wall (s) |")
+            page.add("|---|---:|---:|---:|")
             for way, label in WAYS:
                 r = measure(way, folders, root / f"out-{way}")
                 added = r["peak"] - r["base"]
-                print(f"{label:<24}{added / mib:>22.0f}{added / size:>14.2f}{r['wall']:>10.1f}")
+                page.add(f"| {label} | {added / mib:.0f} | {added / size:.2f} | {r['wall']:.1f} |")
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    page.write(args.page)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Two measurements, side by side in one run:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -23,6 +25,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_ema import EMACallback
 from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer
 from hf_ema.stability import StabilityMonitor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _docs_page import DocsPage, default_path  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -104,17 +109,30 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)"
     )
+    parser.add_argument("--page", default=default_path("stability_cost"), help="results page to write ('' for none)")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
+    page = DocsPage(
+        "stability_cost",
+        "Cost of the stability metrics",
+        intro=(
+            "Two measurements of `EMACallback(stability_metrics=...)` on a small Llama, side by side in one run. "
+            "Instrumented: the time spent inside the stability code (the per-step oscillation update and the per-log "
+            "relative distance + summary) over the mean Trainer step time, precise even on a busy machine. A/B: the "
+            "mean step time of runs without and with the metrics, alternated (noisy on a shared CPU: a sanity check "
+            "of the first)."
+        ),
+    )
     tokenizer = train_tokenizer(vocab_size=1024)
     data = lm_datasets(tokenizer, block_size=ns.block)
     n_params = sum(
         p.numel() for p in tiny_causal_lm(tokenizer, hidden_size=ns.hidden, num_layers=ns.layers).parameters()
     )
-    print(
+    page.add(
         f"model: Llama hidden {ns.hidden}, {ns.layers} layers, {n_params / 1e6:.2f}M params; batch {ns.batch}x{ns.block}"
     )
-    print(f"device: {ns.device}, torch threads {torch.get_num_threads()}, {ns.steps} steps per run")
+    page.add("")
+    page.add(f"device: {ns.device}, torch threads {torch.get_num_threads()}, {ns.steps} steps per run")
 
     # 1. Instrumented, logging every step (worst case for the per-log part).
     Instrumented.step_seconds = Instrumented.metrics_seconds = 0.0
@@ -123,18 +141,19 @@ def main() -> None:
     total = sum(timer.times)
     per_update = Instrumented.step_seconds / len(timer.times)
     per_log = Instrumented.metrics_seconds / max(Instrumented.metrics_calls, 1)
-    print()
-    print("| part | time | % of mean step time |")
-    print("|---|---|---|")
-    print(f"| Trainer step (with EMA + stability) | {1e3 * step_mean:.2f} ms | 100% |")
-    print(f"| oscillation update, every step | {1e3 * per_update:.3f} ms | {100 * per_update / step_mean:.3f}% |")
-    print(f"| relative distance + summary, per log | {1e3 * per_log:.3f} ms | {100 * per_log / step_mean:.3f}% |")
+    page.add("")
+    page.add("| part | time | % of mean step time |")
+    page.add("|---|---|---|")
+    page.add(f"| Trainer step (with EMA + stability) | {1e3 * step_mean:.2f} ms | 100% |")
+    page.add(f"| oscillation update, every step | {1e3 * per_update:.3f} ms | {100 * per_update / step_mean:.3f}% |")
+    page.add(f"| relative distance + summary, per log | {1e3 * per_log:.3f} ms | {100 * per_log / step_mean:.3f}% |")
     for every in (1, 10, 500):
         share = (per_update + per_log / every) / step_mean
-        print(
+        page.add(
             f"| total at logging_steps={every} | {1e3 * (per_update + per_log / every):.3f} ms | {100 * share:.3f}% |"
         )
-    print(
+    page.add("")
+    page.add(
         f"(instrumented share of this run's step time: {100 * (Instrumented.step_seconds + Instrumented.metrics_seconds) / total:.3f}%)"
     )
 
@@ -143,12 +162,16 @@ def main() -> None:
     for _ in range(ns.repeats):
         off.append(run_once(data, tokenizer, ns, stability=False, logging_steps=10)[0])
         on.append(run_once(data, tokenizer, ns, stability=True, logging_steps=10)[0])
-    print()
-    print("| A/B, logging_steps=10 | mean step time | ratio |")
-    print("|---|---|---|")
+    page.add("")
+    page.add("| A/B, logging_steps=10 | mean step time | ratio |")
+    page.add("|---|---|---|")
     base = statistics.median(off)
-    print(f"| EMA only | {1e3 * base:.2f} ms | 1.000 |")
-    print(f"| EMA + stability_metrics | {1e3 * statistics.median(on):.2f} ms | {statistics.median(on) / base:.3f} |")
+    page.add(f"| EMA only | {1e3 * base:.2f} ms | 1.000 |")
+    page.add(
+        f"| EMA + stability_metrics | {1e3 * statistics.median(on):.2f} ms | {statistics.median(on) / base:.3f} |"
+    )
+
+    page.write(ns.page)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _anchors as A  # noqa: E402
+from _docs_page import DocsPage, default_path  # noqa: E402
 
 from hf_ema import EMACallback  # noqa: E402
 from hf_ema.demo.toy import lm_datasets, tiny_causal_lm, train_tokenizer  # noqa: E402
@@ -153,6 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--decay", type=float, default=0.95)
     parser.add_argument("--only", default=None, help="comma-separated substrings: run only matching configurations")
+    parser.add_argument("--page", default=default_path("train_overhead"), help="results page to write ('' for none)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
@@ -181,35 +183,49 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in final_model.parameters())
     raw = {n: p.detach().clone() for n, p in final_model.named_parameters()}
     base = statistics.median(speeds["no EMA"])
-    print(
-        f"\n### Trainer throughput, Llama {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), "
-        f"batch {args.batch}x{args.block} tokens, fp32, {args.steps} steps (median step time after step {args.warmup}), "
-        f"median of {args.rounds} rounds, decay {args.decay}\n"
+    page = DocsPage(
+        "train_overhead",
+        "Trainer throughput with an EMA",
+        intro=(
+            "Every configuration trains the same model from the same seed with `Trainer` on CPU; the EMA is driven by "
+            "`EMACallback` (hf-ema) or by a minimal callback calling another library's update after each optimizer "
+            "step. Throughput is 1 / the median time between the ends of consecutive optimizer steps; the last "
+            "column, the mean time spent in the EMA's step hook over the median step time, is the direct measure of "
+            "the EMA's cost (throughput ratios move by several percent between identical runs on a shared CPU). The "
+            "second table gives what skipping updates (`update_every`) costs in quality on the same trajectory."
+        ),
     )
-    print("| configuration | steps/s | throughput vs no EMA | time in the EMA step hook / step time |")
-    print("|---|---:|---:|---:|")
-    for name in todo:
-        if not speeds[name]:
-            print(f"| {name} | not installed | | |")
-            continue
-        s = statistics.median(speeds[name])
-        share = statistics.median(shares[name])
-        print(f"| {name} | {s:.2f} | {s / base:.3f} | {100 * share:.2f}% |")
-
-    ref = states.get("hf-ema, every step")
-    if ref is not None:
-        print("\n### update_every: quality of the EMA at the end of the run (same training trajectory)\n")
-        print("| configuration | rel. distance to every-step EMA | eval loss of the EMA |")
-        print("|---|---:|---:|")
-        spread = sum(((ref[n] - raw[n]) ** 2).sum().item() for n in raw if n in ref) ** 0.5
-        for name, state in states.items():
-            if "offloaded" in name:
-                same = all(torch.equal(state[n], ref[n]) for n in ref)
-                print(f"| {name} | {'0 (bit-identical)' if same else 'DIFFERS'} | |")
+    with page.capture():
+        print(
+            f"\n### Trainer throughput, Llama {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), "
+            f"batch {args.batch}x{args.block} tokens, fp32, {args.steps} steps (median step time after step {args.warmup}), "
+            f"median of {args.rounds} rounds, decay {args.decay}\n"
+        )
+        print("| configuration | steps/s | throughput vs no EMA | time in the EMA step hook / step time |")
+        print("|---|---:|---:|---:|")
+        for name in todo:
+            if not speeds[name]:
+                print(f"| {name} | not installed | | |")
                 continue
-            dist = sum(((state[n] - ref[n]) ** 2).sum().item() for n in raw if n in ref) ** 0.5
-            print(f"| {name} | {dist / spread:.4f} | {eval_loss(final_model, state, eval_ds):.4f} |")
-        print(f"| raw weights (no EMA) | {1.0:.4f} | {eval_loss(final_model, raw, eval_ds):.4f} |")
+            s = statistics.median(speeds[name])
+            share = statistics.median(shares[name])
+            print(f"| {name} | {s:.2f} | {s / base:.3f} | {100 * share:.2f}% |")
+
+        ref = states.get("hf-ema, every step")
+        if ref is not None:
+            print("\n### update_every: quality of the EMA at the end of the run (same training trajectory)\n")
+            print("| configuration | rel. distance to every-step EMA | eval loss of the EMA |")
+            print("|---|---:|---:|")
+            spread = sum(((ref[n] - raw[n]) ** 2).sum().item() for n in raw if n in ref) ** 0.5
+            for name, state in states.items():
+                if "offloaded" in name:
+                    same = all(torch.equal(state[n], ref[n]) for n in ref)
+                    print(f"| {name} | {'0 (bit-identical)' if same else 'DIFFERS'} | |")
+                    continue
+                dist = sum(((state[n] - ref[n]) ** 2).sum().item() for n in raw if n in ref) ** 0.5
+                print(f"| {name} | {dist / spread:.4f} | {eval_loss(final_model, state, eval_ds):.4f} |")
+            print(f"| raw weights (no EMA) | {1.0:.4f} | {eval_loss(final_model, raw, eval_ds):.4f} |")
+    page.write(args.page, argv)
     print(f"\nload average at the end {os.getloadavg()}")
 
 

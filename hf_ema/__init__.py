@@ -15,7 +15,9 @@ _LAZY = {
     "EMAConfig": "config",
     "EMAEvaluator": "trainer",
     "HfEmaError": "errors",
+    "HubError": "errors",
     "ModelEMA": "model_ema",
+    "NonFiniteWeightsError": "errors",
     "OscillationTracker": "stability",
     "PostHocConfig": "posthoc",
     "PostHocEMA": "posthoc",
@@ -38,7 +40,15 @@ _LAZY = {
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .config import EMAConfig
     from .ema_folder import load_ema, read_ema_state, save_ema
-    from .errors import CheckpointError, ConfigError, ConfigTypeError, HfEmaError, StateError
+    from .errors import (
+        CheckpointError,
+        ConfigError,
+        ConfigTypeError,
+        HfEmaError,
+        HubError,
+        NonFiniteWeightsError,
+        StateError,
+    )
     from .model_ema import ModelEMA
     from .posthoc import PostHocConfig, PostHocEMA, reconstruct
     from .stability import OscillationTracker, StabilityConfig, relative_distance
@@ -53,7 +63,9 @@ __all__ = [
     "EMAConfig",
     "EMAEvaluator",
     "HfEmaError",
+    "HubError",
     "ModelEMA",
+    "NonFiniteWeightsError",
     "OscillationTracker",
     "PostHocConfig",
     "PostHocEMA",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "cli_message", "main"]
 
 # Each module in `hf_ema.commands` defines `register(subparsers)`, which adds one sub-command whose parser sets
-# `func` to a callable taking the parsed arguments and returning an exit code.
+# `func` to a callable taking the parsed arguments and returning an exit code, and `flags`: the library argument
+# names its errors may mention, mapped to the command's flags (`{"output_dir": "--out"}`).
 COMMAND_MODULES = ["demo", "env", "merge", "plot", "posthoc", "push", "serve"]
 
 
@@ -23,6 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(f"hf_ema.commands.{name}").register(subparsers)
     return parser
+
+
+def cli_message(message: str, flags: dict[str, str]) -> str:
+    """A library error message as the command line says it: on one line, with the library's argument names
+    (`` `output_dir` ``, `overwrite=True`) replaced by the command's flags (`` `--out` ``, `--overwrite`).
+
+    Args:
+        message (`str`): The library's message.
+        flags (`dict[str, str]`): Library argument name to flag.
+    """
+    for name, flag in flags.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=True\b", flag, message)
+        message = message.replace(f"`{name}`", f"`{flag}`")
+    return re.sub(r"\s*\n\s*", " ", message).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except HfEmaError as err:
-        # User errors get one clear line, not a traceback.
-        print(f"hf-ema {args.command}: error: {err}", file=sys.stderr)
+    except (HfEmaError, OSError) as err:
+        # User errors (and the system refusing a read or write: permissions, a full disk) get one clear line, in
+        # the command's own terms, not a traceback.
+        print(f"hf-ema {args.command}: error: {cli_message(str(err), getattr(args, 'flags', {}))}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -19,6 +18,8 @@ from .decay import (
     warmup_decay,
 )
 from .errors import ConfigError, ConfigTypeError
+from .utils.jsonio import read_json, write_json
+from .utils.validation import check_bool, check_int, check_number, check_optional_bool
 
 __all__ = ["EMAConfig", "CONFIG_NAME"]
 
@@ -28,6 +29,8 @@ DEFAULT_DECAY = 0.999
 # EDM2's power-function profile is only defined for 0 < sigma_rel < sqrt(1/12) (gamma > -1 ... gamma = 0 is the
 # uniform average at sigma_rel ~ 0.2887).
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+#: What an update does with NaN/inf weights (`EMAConfig.on_nonfinite`).
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -35,20 +38,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigTypeError(f"`{name}` must be a number, got {value!r} of type {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ConfigError(f"`{name}` must be finite, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ConfigError(f"`{name}` must be >= {minimum}, got {value!r}")
 
 
 def _check_patterns(name: str, value: Any) -> list[str] | None:
@@ -128,6 +117,13 @@ class EMAConfig:
             rank; then build the EMA on every rank (its construction checks that all ranks track the same
             tensors): `update()` stays local, while `swapped()`, `copy_to()` and saving are collective calls that
             every rank must make. Sharded models (FSDP, ZeRO-3) always keep the EMA of their own shards.
+        on_nonfinite (`str`, *optional*, defaults to `"skip"`):
+            What an update does when a weight it would read is NaN or inf: `"skip"` leaves the EMA as it was (the
+            average of the finite steps), counts the skip (`ModelEMA.num_skipped`, logged as
+            `ema_skipped_updates`) and logs a warning; `"raise"` does the same, then raises
+            [`NonFiniteWeightsError`] naming the step and the first non-finite tensor; `"ignore"` does not check
+            (a NaN then stays in the EMA for good). Under sharding every rank skips the same updates. The check is
+            fused into the native CPU kernel; other kernels read the weights once more before the update.
     """
 
     decay: float | None = None
@@ -148,6 +144,7 @@ class EMAConfig:
     async_update: bool | None = None
     cuda_stream: bool = False
     shard_across_ranks: bool | None = None
+    on_nonfinite: str = "skip"
     # Filled in by `__post_init__`: the exponent of the power-function profile when `sigma_rel` is set.
     gamma: float | None = field(default=None, init=False)
 
@@ -157,15 +154,15 @@ class EMAConfig:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in given)
             raise ConfigError(f"set the EMA horizon in exactly one way, got {values}")
         if self.decay is not None:
-            _check_number("decay", self.decay)
+            check_number("decay", self.decay)
             if not 0.0 <= self.decay < 1.0:
                 raise ConfigError(f"`decay` must be in [0, 1), got {self.decay!r}")
         if self.half_life is not None:
-            _check_number("half_life", self.half_life)
+            check_number("half_life", self.half_life)
             if self.half_life <= 0:
                 raise ConfigError(f"`half_life` must be > 0 optimizer steps, got {self.half_life!r}")
         if self.sigma_rel is not None:
-            _check_number("sigma_rel", self.sigma_rel)
+            check_number("sigma_rel", self.sigma_rel)
             if not 0.0 < self.sigma_rel < MAX_SIGMA_REL:
                 raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {self.sigma_rel!r}")
             if self.warmup:
@@ -174,17 +171,16 @@ class EMAConfig:
                     f"got warmup={self.warmup!r}, sigma_rel={self.sigma_rel!r}"
                 )
             self.gamma = gamma_from_sigma_rel(self.sigma_rel)
-        if not isinstance(self.warmup, bool):
-            raise ConfigTypeError(f"`warmup` must be a bool, got {self.warmup!r}")
+        check_bool("warmup", self.warmup)
         for name in ("inv_gamma", "power"):
-            _check_number(name, getattr(self, name))
+            check_number(name, getattr(self, name))
             if getattr(self, name) <= 0:
                 raise ConfigError(f"`{name}` must be > 0, got {getattr(self, name)!r}")
-        _check_number("min_decay", self.min_decay)
+        check_number("min_decay", self.min_decay)
         if not 0.0 <= self.min_decay <= self.base_decay:
             raise ConfigError(f"`min_decay` must be in [0, decay={self.base_decay!r}], got {self.min_decay!r}")
-        _check_int("update_every", self.update_every, 1)
-        _check_int("start_step", self.start_step, 0)
+        check_int("update_every", self.update_every, minimum=1)
+        check_int("start_step", self.start_step, minimum=0)
         if isinstance(self.dtype, torch.dtype):
             self.dtype = str(self.dtype).removeprefix("torch.")
         if self.dtype not in _DTYPES:
@@ -200,18 +196,20 @@ class EMAConfig:
                 raise ConfigError(
                     f"`device` must be None or a device string such as 'cpu', got {self.device!r}"
                 ) from None
-        if self.trainable_only is not None and not isinstance(self.trainable_only, bool):
-            raise ConfigTypeError(f"`trainable_only` must be None or a bool, got {self.trainable_only!r}")
-        if not isinstance(self.include_buffers, bool):
-            raise ConfigTypeError(f"`include_buffers` must be a bool, got {self.include_buffers!r}")
-        if self.async_update is not None and not isinstance(self.async_update, bool):
-            raise ConfigTypeError(f"`async_update` must be None or a bool, got {self.async_update!r}")
+        check_optional_bool("trainable_only", self.trainable_only)
+        check_bool("include_buffers", self.include_buffers)
+        check_optional_bool("async_update", self.async_update)
         if self.async_update and self.device != "cpu":
             raise ConfigError(f"`async_update=True` needs `device='cpu'` (offloaded), got device={self.device!r}")
-        if not isinstance(self.cuda_stream, bool):
-            raise ConfigTypeError(f"`cuda_stream` must be a bool, got {self.cuda_stream!r}")
-        if self.shard_across_ranks is not None and not isinstance(self.shard_across_ranks, bool):
-            raise ConfigTypeError(f"`shard_across_ranks` must be None or a bool, got {self.shard_across_ranks!r}")
+        check_bool("cuda_stream", self.cuda_stream)
+        check_optional_bool("shard_across_ranks", self.shard_across_ranks)
+        if not isinstance(self.on_nonfinite, str):
+            raise ConfigTypeError(
+                f"`on_nonfinite` must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r} of type "
+                f"{type(self.on_nonfinite).__name__}"
+            )
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
 
@@ -287,9 +285,7 @@ class EMAConfig:
         Args:
             path (`str` or `os.PathLike`): File to write.
         """
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_json(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> EMAConfig:
@@ -298,5 +294,4 @@ class EMAConfig:
         Args:
             path (`str` or `os.PathLike`): File to read.
         """
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json(path))

@@ -1,6 +1,9 @@
 """Decay schedules: the `beta` an EMA update uses at a given optimizer step.
 
-Pure functions of numbers, no torch, so they are easy to test against the formulas in the docs.
+Pure functions of numbers, no torch, so they are easy to test against the formulas in the docs. Each one names the
+equation it implements: EDM2 is Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+Models" (equation numbers of its appendix, as in NVlabs/edm2 `training/phema.py`); the warmup schedule is the one
+of diffusers' `EMAModel` and ema-pytorch (`@lucidrains`), after Tarvainen & Valpola's "mean teacher" ramp.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def decay_from_half_life(half_life: float) -> float:
     Args:
         half_life (`float`): Half-life in optimizer steps, > 0.
     """
+    # Classic EMA: the weight of step t - h is beta**h = 1/2.
     return 0.5 ** (1.0 / half_life)
 
 
@@ -31,6 +35,7 @@ def sigma_rel_from_gamma(gamma: float) -> float:
     Args:
         gamma (`float`): Exponent of the profile, > -1.
     """
+    # EDM2 Eq. 123: sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
@@ -44,6 +49,7 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
     Args:
         sigma_rel (`float`): Relative width, in (0, 0.2887).
     """
+    # EDM2 Eq. 126 (the inverse of Eq. 123), solved by bisection instead of Algorithm 2's cubic root.
     lo, hi = 0.0, 1.0
     # Widen the upper bracket until the width drops below the target.
     while sigma_rel_from_gamma(hi) > sigma_rel:
@@ -69,6 +75,7 @@ def warmup_decay(step: int, decay: float, inv_gamma: float, power: float, min_de
         power (`float`): Exponential factor of the warmup (2/3 for long runs, 3/4 for short ones).
         min_decay (`float`, *optional*, defaults to 0.0): The floor.
     """
+    # diffusers `EMAModel.get_decay` / ema-pytorch `EMA.get_current_decay`: 1 - (1 + t / inv_gamma)^-power, clamped.
     value = 1.0 - (1.0 + step / inv_gamma) ** (-power)
     return max(min_decay, min(decay, value))
 
@@ -85,4 +92,5 @@ def power_function_beta(t: int, gamma: float, interval: int = 1) -> float:
     """
     if t <= 0:
         return 0.0
+    # EDM2 Eq. 127: beta = (1 - t_delta / t_next)^(gamma + 1), t counted in optimizer steps.
     return max(0.0, 1.0 - interval / t) ** (gamma + 1.0)

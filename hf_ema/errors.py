@@ -11,6 +11,9 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "HfEmaError",
+    "NonFiniteWeightsError",
+    "HubError",
+    "MissingDependencyError",
     "StateError",
 ]
 
@@ -33,3 +36,15 @@ class CheckpointError(HfEmaError, ValueError):
 
 class StateError(HfEmaError, RuntimeError):
     """An operation was called in a state where it would corrupt the EMA (e.g. `update()` inside `swapped()`)."""
+
+
+class HubError(HfEmaError, RuntimeError):
+    """The Hugging Face Hub could not be reached, did not answer in time, or refused a request."""
+
+
+class NonFiniteWeightsError(HfEmaError, FloatingPointError):
+    """The weights held NaN or inf at an EMA update made with `on_nonfinite="raise"` (the EMA was left as it was)."""
+
+
+class MissingDependencyError(HfEmaError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install (`pip install 'hf-ema[demo]'`)."""

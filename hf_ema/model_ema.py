@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,14 +13,19 @@ from torch import nn
 
 from .config import EMAConfig
 from .engine.kernels import copy_
+from .engine.nonfinite import Agreement, FoldOutcome
 from .engine.updater import EMAUpdater
-from .errors import CheckpointError, ConfigTypeError, StateError
+from .errors import CheckpointError, ConfigTypeError, NonFiniteWeightsError, StateError
 from .selection import Selection, unwrap_model
-from .sharding import ShardLayout, detect_layout
+from .sharding import ShardLayout, comm_device, detect_layout
 
 __all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
 
 STATE_FORMAT_VERSION = 1
+#: At most one warning about skipped updates per this many seconds (the next one counts those left out).
+SKIP_WARNING_INTERVAL_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 class _Group:
@@ -37,6 +44,10 @@ class ModelEMA:
 
     Call `update()` after every optimizer step. The math is `ema = beta * ema + (1 - beta) * weights`, with `beta`
     from the config's schedule; before `start_step` the EMA copies the weights.
+
+    Non-finite weights never enter the EMA: an update (or copy) that would read a NaN or an inf is skipped, on every
+    rank of a sharded EMA alike, the EMA keeps the average of the finite steps, and the skip is counted in
+    `num_skipped` and logged (`EMAConfig.on_nonfinite`: `"skip"`, `"raise"` or `"ignore"`).
 
     ```python
     ema = ModelEMA(model, decay=0.999)
@@ -73,11 +84,21 @@ class ModelEMA:
         self.step = 0
         self.num_updates = 0
         self.last_decay: float | None = None
+        #: Updates skipped because the weights held NaN or inf (saved in `ema_state.json`).
+        self.num_skipped = 0
+        #: The step of the last skipped update, or `None`.
+        self.last_skipped_step: int | None = None
+        self._last_warning: float | None = None
+        self._unwarned = 0
+        # (step, decay before it) of the update running in the background, undone in the counters if it is skipped.
+        self._in_flight: tuple[int, float | None] | None = None
         #: True while `swapped()` has the EMA weights in the model.
         self.is_swapped = False
         self._groups = self._build_groups()
         # Picks the kernel per group and runs offloaded / side-stream updates (see `hf_ema/updater.py`).
         self._updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
+        self._updater.on_outcome = self._record_outcome
+        self._updater.set_agreement(self._agreement())
 
     @property
     def live_tensors(self) -> list[torch.Tensor]:
@@ -106,6 +127,64 @@ class ModelEMA:
             group.indices.append(i)
         return list(groups.values())
 
+    def _agreement(self) -> Agreement | None:
+        # Each rank of a sharded EMA checks only its own shards: the ranks must agree on every skip, or the shards
+        # would hold the averages of different steps. A replicated EMA reads the same weights on every rank.
+        layout = self.layout
+        if not self._updater.check or not layout.is_sharded or layout.world_size <= 1:
+            return None
+        dist = torch.distributed
+        if self._updater.in_background:
+            # The update thread's collective must not interleave with the training's: a process group of its own
+            # (created here, where every rank builds its EMA).
+            group, device = dist.new_group(backend="gloo"), torch.device("cpu")
+        else:
+            group, device = None, comm_device()
+
+        def agree(ok: bool) -> bool:
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            return bool(flag.item())
+
+        return agree
+
+    # ------------------------------------------------------------------ non-finite weights
+    def _record_outcome(self, outcome: FoldOutcome) -> None:
+        """Count a checked update or copy; on a skip warn (rate-limited) or raise, as the config says."""
+        if outcome.in_background and self._in_flight is not None and self._in_flight[0] == outcome.step:
+            if not outcome.folded:  # `update()` counted it when it was queued
+                self.num_updates -= 1
+                self.last_decay = self._in_flight[1]
+            self._in_flight = None
+        if outcome.folded:
+            return
+        self.num_skipped += 1
+        self.last_skipped_step = outcome.step
+        if outcome.bad is not None:
+            gid, index = outcome.bad
+            where = f"first non-finite tensor: {self.names[self._groups[gid].indices[index]]!r}"
+        else:
+            where = "in another rank's shard"
+        if self.config.on_nonfinite == "raise":
+            raise NonFiniteWeightsError(
+                f"the weights hold NaN or inf at step {outcome.step} ({where}); the EMA update was not made and the "
+                f"EMA is unchanged (on_nonfinite='raise')"
+            )
+        now = time.monotonic()
+        if self._last_warning is not None and now - self._last_warning < SKIP_WARNING_INTERVAL_S:
+            self._unwarned += 1
+            return
+        more = f", {self._unwarned} more since the last warning" if self._unwarned else ""
+        logger.warning(
+            "hf-ema: the weights hold NaN or inf at step %d (%s): EMA update skipped, the EMA keeps the average of "
+            "the finite steps (%d skipped so far%s)",
+            outcome.step,
+            where,
+            self.num_skipped,
+            more,
+        )
+        self._last_warning, self._unwarned = now, 0
+
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
     def update(self, step: int | None = None) -> bool:
@@ -116,14 +195,22 @@ class ModelEMA:
                 more than the last step seen.
 
         Returns:
-            `bool`: whether the EMA changed (False on the steps skipped by `update_every`).
+            `bool`: whether the EMA changed: False on the steps skipped by `update_every` and on updates skipped
+            for non-finite weights (an update running in the background returns True; a skip is counted when it
+            finishes).
+
+        Raises:
+            `NonFiniteWeightsError`: with `on_nonfinite="raise"`, when the weights hold NaN or inf (for an update
+            in the background: at the next `update()` or read of the EMA). The EMA is left as it was.
         """
         if self.is_swapped:
             raise StateError("`update()` called while the EMA is swapped into the model (inside `swapped()`)")
         self.step = self.step + 1 if step is None else int(step)
         cfg = self.config
         if self.step <= cfg.start_step:
-            self._updater.copy_now()
+            outcome = self._updater.copy_now(step=self.step)
+            if outcome is not None and not outcome.folded:
+                return False
             copy_(self.copied, self._copied_live)
             self.last_decay = 0.0
             return True
@@ -131,7 +218,13 @@ class ModelEMA:
         if t % cfg.update_every != 0:
             return False
         beta = cfg.decay_at(t)
-        self._updater.fold(1.0 - beta)
+        background = self._updater.check and self._updater.in_background
+        if background:
+            self._updater.wait()  # settle the counters of the update in flight before queuing this one
+            self._in_flight = (self.step, self.last_decay)
+        outcome = self._updater.fold(1.0 - beta, step=self.step)
+        if outcome is not None and not outcome.folded:
+            return False
         copy_(self.copied, self._copied_live)
         self.num_updates += 1
         self.last_decay = beta
@@ -243,8 +336,8 @@ class ModelEMA:
         """The EMA state: this rank's tensors by name, plus step counters and config.
 
         Returns:
-            `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "decay": float | None,
-            "config": dict, "format_version": int}`.
+            `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "num_skipped": int,
+            "decay": float | None, "config": dict, "format_version": int}`.
         """
         self.wait()
         tensors = dict(zip(self.names, self.shadow))
@@ -253,6 +346,7 @@ class ModelEMA:
             "tensors": tensors,
             "step": self.step,
             "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
             "decay": self.last_decay,
             "config": self.config.to_dict(),
             "format_version": STATE_FORMAT_VERSION,
@@ -285,13 +379,17 @@ class ModelEMA:
             dst.copy_(src)
         self.step = int(state.get("step", self.step))
         self.num_updates = int(state.get("num_updates", self.num_updates))
+        self.num_skipped = int(state.get("num_skipped", self.num_skipped))
         self.last_decay = state.get("decay", self.last_decay)
 
     def reset(self) -> None:
-        """Restart the EMA from the model's current weights (keeps the step counter)."""
+        """Restart the EMA from the model's current weights (keeps the step counter). Weights holding NaN or inf
+        are not copied (see `EMAConfig.on_nonfinite`); for a sharded EMA on several ranks that check is a
+        collective call."""
         with torch.no_grad():
-            self._updater.copy_now()
-            copy_(self.copied, self._copied_live)
+            outcome = self._updater.copy_now(step=self.step)
+            if outcome is None or outcome.folded:
+                copy_(self.copied, self._copied_live)
 
     @torch.no_grad()
     def full_state_dict(self, dtype: str | torch.dtype = "model") -> dict[str, torch.Tensor] | None:

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from .compat.torch import foreach_norm, foreach_sub
-from .errors import ConfigError, ConfigTypeError
+from .errors import ConfigError
 from .sharding.base import comm_device, dist_ready
+from .utils.validation import check_bool, check_int, check_number, coerce_config
 
 __all__ = [
     "STABILITY_DIRNAME",
@@ -83,6 +84,7 @@ def relative_distance(
     """
     if len(live) != len(ema):
         raise ConfigError(f"`live` and `ema` must have the same length, got {len(live)} and {len(ema)}")
+    # ||theta - ema||_2 / ||ema||_2 over the concatenation of all tensors (hf-ema's metric, not a paper's).
     # Multi-tensor passes per (device, dtype) group: a few kernel launches instead of several per tensor.
     groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for theta, avg in zip(live, ema):
@@ -127,12 +129,12 @@ class StabilityConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.sample_size, bool) or not isinstance(self.sample_size, int) or self.sample_size < 1:
-            raise ConfigError(f"`sample_size` must be an int >= 1, got {self.sample_size!r}")
-        if not isinstance(self.momentum, (int, float)) or not 0.0 < self.momentum <= 1.0:
-            raise ConfigError(f"`momentum` must be in (0, 1], got {self.momentum!r}")
-        if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"`threshold` must be in (0, 1], got {self.threshold!r}")
+        check_bool("relative_distance", self.relative_distance)
+        check_bool("oscillation", self.oscillation)
+        check_int("sample_size", self.sample_size, minimum=1)
+        check_int("seed", self.seed)
+        check_number("momentum", self.momentum, minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_number("threshold", self.threshold, minimum=0.0, maximum=1.0, min_inclusive=False)
 
     @classmethod
     def coerce(cls, value: bool | StabilityConfig | dict | None) -> StabilityConfig | None:
@@ -141,15 +143,7 @@ class StabilityConfig:
         Args:
             value (`bool`, `dict`, `StabilityConfig` or `None`): What the user passed.
         """
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, dict):
-            return cls(**value)
-        if isinstance(value, cls):
-            return value
-        raise ConfigTypeError(f"`stability_metrics` must be a bool, a dict or a StabilityConfig, got {value!r}")
+        return coerce_config("stability_metrics", value, cls)
 
 
 class OscillationTracker:
@@ -241,7 +235,10 @@ class OscillationTracker:
             self._previous = current.clone()
             return
         sign = torch.sign(current - self._previous).to(torch.int8)
+        # Nagel et al. 2022's oscillation indicator, on the sign of each weight's update: o_t = 1 when the weight
+        # moves and in the opposite direction to its last nonzero move, else 0.
         oscillated = (sign != 0) & (self._last_sign != 0) & (sign != self._last_sign)
+        # ...and their oscillation frequency, an EMA of it: f_t = m * o_t + (1 - m) * f_{t-1}.
         self.frequency.mul_(1.0 - self.momentum).add_(oscillated.to(torch.float32), alpha=self.momentum)
         # The last nonzero move only changes when the weight moves.
         self._last_sign = torch.where(sign != 0, sign, self._last_sign)

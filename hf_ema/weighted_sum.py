@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .utils.jsonio import read_json
 
-__all__ = ["WeightFolder", "check_compatible", "copy_metadata", "read_weight_folder", "write_weighted_sum"]
+__all__ = [
+    "WeightFolder",
+    "check_compatible",
+    "check_safetensors_file",
+    "copy_metadata",
+    "read_weight_folder",
+    "write_weighted_sum",
+]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,6 +57,68 @@ METADATA_NAMES = (
 METADATA_PATTERNS = ("tokenizer*", "vocab*", "*.model", "*.tiktoken", "*.py")
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+#: The largest safetensors header accepted (the format's own readers refuse more than 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def check_safetensors_file(path: str | os.PathLike) -> dict:
+    """Check a safetensors file's framing from its header alone, before any reader maps it.
+
+    The first 8 bytes give the header length: it must fit in the file and be at most `MAX_HEADER_BYTES` (a
+    garbage length is refused here, without reading or allocating it); the header must be a JSON object whose
+    tensors' byte ranges end exactly at the end of the file (a truncated copy ends early).
+
+    Args:
+        path (`str` or `os.PathLike`): The file.
+
+    Returns:
+        `dict`: the parsed header.
+
+    Raises:
+        `CheckpointError`: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"`{path}` is not a safetensors file: {size} bytes, shorter than its header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise CheckpointError(
+                    f"`{path}` is truncated or not a safetensors file: its header length says {length} bytes, "
+                    f"the file has {size}"
+                )
+            raw = f.read(length)
+    except OSError as err:
+        raise CheckpointError(f"could not read `{path}`: {err.strerror or err}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"`{path}` is corrupt or not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"`{path}` is corrupt or not a safetensors file: its header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"`{path}` is corrupt: tensor {name!r} has no valid data offsets in the header")
+        end = max(end, offsets[1])
+    data = size - 8 - length
+    if end != data:
+        state = "truncated" if end > data else "corrupt"
+        raise CheckpointError(
+            f"`{path}` is {state}: its tensors take {end} bytes after the header, the file has {data}"
+        )
+    return header
+
+
+def _safetensors_error(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"could not read `{path}`: {type(err).__name__}: {' '.join(str(err).split())}")
 
 
 @dataclass
@@ -80,9 +152,8 @@ def _infer_step(folder: Path) -> int | None:
         path = folder / name
         if path.is_file():
             try:
-                with open(path, encoding="utf-8") as f:
-                    value = json.load(f).get(key)
-            except (OSError, json.JSONDecodeError):
+                value = read_json(path).get(key)
+            except (OSError, ValueError):
                 value = None
             if isinstance(value, int):
                 return value
@@ -111,8 +182,7 @@ def read_weight_folder(folder: str | Path) -> WeightFolder:
         weight_map_files = {ADAPTER_FILE}
     elif (folder / INDEX_FILE).is_file():
         kind = "sharded"
-        with open(folder / INDEX_FILE, encoding="utf-8") as f:
-            files = json.load(f).get("weight_map", {})
+        files = _read_index(folder / INDEX_FILE)
         weight_map_files = set(files.values())
     elif (folder / SINGLE_FILE).is_file():
         kind, files = "model", None
@@ -129,12 +199,16 @@ def read_weight_folder(folder: str | Path) -> WeightFolder:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"`{folder}` is incomplete: its index names {name!r}, which is missing")
-        with safe_open(str(path), framework="pt") as f:
-            file_metadata[name] = dict(f.metadata() or {})
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                view = f.get_slice(key)
-                specs[key] = (view.get_dtype(), tuple(view.get_shape()))
-                weight_map[key] = name
+        check_safetensors_file(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                file_metadata[name] = dict(f.metadata() or {})
+                for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    view = f.get_slice(key)
+                    specs[key] = (view.get_dtype(), tuple(view.get_shape()))
+                    weight_map[key] = name
+        except (SafetensorError, OSError, ValueError) as err:
+            raise _safetensors_error(path, err) from None
     if files is not None:
         missing = sorted(set(files) - set(weight_map))
         if missing:
@@ -144,13 +218,23 @@ def read_weight_folder(folder: str | Path) -> WeightFolder:
     return WeightFolder(folder, kind, weight_map, specs, _infer_step(folder), file_metadata)
 
 
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = read_json(path)
+    except OSError as err:
+        raise CheckpointError(f"could not read `{path}`: {type(err).__name__}: {err}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"`{path}` is corrupt: it has no `weight_map` of tensor names to files")
+    return weight_map
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, ValueError):
         return None
 
 
@@ -199,8 +283,12 @@ def check_compatible(folders: Sequence[WeightFolder]) -> None:
 def _read_tensor(folder: WeightFolder, key: str) -> torch.Tensor:
     # Open, read, close: `get_tensor` copies out of the memory map, and closing unmaps the file, so pages of the
     # inputs never pile up in this process's resident memory while many checkpoints are merged.
-    with safe_open(str(folder.folder / folder.weight_map[key]), framework="pt") as f:
-        return f.get_tensor(key)
+    path = folder.folder / folder.weight_map[key]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as err:  # the file changed since its header was read
+        raise _safetensors_error(path, err) from None
 
 
 @torch.no_grad()

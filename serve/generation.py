@@ -1,8 +1,8 @@
 """Generating from the raw and the EMA model with the same prompt, seed and settings, token by token.
 
-Usable without Gradio. Each model samples with its own `torch.Generator` seeded with the request's seed, so a
-request's output does not depend on what else runs at the same time, and greedy decoding gives exactly what
-`model.generate(do_sample=False)` gives.
+Usable without Gradio. Both models run in one batched forward pass per token (`serve.batching`); each samples with
+its own `torch.Generator` seeded with the request's seed, so a request's output does not depend on what else runs at
+the same time, and greedy decoding gives exactly what `model.generate(do_sample=False)` gives.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import torch
 
 from hf_ema.errors import ConfigError, ConfigTypeError
 
+from .batching import AdapterVariants, VariantBatch, decode, make_variant_batch
 from .loading import EMA, RAW, ModelPair
 
 __all__ = [
     "MAX_NEW_TOKENS_LIMIT",
     "MAX_SEED",
     "GenerationSettings",
+    "encode_prompt",
     "generate_pair",
+    "pair_batch",
     "stream_pair",
     "validate_prompt",
 ]
@@ -99,7 +102,14 @@ def validate_prompt(prompt) -> str:
     return prompt
 
 
-def _encode(pair: ModelPair, prompt: str, settings: GenerationSettings) -> torch.Tensor:
+def encode_prompt(pair: ModelPair, prompt: str, settings: GenerationSettings) -> torch.Tensor:
+    """The prompt's token ids, `(1, length)` on the models' device, checked to leave room for `max_new_tokens`.
+
+    Args:
+        pair (`ModelPair`): The loaded models (tokenizer and context length).
+        prompt (`str`): The prompt.
+        settings (`GenerationSettings`): The request's settings.
+    """
     input_ids = pair.tokenizer(prompt, return_tensors="pt")["input_ids"]
     n_prompt = input_ids.shape[1]
     if n_prompt == 0:
@@ -113,38 +123,11 @@ def _encode(pair: ModelPair, prompt: str, settings: GenerationSettings) -> torch
     return input_ids.to(pair.device)
 
 
-def _token_stream(pair: ModelPair, which: str, input_ids: torch.Tensor, settings: GenerationSettings) -> Iterator[int]:
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-    warpers = LogitsProcessorList()
-    if not settings.greedy:
-        # The same warpers, in the same order, as `generate(do_sample=True, temperature=..., top_p=...)`.
-        if settings.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(settings.top_p))
-    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    eos = pair.eos_token_ids
-    ids = input_ids
-    step_input = input_ids
-    past = None
-    for _ in range(settings.max_new_tokens):
-        logits, past = pair.forward(which, step_input, past)
-        if settings.greedy:
-            token = logits.argmax(dim=-1, keepdim=True)
-        else:
-            scores = warpers(ids, logits)
-            probs = torch.softmax(scores, dim=-1).cpu()
-            token = torch.multinomial(probs, num_samples=1, generator=generator).to(ids.device)
-        yield int(token)
-        if int(token) in eos:
-            return
-        ids = torch.cat([ids, token], dim=-1)
-        step_input = token
-
-
 def stream_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | None = None) -> Iterator[tuple[str, str]]:
-    """Generate from the raw and the EMA model in lockstep, yielding both texts so far after every token.
+    """Generate from the raw and the EMA model together, yielding both texts so far after every token.
+
+    Both run in one batched forward pass per token (see `serve.batching`); each samples with its own generator
+    seeded with `settings.seed`, so each text is what that model alone would generate.
 
     Args:
         pair (`ModelPair`): The loaded models.
@@ -158,19 +141,36 @@ def stream_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | Non
     if not isinstance(settings, GenerationSettings):
         raise ConfigTypeError(f"`settings` must be a GenerationSettings, got {type(settings).__name__}")
     prompt = validate_prompt(prompt)
-    input_ids = _encode(pair, prompt, settings)
-    streams = {which: _token_stream(pair, which, input_ids, settings) for which in (RAW, EMA)}
-    tokens: dict[str, list[int]] = {RAW: [], EMA: []}
-    while streams:
-        for which in list(streams):
-            token = next(streams[which], None)
-            if token is None:
-                del streams[which]
+    input_ids = encode_prompt(pair, prompt, settings)
+    batch = pair_batch(pair)
+    for state in decode(
+        batch,
+        input_ids,
+        max_new_tokens=settings.max_new_tokens,
+        greedy=settings.greedy,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=settings.seed,
+        eos_token_ids=pair.eos_token_ids,
+    ):
+        yield tuple(pair.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in state.tokens)
+
+
+def pair_batch(pair: ModelPair) -> VariantBatch:
+    """The pair's raw and EMA models as one [`VariantBatch`] (built once per pair and kept with it).
+
+    Args:
+        pair (`ModelPair`): The loaded models.
+    """
+    with pair.lock:
+        batch = pair.runtime.get("batch")
+        if batch is None:
+            if pair.is_peft:
+                batch = AdapterVariants(pair.models[RAW], [RAW, EMA], lock=pair.lock)
             else:
-                tokens[which].append(token)
-        if streams:
-            yield tuple(pair.tokenizer.decode(tokens[w], skip_special_tokens=True) for w in (RAW, EMA))
-    yield tuple(pair.tokenizer.decode(tokens[w], skip_special_tokens=True) for w in (RAW, EMA))
+                batch = make_variant_batch([pair.models[RAW], pair.models[EMA]])
+            pair.runtime["batch"] = batch
+    return batch
 
 
 def generate_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | None = None) -> tuple[str, str]:

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
 from hf_ema.ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
+from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
+from hf_ema.weighted_sum import check_safetensors_file
 
 __all__ = [
     "CheckpointCatalog",
@@ -75,6 +76,15 @@ def _has_raw_weights(folder: Path) -> bool:
     if (folder / ADAPTER_CONFIG).is_file():
         return True
     return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def has_raw_weights(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds loadable weights: a model (`config.json` and weights) or a PEFT adapter.
+
+    Args:
+        folder (`str` or `os.PathLike`): The folder.
+    """
+    return _has_raw_weights(Path(folder))
 
 
 def _has_ema(folder: Path) -> bool:
@@ -205,6 +215,8 @@ class ModelPair:
         models (`dict[str, torch.nn.Module]`): `"raw"` and `"ema"` models.
         is_peft (`bool`, *optional*, defaults to `False`): Whether both are adapters on one `PeftModel`.
         info (`dict`, *optional*): The EMA's `ema_state.json`.
+        runtime (`dict`, *optional*): What the app builds from the models and keeps with them (the batched
+            runner of `serve.generation.pair_batch`).
     """
 
     ref: CheckpointRef
@@ -212,6 +224,7 @@ class ModelPair:
     models: dict[str, torch.nn.Module]
     is_peft: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -240,26 +253,35 @@ class ModelPair:
             return set()
         return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while the models run or change (a PEFT model's active adapter, adapters being loaded)."""
+        return self._lock
+
     @torch.inference_mode()
-    def forward(self, which: str, input_ids: torch.Tensor, past_key_values: Any = None) -> tuple[torch.Tensor, Any]:
+    def forward(self, which: str, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """One decoding step of the raw or the EMA model.
 
         Args:
             which (`str`): `"raw"` or `"ema"`.
             input_ids (`torch.Tensor`): The new tokens, shape `(1, n)`.
-            past_key_values (*optional*): The cache returned by the previous step.
+            cache (*optional*): The KV cache of the previous steps (grown in place); a new one when `None`.
 
         Returns:
-            `tuple`: the last position's logits (fp32, shape `(1, vocab)`) and the updated cache.
+            `tuple`: the last position's logits (fp32, shape `(1, vocab)`) and the cache.
         """
+        from .batching import SingleVariant
+
         if which not in self.models:
             raise ConfigError(f"`which` must be 'raw' or 'ema', got {which!r}")
         with self._lock:
             model = self.models[which]
             if self.is_peft:
                 model.set_adapter(which)
-            out = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
-        return out.logits[:, -1, :].float(), out.past_key_values
+            step = SingleVariant(model)
+            cache = step.new_cache() if cache is None else cache
+            logits = step.forward(input_ids, cache, last_only=True)
+        return logits[:, -1, :].float(), cache
 
 
 def _read_adapter_config(ref: CheckpointRef) -> dict[str, Any] | None:
@@ -324,6 +346,14 @@ def load_pair(
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     adapter_config = _read_adapter_config(ref)
+    if ref.is_local:  # a truncated or garbled weights file: one clear error before anything loads
+        kind = "model" if adapter_config is None else "adapter"
+        for what, folder in ((f"raw {kind}", ref.location), (f"EMA {kind}", ref.ema_location)):
+            for path in sorted(Path(folder).glob("*.safetensors")):
+                try:
+                    check_safetensors_file(path)
+                except CheckpointError as err:
+                    raise CheckpointError(f"could not load the {what} from `{folder}`: {err}") from None
 
     def _load(what: str, fn, *args, **kwargs):
         try:

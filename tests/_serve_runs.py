@@ -5,10 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def train_run(out_dir: Path, tokenizer, lm_data, *, lora: bool = False, steps: int = 8, save_steps: int = 4) -> Path:
+def train_run(
+    out_dir: Path,
+    tokenizer,
+    lm_data,
+    *,
+    lora: bool = False,
+    steps: int = 8,
+    save_steps: int = 4,
+    posthoc: bool = False,
+) -> Path:
     """Train a tiny Llama (or a LoRA adapter on it) with EMACallback; checkpoints every `save_steps`, then
     `trainer.save_model()`. For LoRA the base model is saved to `out_dir/base_model` and loaded from there first, so
-    the adapter records where its base is (as a Hub model's adapter would).
+    the adapter records where its base is (as a Hub model's adapter would). `posthoc=True` also keeps post-hoc EMA
+    snapshots (`EMACallback(posthoc=True)`, one per checkpoint) in `out_dir/ema_posthoc`.
 
     A high learning rate and a short EMA horizon make the raw and EMA weights clearly different.
     """
@@ -52,7 +62,7 @@ def train_run(out_dir: Path, tokenizer, lm_data, *, lora: bool = False, steps: i
         train_dataset=train,
         eval_dataset=evaluation.select(range(16)),
         processing_class=tokenizer,
-        callbacks=[EMACallback(decay=0.7)],
+        callbacks=[EMACallback(decay=0.7, posthoc=posthoc)],
     )
     trainer.train()
     trainer.save_model(str(out_dir))

@@ -11,8 +11,10 @@ from _trainer_args import cpu_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, pipeline
 
-from hf_ema import ConfigError, EMACallback, EMAConfig
+from hf_ema import CheckpointError, ConfigError, EMACallback, EMAConfig
 from hf_ema.demo.toy import tiny_causal_lm
+
+pytestmark = pytest.mark.trainer  # every test here trains with a real Trainer
 
 
 class RecordWeights(TrainerCallback):
@@ -184,15 +186,80 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, lm_data):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_resume_without_ema_warns_and_restarts(tmp_path, tokenizer, lm_data, caplog):
+def _ema_tensors(folder):
+    return load_file(
+        str(
+            folder / "ema_state.safetensors"
+            if (folder / "ema_state.safetensors").is_file()
+            else folder / "model.safetensors"
+        )
+    )
+
+
+def test_resume_skips_a_checkpoint_whose_ema_is_incomplete(tmp_path, tokenizer, lm_data, caplog):
+    """A crash between the Trainer's checkpoint and its `ema/`: `resume_from_checkpoint=True` resumes from the newest
+    checkpoint whose weights and EMA are both complete, and the run ends with the uninterrupted run's EMA."""
+    cfg = EMAConfig(decay=0.9)
+
+    def model():
+        return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+
+    class StopAt(TrainerCallback):  # the same 6-step run (same LR schedule), stopped after step 4 as by a crash
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    run(tmp_path / "whole", model(), lm_data[0], tokenizer, cfg, max_steps=6, save_steps=2)
+    cut = Trainer(
+        model=model(),
+        args=make_args(tmp_path / "cut", max_steps=6, save_steps=2),
+        train_dataset=lm_data[0],
+        processing_class=tokenizer,
+        callbacks=[EMACallback(cfg, save_final=False), StopAt()],
+    )
+    cut.train()
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4" / "ema")  # as if killed before `ema/` was renamed into place
+    (tmp_path / "cut" / "checkpoint-4" / ".ema.tmp-deadbeef").mkdir()  # what the killed write left
+    with caplog.at_level(logging.WARNING, logger="hf_ema.trainer.callback"):
+        trainer, callback, _ = run(
+            tmp_path / "cut", model(), lm_data[0], tokenizer, cfg, resume=True, max_steps=6, save_steps=2
+        )
+    assert any("has no complete EMA" in r.getMessage() and "checkpoint-2" in r.getMessage() for r in caplog.records)
+    assert callback.ema.num_updates == 6  # not restarted: 6 updates, as in the uninterrupted run
+    for step in (4, 6):
+        whole = _ema_tensors(tmp_path / "whole" / f"checkpoint-{step}" / "ema")
+        resumed = _ema_tensors(tmp_path / "cut" / f"checkpoint-{step}" / "ema")
+        assert whole.keys() == resumed.keys()
+        for name in whole:
+            assert torch.equal(whole[name], resumed[name]), (step, name)
+    assert not list((tmp_path / "cut" / "checkpoint-4").glob(".ema.tmp-*"))  # removed by the next save
+
+
+def test_resume_without_any_complete_ema_stops_before_training(tmp_path, tokenizer, lm_data, caplog):
     cfg = EMAConfig(decay=0.9)
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     run(tmp_path, model, lm_data[0], tokenizer, cfg, max_steps=4, save_steps=2)
-    shutil.rmtree(tmp_path / "checkpoint-4" / "ema")
+    for step in (2, 4):
+        shutil.rmtree(tmp_path / f"checkpoint-{step}" / "ema")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 has no complete `ema/`.*none is left.*allow_ema_restart"):
+        run(tmp_path, model, lm_data[0], tokenizer, cfg, resume=True, max_steps=6, save_steps=2)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing trained or written
+    # An explicit path to a checkpoint without EMA stops too, naming the complete ones (none here).
+    with pytest.raises(CheckpointError, match="checkpoint-2 has no complete"):
+        run(tmp_path, model, lm_data[0], tokenizer, cfg, resume=str(tmp_path / "checkpoint-2"), max_steps=6)
+
+    # The explicit way on: restart the EMA from the resumed weights, with a warning.
+    callback = EMACallback(cfg, allow_ema_restart=True)
+    trainer = Trainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=6, save_steps=2),
+        train_dataset=lm_data[0],
+        callbacks=[callback],
+    )
     with caplog.at_level(logging.WARNING, logger="hf_ema.trainer.callback"):
-        _, callback, _ = run(tmp_path, model, lm_data[0], tokenizer, cfg, resume=True, max_steps=6, save_steps=2)
-    assert any("no EMA was found" in r.getMessage() for r in caplog.records)
+        trainer.train(resume_from_checkpoint=True)
+    assert any("allow_ema_restart=True" in r.getMessage() for r in caplog.records)
     assert callback.ema.step == 6 and callback.ema.num_updates == 2
 
 

@@ -37,3 +37,27 @@ def test_package_metadata():
     assert hf_ema.__all__ == sorted(hf_ema.__all__)
     for name in hf_ema.__all__:
         assert hasattr(hf_ema, name), name
+
+
+def test_demo_without_the_demo_extra_names_it(tmp_path, monkeypatch, capsys):
+    """Without `datasets` (the `demo` extra), `hf-ema demo` says which extra to install, before writing anything."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    out = tmp_path / "tiny"
+    assert main(["demo", "--no-serve", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "hf-ema demo: error: the tiny demo model needs datasets, which is not installed: pip install 'hf-ema[demo]'"
+    )
+    assert not out.exists()
+
+
+def test_every_public_name_is_in_the_api_reference():
+    """docs/reference/api.md documents every name of `hf_ema.__all__` (mkdocstrings renders them from docstrings)."""
+    import re
+    from pathlib import Path
+
+    import hf_ema
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "api.md").read_text()
+    documented = set(re.findall(r"^::: hf_ema\.(\w+)$", page, re.M))
+    assert set(hf_ema.__all__) - {"__version__"} <= documented, sorted(set(hf_ema.__all__) - documented)

@@ -70,7 +70,7 @@ def test_warmup_formula():
 
 
 def test_sigma_rel_gamma_and_beta():
-    # REFERENCE.md: gamma 16.97 -> sigma_rel 0.05; gamma 6.94 -> sigma_rel 0.10.
+    # EDM2 (Karras et al. 2024, Eq. 123) pairs: gamma 16.97 -> sigma_rel 0.05; gamma 6.94 -> sigma_rel 0.10.
     assert abs(EMAConfig(sigma_rel=0.05).gamma - 16.97) < 0.01
     cfg = EMAConfig(sigma_rel=0.10)
     assert abs(cfg.gamma - 6.94) < 0.01

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from hf_ema import EMACallback
 from hf_ema.trainer.evaluation import EMAEvaluator
 
+pytestmark = pytest.mark.trainer  # every test here trains with a real Trainer
+
 
 def _args(out, **kw) -> TrainingArguments:
     base = dict(

@@ -31,3 +31,31 @@ def test_lora_example(tmp_path):
     result = _load("lora_causal_lm").main(["--output-dir", str(tmp_path), "--max-steps", "6", "--batch-size", "4"])
     assert result["eval_loss"] != result["eval_ema_loss"]
     assert (tmp_path / "ema" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_diffusers_unet_example(tmp_path):
+    """The diffusers example: `ema/` loads with `UNet2DModel.from_pretrained` and equals the EMA (max abs diff 0),
+    `load_ema` restores it, and a run resumed from an `accelerator.save_state` checkpoint (the EMA restored by the
+    load-state hook) ends with the uninterrupted run's EMA."""
+    import torch
+
+    diffusers = pytest.importorskip("diffusers")
+    from hf_ema import ModelEMA, load_ema
+
+    example = _load("diffusers_unet")
+    args = ["--max-steps", "6", "--save-every", "3", "--batch-size", "4"]
+    full = example.main([*args, "--output-dir", str(tmp_path / "full")])
+    loaded = diffusers.UNet2DModel.from_pretrained(full["ema_dir"]).state_dict()
+    expected = full["ema"].full_state_dict(dtype="model")
+    assert set(expected) <= set(loaded)
+    assert max(float((loaded[k] - v).abs().max()) for k, v in expected.items()) == 0.0
+    fresh = ModelEMA(example.tiny_unet(seed=1), decay=0.99)
+    assert load_ema(fresh, full["ema_dir"])["step"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(fresh.shadow, full["ema"].shadow))
+    assert (tmp_path / "full" / "checkpoint-3" / "ema" / "diffusion_pytorch_model.safetensors").is_file()
+    resumed = example.main(
+        [*args, "--output-dir", str(tmp_path / "resumed"), "--resume-from", str(tmp_path / "full" / "checkpoint-3")]
+    )
+    assert resumed["ema"].step == 6
+    assert all(torch.equal(a, b) for a, b in zip(resumed["ema"].shadow, full["ema"].shadow))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_ema import ModelEMA
+from hf_ema.compat import torch as torch_compat
 from hf_ema.engine import kernels as K
 from hf_ema.engine import native as N
 from hf_ema.engine.kernels import LerpKernel, lerp_
@@ -193,7 +194,7 @@ def test_native_build_failure_falls_back(monkeypatch, caplog):
 
 def test_compile_available_without_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "definitely-not-a-compiler")
-    monkeypatch.setattr(K.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch_compat.shutil, "which", lambda name: None)
     assert K.compile_available("cpu") is False
 
 
@@ -247,8 +248,11 @@ def test_model_ema_paths(dtype, update_every):
     # Non-float buffers are copied at each update, i.e. at the last step that `update_every` keeps.
     assert int(state["count"]) == 7 - 7 % update_every
     mixed = "native" if N.compiler() is not None else "chunked"
-    expected = "foreach" if dtype == torch.float32 else mixed
+    # With the default NaN check (on_nonfinite="skip"), fp32 weights also take the native kernel, where it is fused.
+    expected = ("native" if N.compiler() is not None else "foreach") if dtype == torch.float32 else mixed
     assert [k.backend for k in ema._updater.kernels] == [expected]
+    unchecked = ModelEMA(model, decay=0.9, on_nonfinite="ignore")
+    assert [k.backend for k in unchecked._updater.kernels] == ["foreach" if dtype == torch.float32 else mixed]
 
 
 def test_model_ema_with_compile_disabled(monkeypatch):

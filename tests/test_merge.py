@@ -14,26 +14,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_ema import CheckpointError, ConfigError, EMACallback, ema_weights, merge_checkpoints, wsm_weights
 from hf_ema.cli import main as cli_main
-from hf_ema.tools.merge import decay_multipliers
 from hf_ema.demo.toy import tiny_causal_lm
+from hf_ema.tools.merge import decay_multipliers
 
 # ---------------------------------------------------------------------- pure weights
 
 
 def test_wsm_weights_reference_values():
-    # Values quoted from the WSM paper's construction in REFERENCE.md (5 checkpoints, oldest first).
+    # The weights the WSM paper gives for 5 checkpoints, oldest first (Tian et al. 2025, arXiv 2507.17634).
     assert wsm_weights(5, "cosine") == pytest.approx([0.0955, 0.25, 0.3090, 0.25, 0.0955], abs=1e-3)
     assert wsm_weights(5, "1-sqrt") == pytest.approx([0.447, 0.185, 0.142, 0.120, 0.106], abs=1e-3)
     # A linear decay is exactly the uniform mean.
     assert wsm_weights(7, "linear") == pytest.approx([1 / 7] * 7, abs=1e-12)
+    # The decay shapes written out here, not read from hf_ema: the merge must scale the update between checkpoints
+    # j and j + 1 by f((j + 1) / n), i.e. the merge weights after checkpoint j must sum to it (WSM's merge/decay
+    # duality), and be a convex combination.
+    shapes = {
+        "linear": lambda x: 1 - x,
+        "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+        "1-sqrt": lambda x: 1 - math.sqrt(x),
+    }
+    square = lambda x: (1 - x) ** 2  # noqa: E731
     for n in (2, 3, 9):
-        for schedule in ("linear", "cosine", "1-sqrt", lambda x: (1 - x) ** 2):
+        for schedule, f in [*shapes.items(), (square, square)]:
             c = wsm_weights(n, schedule)
-            w = decay_multipliers(n, schedule)
-            assert sum(c) == pytest.approx(1.0, abs=1e-12)
+            expected = [f((j + 1) / n) for j in range(n - 1)]
+            assert [sum(c[j + 1 :]) for j in range(n - 1)] == pytest.approx(expected, abs=1e-12)
+            assert decay_multipliers(n, schedule) == pytest.approx(expected, abs=1e-12)
             assert min(c) >= 0
-            # w_j = sum_{i > j} c_i: each update between checkpoints j and j+1 is scaled by w_j.
-            assert w == pytest.approx([sum(c[j + 1 :]) for j in range(n - 1)], abs=1e-12)
 
 
 def test_ema_weights_follow_the_recurrence():
@@ -214,6 +222,7 @@ def _wsm_reference(n, f):
     ],
     ids=["mean", "ema", "wsm-cosine", "wsm-1-sqrt", "wsm-linear", "explicit"],
 )
+@pytest.mark.trainer
 def test_merge_equals_weighted_average(full_run, tmp_path, kwargs, reference):
     folders = _ckpts(full_run)
     out = merge_checkpoints(folders, tmp_path / "merged", progress=False, **kwargs)
@@ -228,6 +237,7 @@ def test_merge_equals_weighted_average(full_run, tmp_path, kwargs, reference):
     assert [c["step"] for c in recipe["checkpoints"]] == [2, 4, 6, 8, 10]
 
 
+@pytest.mark.trainer
 def test_merged_model_loads_and_glob_order_is_sorted(full_run, tmp_path):
     # A shell glob sorts checkpoint-10 before checkpoint-2: the merge orders by step anyway.
     folders = sorted(_ckpts(full_run), key=lambda p: p.name)
@@ -246,6 +256,7 @@ def test_merged_model_loads_and_glob_order_is_sorted(full_run, tmp_path):
     assert recipe["decay_multipliers"] == pytest.approx(decay_multipliers(5, "cosine"))
 
 
+@pytest.mark.trainer
 def test_merge_ema_subfolders_via_cli(full_run, tmp_path, capsys):
     out = tmp_path / "merged-ema"
     argv = ["merge", *map(str, _ckpts(full_run)[2:]), "--out", str(out), "--method", "wsm", "--schedule", "1-sqrt"]
@@ -260,6 +271,7 @@ def test_merge_ema_subfolders_via_cli(full_run, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+@pytest.mark.trainer
 def test_merge_sharded_checkpoints(full_run, tmp_path):
     folders = []
     for step in (4, 6, 8):
@@ -279,6 +291,7 @@ def test_merge_sharded_checkpoints(full_run, tmp_path):
 # ---------------------------------------------------------------------- PEFT adapters
 
 
+@pytest.mark.trainer
 def test_merge_lora_adapters(tmp_path, tokenizer, lm_data):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import Trainer
 
 from hf_ema import ConfigError, EMACallback, EMAConfig, ModelEMA
-from hf_ema.engine import kernels as K
 from hf_ema.demo.toy import tiny_causal_lm
+from hf_ema.engine import kernels as K
 from hf_ema.engine.offload import OffloadedUpdate
 from hf_ema.engine.streams import SideStream, register_pre_step_guard
 
@@ -154,14 +154,17 @@ def test_snapshot_is_taken_before_update_returns():
         torch.testing.assert_close(got[name], value)  # 0.5 * w + 0.5 * w
 
 
-def test_background_error_surfaces_on_next_read():
+def test_background_error_surfaces_on_next_read(monkeypatch):
     model = make_model()
     ema = ModelEMA(model, decay=0.5, device="cpu", async_update=True)
 
-    def boom(weight):
+    def boom(*args):
         raise RuntimeError("fold failed")
 
-    ema._updater.offload.kernels = [boom]
+    # The checked update (the default on_nonfinite="skip") starts with one of these.
+    kernel = ema._updater.offload.kernels[0]
+    monkeypatch.setattr(kernel, "all_finite", boom)
+    monkeypatch.setattr(kernel, "fold_checked", boom)
     ema.update()
     with pytest.raises(RuntimeError, match="fold failed"):
         ema.state_dict()
@@ -341,6 +344,7 @@ def train(tmp_path, tokenizer, train_ds, **ema_kwargs):
     return callback.ema.state_dict()["tensors"], callback
 
 
+@pytest.mark.trainer
 def test_trainer_offloaded_equals_on_device(tmp_path, tokenizer, lm_data):
     train_ds, _ = lm_data
     on_device, _ = train(tmp_path / "a", tokenizer, train_ds)

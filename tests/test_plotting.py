@@ -48,6 +48,7 @@ def _png_size(path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+@pytest.mark.trainer
 def test_load_history_reads_the_logged_series(run_dir):
     history = load_history(run_dir)
     assert history["source"] == str(run_dir / "checkpoint-8" / "trainer_state.json")
@@ -63,6 +64,7 @@ def test_load_history_reads_the_logged_series(run_dir):
     assert load_history(run_dir / "checkpoint-4" / "ema")["global_step"] == 4
 
 
+@pytest.mark.trainer
 def test_find_trainer_state_prefers_most_advanced(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -74,6 +76,7 @@ def test_find_trainer_state_prefers_most_advanced(run_dir, tmp_path):
     assert find_trainer_state(copy) == copy / "trainer_state.json"  # ties go to the run folder's own file
 
 
+@pytest.mark.trainer
 def test_plot_run_and_cli_write_png(run_dir, tmp_path):
     path = plot_run(run_dir, tmp_path / "a" / "plot.png")
     width, height = _png_size(path)

@@ -155,6 +155,7 @@ def test_ignoring_the_interval_is_wrong():
 # ---------------------------------------------------------------------- a real Trainer run
 
 
+@pytest.mark.trainer
 def test_trainer_run_posthoc_cli(tmp_path, tokenizer, lm_data, capsys):
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     run = tmp_path / "run"
@@ -200,6 +201,7 @@ def test_trainer_run_posthoc_cli(tmp_path, tokenizer, lm_data, capsys):
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5)
 
 
+@pytest.mark.trainer
 def test_posthoc_resume_matches_uninterrupted(tmp_path, tokenizer, lm_data):
     def train(out, max_steps, resume=None):
         args = cpu_args(

@@ -90,11 +90,11 @@ def generate_in_page(page, url: str, max_new_tokens: int) -> tuple[str, str]:
     page.locator("#greedy input").check()
     page.locator("#generate").click()
     page.wait_for_function(
-        "document.querySelector('#raw-output textarea').value.length > 0"
-        " && document.querySelector('#ema-output textarea').value.length > 0",
+        "document.querySelector('#pane-1-output textarea').value.length > 0"
+        " && document.querySelector('#pane-2-output textarea').value.length > 0",
         timeout=60_000,
     )
-    return page.locator("#raw-output textarea").input_value(), page.locator("#ema-output textarea").input_value()
+    return page.locator("#pane-1-output textarea").input_value(), page.locator("#pane-2-output textarea").input_value()
 
 
 def wait_for_outputs(page, expected: tuple[str, str]) -> tuple[str, str]:
@@ -106,11 +106,11 @@ def wait_for_outputs(page, expected: tuple[str, str]) -> tuple[str, str]:
     # On a timeout the caller's assertion shows the difference.
     with contextlib.suppress(PlaywrightTimeout):
         page.wait_for_function(
-            f"document.querySelector('#raw-output textarea').value === {json.dumps(expected[0])}"
-            f" && document.querySelector('#ema-output textarea').value === {json.dumps(expected[1])}",
+            f"document.querySelector('#pane-1-output textarea').value === {json.dumps(expected[0])}"
+            f" && document.querySelector('#pane-2-output textarea').value === {json.dumps(expected[1])}",
             timeout=60_000,
         )
-    return page.locator("#raw-output textarea").input_value(), page.locator("#ema-output textarea").input_value()
+    return page.locator("#pane-1-output textarea").input_value(), page.locator("#pane-2-output textarea").input_value()
 
 
 def screenshot(page, name: str) -> Path:
@@ -130,8 +130,8 @@ def test_page_greedy_panes_equal_direct_generation(full_run, full_app, browser):
     assert first[0] and first[1]
     assert wait_for_outputs(page, expected) == expected
     # The page shows the labels, the EMA step and config, the loss plot and the checkpoint picker.
-    assert page.get_by_text("raw", exact=True).first.is_visible()
-    assert page.get_by_text("EMA", exact=True).first.is_visible()
+    assert "raw · final" in page.locator("#pane-1-header").inner_text()
+    assert "EMA · final" in page.locator("#pane-2-header").inner_text()
     info = page.locator("#ema-info").inner_text()
     assert "EMA step 8" in info and "decay=0.7" in info
     assert page.locator("#loss-plot img").is_visible()

@@ -153,6 +153,7 @@ def test_reduction_across_ranks_gloo():
     assert results[0][2]["ema_osc_frac"] == pytest.approx(0.5) and results[1][2] == results[0][2]
 
 
+@pytest.mark.trainer
 def test_callback_logs_stability_metrics(tmp_path, tiny_model, tokenizer, lm_data):
     train_ds, _ = lm_data
     out = tmp_path / "run"
@@ -194,6 +195,7 @@ def test_callback_logs_stability_metrics(tmp_path, tiny_model, tokenizer, lm_dat
     assert callback.stability.tracker.num_updates == 7  # 8 steps: the first only records the start
 
 
+@pytest.mark.trainer
 def test_oscillation_state_resumes_exactly(tmp_path, tokenizer, lm_data):
     """A run resumed from checkpoint-4 logs the same oscillation frequencies at steps 5-8 as the uninterrupted run:
     the tracker's state is saved per rank in `checkpoint-N/ema_stability/` and restored with the EMA."""

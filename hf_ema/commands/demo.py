@@ -15,6 +15,12 @@ EXIT_AFTER_START_ENV = "HF_EMA_DEMO_EXIT_AFTER_START"
 
 def run(args: argparse.Namespace) -> int:
     from ..demo.tiny_run import train_tiny_run
+    from ..demo.toy import require_demo_extra
+
+    # Both extras are checked before any training: a missing one is one line naming it, not a traceback later.
+    require_demo_extra()
+    # The app (repository folder `serve/`, installed as `hf_ema.app`) is found by entry point, never imported here.
+    app = None if args.no_serve else load_app()
 
     start = time.perf_counter()
     results = train_tiny_run(
@@ -29,11 +35,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"run {verb} in {time.perf_counter() - start:.1f}s: {results['output_dir']}")
     print(f"EMA weights: {results['ema_dir']}  (from_pretrained-loadable)")
     print(f"eval loss   raw: {results['eval_loss']:.4f}   EMA: {results['eval_ema_loss']:.4f}")
-    if args.no_serve:
+    if app is None:
         return 0
-
-    # The app (repository folder `serve/`, installed as `hf_ema.app`) is found by entry point, never imported here.
-    app = load_app()
 
     exit_after_start = args.exit_after_start or os.environ.get(EXIT_AFTER_START_ENV, "0") not in ("", "0")
     demo, url = app.start_app(
@@ -67,7 +70,9 @@ def register(subparsers: SubParsers) -> None:
         "--save-steps", type=int, default=None, help="checkpoint/eval interval (default: a sixth of --max-steps)"
     )
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of the full model")
-    parser.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
+    parser.add_argument(
+        "--force", action="store_true", help="retrain even if a finished run exists (replaces only a run hf-ema wrote)"
+    )
     parser.add_argument("--no-serve", action="store_true", help="only train (and report raw vs EMA loss)")
     parser.add_argument("--host", default="127.0.0.1", help="address the app binds (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="app port (default: 7860, or the next free one)")
@@ -77,4 +82,15 @@ def register(subparsers: SubParsers) -> None:
         action="store_true",
         help=f"start the app, send it one request, print the answer and exit (same as {EXIT_AFTER_START_ENV}=1)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(
+        func=run,
+        flags={
+            "output_dir": "--output-dir",
+            "force": "--force",
+            "max_steps": "--max-steps",
+            "save_steps": "--save-steps",
+            "decay": "--decay",
+            "port": "--port",
+            "host": "--host",
+        },
+    )

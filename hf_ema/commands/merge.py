@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..cli_types import SubParsers
+from ..utils.jsonio import read_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,8 +23,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    with open(out / MERGE_RECIPE_NAME, encoding="utf-8") as f:
-        recipe = json.load(f)
+    recipe = read_json(out / MERGE_RECIPE_NAME)
     print(f"merged {len(recipe['checkpoints'])} checkpoints ({recipe['method']}) into {out}")
     for entry in recipe["checkpoints"]:
         print(f"  {entry['weight']:.4f}  {entry['weights_from']}")
@@ -56,6 +55,21 @@ def register(subparsers: SubParsers) -> None:
         "--ema", action="store_true", help="merge each checkpoint's ema/ folder instead of its raw weights"
     )
     parser.add_argument("--keep-order", action="store_true", help="merge in the given order instead of by step")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists and hf-ema wrote it (never another folder)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    parser.set_defaults(
+        func=run,
+        flags={
+            "output_dir": "--out",
+            "overwrite": "--overwrite",
+            "method": "--method",
+            "schedule": "--schedule",
+            "weights": "--weights",
+            "ema_decay": "--ema-decay",
+            "use_ema": "--ema",
+        },
+    )

@@ -23,4 +23,4 @@ def register(subparsers: SubParsers) -> None:
         "run_dir", metavar="RUN_DIR", help="a run folder (output_dir) or one of its checkpoint-N folders"
     )
     parser.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/ema_eval.png)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, flags={"out_path": "--out"})

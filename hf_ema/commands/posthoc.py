@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..cli_types import SubParsers
+from ..utils.jsonio import read_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,8 +19,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    with open(out / RECIPE_NAME, encoding="utf-8") as f:
-        recipe = json.load(f)
+    recipe = read_json(out / RECIPE_NAME)
     print(
         f"post-hoc EMA sigma_rel={recipe['sigma_rel']:g} (gamma {recipe['gamma']:.2f}) at step {recipe['step']} "
         f"from {len(recipe['snapshots'])} snapshots: {out}"
@@ -37,8 +36,24 @@ def register(subparsers: SubParsers) -> None:
     )
     parser.add_argument("run_dir", help="the run's output_dir (or its ema_posthoc/ folder)")
     parser.add_argument("--sigma-rel", type=float, required=True, help="wanted relative EMA width, e.g. 0.08")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/ema-sigma_rel-S)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder, never inside what it reads (default: ema-sigma_rel-S in the run folder)",
+    )
     parser.add_argument("--step", type=int, default=None, help="training step of the wanted EMA (default: last)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists and hf-ema wrote it (never another folder)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    parser.set_defaults(
+        func=run,
+        flags={
+            "out_dir": "--out",
+            "overwrite": "--overwrite",
+            "sigma_rel": "--sigma-rel",
+            "step": "--step",
+        },
+    )

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         token=args.token,
         commit_message=args.commit_message,
+        timeout=args.timeout,
     )
     where = "as the main weights" if args.as_main else f"to {args.subfolder}/"
     print(f"pushed {args.path} {where} of {args.repo_id}: {url}")
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: SubParsers) -> None:
+    from ..tools.hub import DEFAULT_TIMEOUT
+
     parser = subparsers.add_parser(
         "push",
         help="upload an ema/ folder to the Hugging Face Hub with a model card",
@@ -41,4 +44,21 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
     parser.add_argument("--commit-message", default=None, help="commit message")
     parser.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or the saved login)")
-    parser.set_defaults(func=run)
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds any one Hub request may go without an answer (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.set_defaults(
+        func=run,
+        flags={
+            "repo_id": "--repo-id",
+            "subfolder": "--subfolder",
+            "as_main": "--as-main",
+            "revision": "--revision",
+            "commit_message": "--commit-message",
+            "token": "--token",
+            "timeout": "--timeout",
+        },
+    )

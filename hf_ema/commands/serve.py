@@ -43,4 +43,7 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument("--base-model", default=None, help="base model of a PEFT checkpoint (default: the adapter's)")
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
-    parser.set_defaults(func=run)
+    parser.set_defaults(
+        func=run,
+        flags={"base_model": "--base-model", "port": "--port", "host": "--host", "device": "--device"},
+    )

@@ -20,7 +20,9 @@ from ._guard import missing_api, require_version
 
 __all__ = [
     "MIN_TORCH",
+    "all_gather_flat",
     "compile_supported",
+    "current_accelerator_device",
     "foreach_copy_",
     "foreach_lerp_",
     "foreach_norm",
@@ -39,6 +41,23 @@ for _op in ("_foreach_lerp_", "_foreach_copy_", "_foreach_sub", "_foreach_norm")
         raise missing_api("torch", f"torch.{_op}", "hf-ema's EMA update")
 
 
+def current_accelerator_device(device_type: str | None = None) -> torch.device | None:
+    """The current device of this process's accelerator (CUDA, XPU, HPU, ...), through `torch.accelerator` (2.6+),
+    or `None` when there is no accelerator.
+
+    Args:
+        device_type (`str`, *optional*): The accelerator type the caller expects (e.g. a device mesh's
+            `device_type`); its current index is returned even when `torch.accelerator` reports another type.
+    """
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None or not hasattr(accelerator, "current_device_index"):
+        raise missing_api("torch", "torch.accelerator", "an EMA of a model sharded over accelerators")
+    found = accelerator.current_accelerator()
+    if found is None and device_type is None:
+        return None
+    return torch.device(device_type or found.type, accelerator.current_device_index())
+
+
 def foreach_lerp_(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], weight: float | torch.Tensor) -> None:
     """`ema[i] += weight * (live[i] - ema[i])` for every pair, in one multi-tensor kernel."""
     torch._foreach_lerp_(ema, live, weight)
@@ -54,9 +73,24 @@ def foreach_sub(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[to
     return list(torch._foreach_sub(a, b))
 
 
-def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The 2-norm of each tensor, in one multi-tensor kernel."""
-    return list(torch._foreach_norm(tensors))
+def foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The 2-norm of each tensor, in one multi-tensor kernel (accumulated and returned in `dtype` when given)."""
+    if dtype is None:
+        return list(torch._foreach_norm(tensors))
+    return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+def all_gather_flat(output: torch.Tensor, local: torch.Tensor, group=None) -> None:
+    """Gather every rank's `local` into `output` (rank order, `world * local.numel()` elements): torch 2.13 renamed
+    `all_gather_into_tensor` to `all_gather_single` and deprecates the old name; older torch has only the old one.
+
+    Args:
+        output (`torch.Tensor`): The flat result.
+        local (`torch.Tensor`): This rank's flat piece.
+        group (`ProcessGroup`, *optional*): The process group (the default group when `None`).
+    """
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(output, local, group=group)
 
 
 def compile_supported(device: torch.device | str) -> bool:

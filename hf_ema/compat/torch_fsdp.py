@@ -138,7 +138,7 @@ def fsdp1_flat_params(fsdp_cls: type, model: nn.Module) -> list[FlatParamInfo]:
                     process_group=handle.process_group,
                     use_orig_params=bool(handle._use_orig_params),
                     strategy=handle._sharding_strategy.name,
-                    params=list(flat._params),
+                    params=list(flat._params or ()),  # None without use_orig_params (refused by the layout)
                     starts=starts,
                     numels=list(flat._numels),
                     shapes=list(flat._shapes),

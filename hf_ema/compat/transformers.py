@@ -66,15 +66,17 @@ def find_calling_trainer(depth: int = 12) -> tuple[Any | None, Any]:
     return None, None
 
 
-def wrap_train(trainer: Any, on_call: Callable[[Any], None]) -> None:
-    """Call `on_call(resume_from_checkpoint)` at each `trainer.train(...)` call, before training starts.
+def wrap_train(trainer: Any, on_call: Callable[[Any], Any]) -> None:
+    """Call `on_call(resume_from_checkpoint)` at each `trainer.train(...)` call, before training starts, and train
+    with the checkpoint it returns (it may pick another checkpoint, or raise to stop before anything is loaded).
 
     Callbacks never see the folder passed to `trainer.train(resume_from_checkpoint=...)`; the instance's `train` is
     wrapped (the class is untouched). Idempotent per trainer: a later call replaces the observer.
 
     Args:
         trainer (`Trainer`): The trainer.
-        on_call (`Callable`): Receives the `resume_from_checkpoint` argument (`None`, `True` or a path).
+        on_call (`Callable`): Receives the `resume_from_checkpoint` argument (`None`, `True` or a path) and returns
+            the value to train with.
     """
     current = trainer.__dict__.get("train")
     original = getattr(current, "__wrapped__", None) if getattr(current, _WRAPPED, False) else trainer.train
@@ -84,7 +86,13 @@ def wrap_train(trainer: Any, on_call: Callable[[Any], None]) -> None:
     def train(*args: Any, **kwargs: Any):
         callback = observer()
         if callback is not None:
-            callback(kwargs.get("resume_from_checkpoint", args[0] if args else None))
+            resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+            chosen = callback(resume)
+            if chosen is not resume:
+                if args:
+                    args = (chosen, *args[1:])
+                else:
+                    kwargs["resume_from_checkpoint"] = chosen
         return original(*args, **kwargs)
 
     setattr(train, _WRAPPED, True)

@@ -6,13 +6,16 @@ finished run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..utils.jsonio import read_json, write_json
+from ..utils.output import mark_output, prepare_output
+from ..utils.paths import EMA_DIRNAME, STATE_NAME
+from ..utils.validation import check_int
 
 __all__ = ["DEFAULT_DECAY", "DEFAULT_MAX_STEPS", "RESULTS_NAME", "train_tiny_run"]
 
@@ -43,7 +46,8 @@ def train_tiny_run(
     The learning rate is held constant after a short warmup: the raw weights keep bouncing around the optimum
     while the EMA averages the bounce out, so the EMA's eval loss ends clearly lower (a decaying learning rate does
     much of the EMA's job). Checkpoints (each with `ema/`) and evaluations (`eval_loss` and `eval_ema_loss`) every
-    `save_steps`; the final raw model and tokenizer in `output_dir`, the final EMA in `output_dir/ema`. For LoRA
+    `save_steps`; post-hoc EMA snapshots (`EMACallback(posthoc=True)`) in `output_dir/ema_posthoc`; the final raw
+    model and tokenizer in `output_dir`, the final EMA in `output_dir/ema`. For LoRA
     the base model is saved to `output_dir/base_model` first so that the adapters name their base.
 
     Args:
@@ -53,7 +57,9 @@ def train_tiny_run(
         seed (`int`, *optional*, defaults to 0): Seed.
         lora (`bool`, *optional*, defaults to `False`): Train a LoRA adapter instead of the full model.
         save_steps (`int`, *optional*): Checkpoint and evaluation interval; defaults to a sixth of `max_steps`.
-        force (`bool`, *optional*, defaults to `False`): Train again even when a finished run is there.
+        force (`bool`, *optional*, defaults to `False`): Train again even when a finished run is there, replacing
+            it. Only a folder hf-ema wrote (a demo run, with its marker file) is ever replaced; any other non-empty
+            folder is refused.
         progress (`bool`, *optional*, defaults to `True`): Show the Trainer's progress bar.
 
     Returns:
@@ -61,17 +67,31 @@ def train_tiny_run(
     """
     output_dir = Path(output_dir)
     results_path = output_dir / RESULTS_NAME
-    if results_path.is_file() and (output_dir / "ema" / "ema_state.json").is_file() and not force:
-        with open(results_path, encoding="utf-8") as f:
-            results = json.load(f)
-        results["trained"] = False
-        return results
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ConfigError(f"`max_steps` must be an int >= 1, got {max_steps!r}")
+    finished = results_path.is_file() and (output_dir / EMA_DIRNAME / STATE_NAME).is_file()
+    if finished and not force:
+        try:
+            results = dict(read_json(results_path))
+        except (OSError, TypeError, ValueError):  # a garbled results file: the run is trained again
+            finished = False
+        else:
+            results["trained"] = False
+            return results
+    check_int("max_steps", max_steps, minimum=1)
     if save_steps is None:
         save_steps = max(1, max_steps // 6)
-    if isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps < 1:
-        raise ConfigError(f"`save_steps` must be an int >= 1, got {save_steps!r}")
+    check_int("save_steps", save_steps, minimum=1)
+    # Only a run folder hf-ema wrote (its marker) is replaced: with `force`, or when its run never finished.
+    prepare_output(
+        output_dir,
+        overwrite=force or not finished,
+        what="`output_dir`",
+        overwrite_arg="force",
+        allow_run_folder=True,
+    )
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(output_dir, "demo")
 
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -109,7 +129,9 @@ def train_tiny_run(
         seed=seed,
         disable_tqdm=not progress,
     )
-    callback = EMACallback(decay=decay)
+    # Post-hoc snapshots (EDM2) at every checkpoint: the app can then show the EMA of any width, reconstructed
+    # on demand (`hf-ema posthoc`), beside the raw weights, the EMA and merges of the last checkpoints.
+    callback = EMACallback(decay=decay, posthoc=True)
     trainer = Trainer(
         model=model,
         args=args,
@@ -134,7 +156,6 @@ def train_tiny_run(
         "lora": lora,
     }
     trainer.save_model(str(output_dir))
-    with open(results_path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    write_json(results_path, results)
     results["trained"] = True
     return results

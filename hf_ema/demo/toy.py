@@ -6,18 +6,41 @@ on it with `tokenizers`; the model is a Llama (or GPT-2) built from a config wit
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
+from ..errors import MissingDependencyError
+
 __all__ = [
+    "DEMO_EXTRA_PACKAGES",
     "corpus_texts",
     "lm_datasets",
+    "require_demo_extra",
     "tiny_causal_lm",
     "train_tokenizer",
 ]
 
+#: What the `demo` extra installs (`pip install 'hf-ema[demo]'`): only the tiny model's tokenizer and corpus need them.
+DEMO_EXTRA_PACKAGES = ("datasets", "tokenizers")
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
+
+
+def require_demo_extra() -> None:
+    """Raise [`MissingDependencyError`], naming the extra to install, unless `datasets` and `tokenizers` import."""
+    missing = []
+    for name in DEMO_EXTRA_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingDependencyError(
+            f"the tiny demo model needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            "installed: pip install 'hf-ema[demo]'"
+        )
 
 
 def corpus_texts() -> list[str]:
@@ -34,6 +57,7 @@ def train_tokenizer(vocab_size: int = 1024, save_dir: str | os.PathLike | None =
         vocab_size (`int`, *optional*, defaults to 1024): Vocabulary size.
         save_dir (`str`, *optional*): Also `save_pretrained` the tokenizer there.
     """
+    require_demo_extra()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -128,6 +152,7 @@ def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max
         `tuple[datasets.Dataset, datasets.Dataset]`: train and eval datasets with `input_ids`, `attention_mask`
         and `labels`.
     """
+    require_demo_extra()
     from datasets import Dataset
 
     texts = corpus_texts()

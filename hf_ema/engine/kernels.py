@@ -8,6 +8,9 @@ the README section "Performance" for the measurements behind the choice):
 - `"native"`: on CPU, for bf16/fp16 weights and an fp32 EMA, a C kernel built at first use with the system C
   compiler in well under a second (`hf_ema.engine.native`): one OpenMP parallel region over the whole group, each weight
   upcast in registers. If it cannot be built, the group falls back to `"compiled"` or `"chunked"`, with a warning.
+  With the non-finite check on (`check_finite=True`, what `EMAConfig(on_nonfinite="skip")` asks), it also takes
+  fp32 weights, because it tests the weights for NaN/inf in the very loop that folds them in: the check costs no
+  extra pass over the weights.
 - `"compiled"`: a `torch.compile`d fused kernel for mixed precision (bf16/fp16 weights, fp32 EMA) that upcasts each
   weight in registers: one pass, no fp32 copy of the weights. Compiling costs seconds once, so `"auto"` uses it
   only for groups of at least `COMPILE_MIN_NUMEL` elements, and only when a compiler is there (a C++ compiler on
@@ -15,6 +18,9 @@ the README section "Performance" for the measurements behind the choice):
 - `"chunked"`: the fallback for mixed precision: the weights are upcast a chunk at a time into one small reusable
   scratch buffer (`chunk_numel` elements, cache-sized) and folded in with `_foreach_lerp_`. No allocation per step,
   no full-size temporary.
+
+The non-finite check (`fold_checked`): the native kernel runs it fused into the update; every other backend reads
+the weights once more before the update (`all_finite`: one `_foreach_norm` pass, a host synchronisation on CUDA).
 
 The environment variable `HF_EMA_COMPILE` (`auto`, `never`, `always`) overrides the automatic choice: `never` builds
 nothing at run time (eager kernels only), `always` uses `torch.compile` for every mixed-precision group.
@@ -29,16 +35,20 @@ from collections.abc import Sequence
 
 import torch
 
-from ..compat.torch import compile_supported, foreach_copy_, foreach_lerp_
+from ..compat.torch import compile_supported, foreach_copy_, foreach_lerp_, foreach_norm
 
 __all__ = [
     "BACKENDS",
     "COMPILE_ENV",
     "COMPILE_MIN_NUMEL",
     "LerpKernel",
+    "MAX_UNDO_WEIGHT",
+    "all_finite",
     "compile_available",
     "copy_",
+    "first_nonfinite",
     "lerp_",
+    "unlerp_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +66,10 @@ COMPILE_MIN_NUMEL = 1 << 24
 #: benchmarks/kernel_variants.py on CPU. On CUDA a larger chunk amortises the kernel launches.
 CPU_CHUNK_NUMEL = 1 << 20
 CUDA_CHUNK_NUMEL = 1 << 24
+#: Above this interpolation weight (`1 - beta`: the first updates of a warmup or power-function schedule) an update is
+#: checked before it is made, instead of made with the check fused in and undone if it meets a NaN: undoing divides
+#: by `1 - weight`.
+MAX_UNDO_WEIGHT = 0.1
 
 
 def _compile_mode() -> str:
@@ -90,6 +104,60 @@ def _fresh_compiled_lerp():
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
+    """The index of the first tensor holding a NaN or an inf, or `None` when all are finite (one exact pass per
+    tensor: for error messages and to confirm [`all_finite`], not for every step).
+
+    Args:
+        tensors (`Sequence[torch.Tensor]`): The tensors to test.
+    """
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return i
+    return None
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one multi-tensor pass (the 2-norm of each tensor is NaN or
+    inf when the tensor holds one), confirmed exactly when a norm overflowed. A host synchronisation on CUDA.
+
+    Args:
+        tensors (`Sequence[torch.Tensor]`): Floating-point tensors on one device.
+    """
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    # 16-bit norms are accumulated and returned in fp32: an fp16 result overflows at 65504 for finite weights.
+    dtype = torch.float32 if tensors[0].element_size() < 4 else None
+    if bool(torch.stack(foreach_norm(tensors, dtype=dtype)).isfinite().all()):
+        return True
+    # A norm also overflows for huge finite values: decide exactly.
+    return first_nonfinite(tensors) is None
+
+
+@torch.no_grad()
+def unlerp_(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], weight: float) -> None:
+    """Undo `ema += weight * (live - ema)` (`weight < 1`): `ema = (ema - weight * live) / (1 - weight)`, in double,
+    a slice at a time: within the rounding error of the update itself. The rare path of a skipped update.
+
+    Args:
+        ema (`Sequence[torch.Tensor]`): The EMA tensors, restored in place.
+        live (`Sequence[torch.Tensor]`): The weights the update read (unchanged since).
+        weight (`float`): The interpolation weight of the update to undo.
+    """
+    inv = 1.0 / (1.0 - weight)
+    for e, w in zip(ema, live):
+        pairs = [(e.view(-1), w.view(-1))] if e.is_contiguous() and w.is_contiguous() else [(e, w)]
+        for ef, wf in pairs:
+            if ef.dim() != 1:
+                ef.copy_((ef.double() - weight * wf.double()) * inv)
+                continue
+            for start in range(0, ef.numel(), CPU_CHUNK_NUMEL):
+                piece = ef[start : start + CPU_CHUNK_NUMEL]
+                src = wf[start : start + CPU_CHUNK_NUMEL]
+                piece.copy_((piece.double() - weight * src.double()) * inv)
+
+
 class LerpKernel:
     """The update `ema[i] += weight * (live[i] - ema[i])` for one group of tensors, with the fastest correct
     implementation for their dtypes, device and size chosen once.
@@ -101,6 +169,9 @@ class LerpKernel:
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, or one of `"foreach"` (same dtypes only),
             `"native"` (CPU, bf16/fp16 weights, fp32 EMA), `"compiled"`, `"chunked"`.
         chunk_numel (`int`, *optional*): Scratch size of the chunked path; defaults to 2**20 on CPU, 2**24 on CUDA.
+        check_finite (`bool`, *optional*, defaults to `False`): The kernel will run `fold_checked` (the update only
+            when every weight is finite): `"auto"` then also picks the native kernel, where the check is fused, for
+            fp32 weights and an fp32 EMA on the CPU.
     """
 
     def __init__(
@@ -109,6 +180,7 @@ class LerpKernel:
         live: Sequence[torch.Tensor],
         backend: str = "auto",
         chunk_numel: int | None = None,
+        check_finite: bool = False,
     ) -> None:
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"`backend` must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -120,6 +192,7 @@ class LerpKernel:
         device = self.ema[0].device if self.ema else torch.device("cpu")
         self.device = device
         self.mixed = bool(self.ema) and self.ema[0].dtype != self.live[0].dtype
+        self.check_finite = bool(check_finite)
         self.chunk_numel = chunk_numel or (CUDA_CHUNK_NUMEL if device.type == "cuda" else CPU_CHUNK_NUMEL)
         if backend == "auto":
             backend = self._auto_backend()
@@ -127,25 +200,27 @@ class LerpKernel:
             raise ValueError(
                 f"`backend='foreach'` needs equal dtypes, got EMA {self.ema[0].dtype} and weights {self.live[0].dtype}"
             )
-        if backend == "native" and not self._native_eligible():
+        if backend == "native" and not self._native_eligible(allow_f32=True):
             raise ValueError(
-                "`backend='native'` needs CPU tensors, bf16/fp16 weights and an fp32 EMA, got weights "
+                "`backend='native'` needs CPU tensors, bf16/fp16/fp32 weights and an fp32 EMA, got weights "
                 f"{self.live[0].dtype if self.live else None} and EMA {self.ema[0].dtype if self.ema else None} "
                 f"on {device}"
             )
         self.backend = backend
         self._native = None
+        self._native_ready = False
         self._compiled = None
         self._weight: torch.Tensor | None = None
         self._plan: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._oversized: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _native_eligible(self) -> bool:
+    def _native_eligible(self, allow_f32: bool = False) -> bool:
+        weights = (torch.bfloat16, torch.float16, torch.float32) if allow_f32 else (torch.bfloat16, torch.float16)
         return (
             bool(self.ema)
             and self.device.type == "cpu"
             and self.ema[0].dtype == torch.float32
-            and self.live[0].dtype in (torch.bfloat16, torch.float16)
+            and self.live[0].dtype in weights
         )
 
     def _compiled_or_chunked(self) -> str:
@@ -157,9 +232,16 @@ class LerpKernel:
         return "chunked"
 
     def _auto_backend(self) -> str:
-        if not self.mixed:
-            return "foreach"
         mode = _compile_mode()
+        if not self.mixed:
+            # With the check on, the native kernel fuses it into the update; `_foreach_lerp_` would need a second
+            # pass over the weights (a third more memory traffic for fp32).
+            if self.check_finite and mode == "auto" and self._native_eligible(allow_f32=True):
+                from .native import compiler
+
+                if compiler() is not None:
+                    return "native"
+            return "foreach"
         if mode == "auto" and self._native_eligible():
             from .native import compiler
 
@@ -184,26 +266,98 @@ class LerpKernel:
         else:
             self._chunked_call(weight)
 
-    # ------------------------------------------------------------------ native
-    def _native_call(self, weight: float) -> None:
-        if self._native is None:
-            from .native import NativeBuildError, NativeLerp
+    # ------------------------------------------------------------------ checked update
+    @property
+    def fused_check(self) -> bool:
+        """Whether `fold_checked` tests the weights inside the update (the native kernel) rather than in a pass of
+        its own before it."""
+        return self.backend == "native"
 
-            pairs = list(zip(self.ema, self.live))
-            contiguous = [(e, w) for e, w in pairs if e.is_contiguous() and w.is_contiguous()]
-            # A non-contiguous tensor (rare) is folded in eagerly, as in the chunked kernel.
-            self._oversized = [(e, w) for e, w in pairs if not (e.is_contiguous() and w.is_contiguous())]
-            try:
-                native = NativeLerp([e for e, _ in contiguous], [w for _, w in contiguous]) if contiguous else None
-            except NativeBuildError as err:
-                fallback = self._compiled_or_chunked()
-                logger.warning("hf-ema: the native EMA kernel is unavailable (%s); using the %s update", err, fallback)
-                self._oversized = []
-                self.backend = fallback
-                self(weight)
-                return
-            self._native = native if native is not None else (lambda w: None)  # None: all non-contiguous
-        self._native(weight)
+    def all_finite(self) -> bool:
+        """Whether every weight of the group is finite (read-only; a host synchronisation on CUDA)."""
+        if not self.ema:
+            return True
+        if self.backend == "native" and self._ensure_native():
+            if self._native is not None and not self._native.all_finite():
+                return False
+            return all_finite([w for _, w in self._oversized])
+        return all_finite(self.live)
+
+    def fold_checked(self, weight: float) -> bool:
+        """Fold the weights in, unless one of them is NaN or inf: then the EMA is left as it was.
+
+        The native kernel tests the weights in the loop that folds them in (a non-finite weight's element keeps its
+        value), stops at the end of the first block of 4096 holding one and undoes what it folded in (most
+        elements bit for bit, every one within the rounding error of the update);
+        with `weight > MAX_UNDO_WEIGHT`, and on every other backend, the weights are checked in a pass of their own
+        first, and nothing is written.
+
+        Args:
+            weight (`float`): The interpolation weight, in [0, 1].
+
+        Returns:
+            `bool`: whether the weights were all finite and folded in.
+        """
+        if not self.ema:
+            return True
+        if self.backend == "native" and weight <= MAX_UNDO_WEIGHT and self._ensure_native():
+            if not all_finite([w for _, w in self._oversized]):
+                return False
+            if self._native is not None and not self._native.fold_checked(weight):
+                return False
+            for e, w in self._oversized:
+                e.lerp_(w.to(e.dtype), weight)
+            return True
+        if not self.all_finite():
+            return False
+        self(weight)
+        return True
+
+    @torch.no_grad()
+    def undo(self, weight: float) -> None:
+        """Undo the last update, made with `weight` (`< 1`) from the weights as they still are: used when another
+        group or another rank met a non-finite weight after this group was folded in.
+
+        Args:
+            weight (`float`): The interpolation weight of the update to undo.
+        """
+        if not self.ema:
+            return
+        if self.backend == "native" and self._native_ready:
+            if self._native is not None:
+                self._native.undo(weight)
+            unlerp_([e for e, _ in self._oversized], [w for _, w in self._oversized], weight)
+            return
+        unlerp_(self.ema, self.live, weight)
+
+    # ------------------------------------------------------------------ native
+    def _ensure_native(self) -> bool:
+        """Build the native kernel at first use; `False` when it cannot be built (the group then falls back)."""
+        if self._native_ready:
+            return True
+        from .native import NativeBuildError, NativeLerp
+
+        pairs = list(zip(self.ema, self.live))
+        contiguous = [(e, w) for e, w in pairs if e.is_contiguous() and w.is_contiguous()]
+        try:
+            native = NativeLerp([e for e, _ in contiguous], [w for _, w in contiguous]) if contiguous else None
+        except NativeBuildError as err:
+            fallback = self._compiled_or_chunked() if self.mixed else "foreach"
+            logger.warning("hf-ema: the native EMA kernel is unavailable (%s); using the %s update", err, fallback)
+            self.backend = fallback
+            return False
+        # A non-contiguous tensor (rare) is folded in eagerly, as in the chunked kernel.
+        self._oversized = [(e, w) for e, w in pairs if not (e.is_contiguous() and w.is_contiguous())]
+        self._native = native  # None: all non-contiguous
+        self._native_ready = True
+        return True
+
+    def _native_call(self, weight: float) -> None:
+        if not self._ensure_native():
+            self(weight)
+            return
+        if self._native is not None:
+            self._native(weight)
         for e, w in self._oversized:
             e.lerp_(w.to(e.dtype), weight)
 

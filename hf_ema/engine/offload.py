@@ -8,6 +8,9 @@ for it (`wait()`), so there is no queue to grow and no read of a half-updated EM
 
 Because the fold reads the staged snapshot, never the live weights, the optimizer may change the weights as soon as
 the copies are done; on CUDA the next optimizer step is ordered after them by [`SideStream.before_weights_change`].
+
+With a [`NonFiniteGuard`] (`guard`), the background fold checks the snapshot it folds in, so the decision to skip
+is the one the snapshot calls for whenever the thread runs; its [`FoldOutcome`] is returned by the next `wait()`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from ..compat.torch import foreach_copy_
 from .kernels import LerpKernel
+from .nonfinite import FoldOutcome, NonFiniteGuard
 from .streams import SideStream
 
 __all__ = ["OffloadedUpdate"]
@@ -38,6 +42,8 @@ class OffloadedUpdate:
         fold_threads (`int`, *optional*): Intra-op threads of the background fold. Defaults to 1 when the weights
             are on the CPU (the fold shares the cores with training: two OpenMP teams spinning on the same cores
             slowed a 2-core Trainer run by a quarter), else torch's default.
+        check_finite (`bool`, *optional*, defaults to `False`): Build the kernels for checked updates (see
+            [`LerpKernel`]); the checks run when `guard` is set.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class OffloadedUpdate:
         side_stream: SideStream | None = None,
         backend: str = "auto",
         fold_threads: int | None = None,
+        check_finite: bool = False,
     ) -> None:
         self.async_update = async_update
         self.side_stream = side_stream
@@ -67,7 +74,9 @@ class OffloadedUpdate:
             self.ema.append(list(ema))
             self.live.append(list(live))
             self.staging.append(staging)
-            self.kernels.append(LerpKernel(ema, staging, backend=backend))
+            self.kernels.append(LerpKernel(ema, staging, backend=backend, check_finite=check_finite))
+        #: Set by the owner to check every background fold (an inline fold is checked by the owner itself).
+        self.guard: NonFiniteGuard | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future | None = None
 
@@ -76,11 +85,22 @@ class OffloadedUpdate:
         """Whether an update is still running in the background."""
         return self._future is not None and not self._future.done()
 
-    def wait(self) -> None:
-        """Block until the in-flight update (if any) is folded in; re-raise its error if it failed."""
+    def wait(self) -> FoldOutcome | None:
+        """Block until the in-flight update (if any) is folded in; re-raise its error if it failed.
+
+        Returns:
+            `FoldOutcome` or `None`: the outcome of the in-flight update when `guard` checked it.
+        """
         future, self._future = self._future, None
         if future is not None:
-            future.result()
+            return future.result()
+        return None
+
+    def stage(self) -> None:
+        """Copy the weights into the staging buffers and wait for the copies (for an inline, checked fold)."""
+        event = self._stage()
+        if event is not None:
+            event.synchronize()
 
     def _stage(self) -> Any:
         """Copy the weights into the staging buffers; returns a CUDA event to wait on, or None."""
@@ -106,28 +126,37 @@ class OffloadedUpdate:
             for dst, src in zip(staging, live):
                 dst.copy_(src, non_blocking=True)
 
-    def _fold(self, weight: float, event: Any) -> None:
+    def _fold(self, weight: float, event: Any, step: int) -> FoldOutcome | None:
         if event is not None:
             event.synchronize()
         with torch.no_grad():
+            if self.guard is not None:
+                outcome = self.guard.fold(weight, step)
+                return FoldOutcome(outcome.step, outcome.folded, outcome.bad, in_background=self.async_update)
             for kernel in self.kernels:
                 kernel(weight)
+        return None
 
-    def submit(self, weight: float) -> None:
+    def submit(self, weight: float, step: int = 0) -> FoldOutcome | None:
         """Snapshot the weights and fold them in with interpolation weight `weight` (`1 - beta`): in the
         background when `async_update`, else before returning.
 
         Args:
             weight (`float`): The interpolation weight.
+            step (`int`, *optional*, defaults to 0): The optimizer step, reported in the outcome of a checked fold.
+
+        Returns:
+            `FoldOutcome` or `None`: the outcome of an inline checked fold; `None` in the background (its outcome
+            comes from the next `wait()`) or without `guard`.
         """
         self.wait()
         event = self._stage()
         if not self.async_update:
-            self._fold(weight, event)
-            return
+            return self._fold(weight, event, step)
         if self._executor is None:
             self._start_worker()
-        self._future = self._executor.submit(self._fold, weight, event)
+        self._future = self._executor.submit(self._fold, weight, event, step)
+        return None
 
     def _init_worker(self) -> None:
         torch.get_num_threads()  # initialise this thread's intra-op setting first, so it is not re-read later

@@ -1,14 +1,19 @@
 """Routes each group of EMA tensors to its update path: on-device kernel (optionally on a CUDA side stream) or
-offloaded to the CPU (optionally in a background thread). `ModelEMA` owns one [`EMAUpdater`]."""
+offloaded to the CPU (optionally in a background thread). `ModelEMA` owns one [`EMAUpdater`].
+
+With `EMAConfig(on_nonfinite="skip" | "raise")` every update and every copy goes through a [`NonFiniteGuard`]: it
+is made only when every weight it reads is finite (on every rank, given an agreement), and its [`FoldOutcome`]
+goes to `on_outcome` (at once, or at the next `wait()` for an update running in the background)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..config import EMAConfig
 from .kernels import LerpKernel, copy_
+from .nonfinite import Agreement, FoldOutcome, NonFiniteGuard
 from .offload import OffloadedUpdate
 from .streams import SideStream, register_pre_step_guard
 
@@ -24,6 +29,7 @@ class EMAUpdater:
             one device with one dtype.
         config (`EMAConfig`): The EMA configuration.
         backend (`str`, *optional*, defaults to `"auto"`): Kernel choice, see [`LerpKernel`].
+        agree (`Agreement`, *optional*): The cross-rank agreement of the non-finite check (see `set_agreement`).
     """
 
     def __init__(
@@ -31,8 +37,13 @@ class EMAUpdater:
         groups: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]],
         config: EMAConfig,
         backend: str = "auto",
+        agree: Agreement | None = None,
     ) -> None:
-        groups = [(list(e), list(w)) for e, w in groups if e]
+        self.check = config.on_nonfinite != "ignore"
+        #: Called with the `FoldOutcome` of every checked update or copy (the owner counts, warns or raises).
+        self.on_outcome: Callable[[FoldOutcome], None] | None = None
+        indexed = [(gid, list(e), list(w)) for gid, (e, w) in enumerate(groups) if e]
+        groups = [(e, w) for _, e, w in indexed]
         offloaded_from_accelerator = any(e[0].device.type == "cpu" and w[0].device.type != "cpu" for e, w in groups)
         async_update = config.async_update
         if async_update is None:
@@ -49,19 +60,38 @@ class EMAUpdater:
                 if live[0].is_cuda and live[0].device not in self.sides:
                     self.sides[live[0].device] = SideStream(live[0].device)
         self.on_device: list[tuple[LerpKernel, SideStream | None]] = []
-        offloaded = []
+        offloaded, on_device_ids, offloaded_ids = [], [], []
         side_for_offload = None
-        for ema, live in groups:
+        for gid, ema, live in indexed:
             if is_offloaded(ema, live):
                 offloaded.append((ema, live))
+                offloaded_ids.append(gid)
                 side_for_offload = side_for_offload or self.sides.get(live[0].device)
             else:
-                self.on_device.append((LerpKernel(ema, live, backend=backend), self.sides.get(live[0].device)))
+                kernel = LerpKernel(ema, live, backend=backend, check_finite=self.check)
+                self.on_device.append((kernel, self.sides.get(live[0].device)))
+                on_device_ids.append(gid)
         self.offload = (
-            OffloadedUpdate(offloaded, async_update=bool(async_update), side_stream=side_for_offload, backend=backend)
+            OffloadedUpdate(
+                offloaded,
+                async_update=bool(async_update),
+                side_stream=side_for_offload,
+                backend=backend,
+                check_finite=self.check,
+            )
             if offloaded
             else None
         )
+        #: Whether updates run in the background thread (then every group is offloaded: `async_update` needs
+        #: `device="cpu"`, and every EMA tensor is on the CPU).
+        self.in_background = self.offload is not None and self.offload.async_update
+        self._side_of = {id(kernel): side for kernel, side in self.on_device}
+        self._guard: NonFiniteGuard | None = None
+        if self.check:
+            kernels = [kernel for kernel, _ in self.on_device] + (self.offload.kernels if self.offload else [])
+            self._guard = NonFiniteGuard(kernels, on_device_ids + offloaded_ids, agree)
+            if self.in_background:
+                self.offload.guard = self._guard
         # With a side stream, the next optimizer step must not overwrite weights the update still reads.
         self._remove_guard = register_pre_step_guard(self) if self.sides else None
 
@@ -73,29 +103,85 @@ class EMAUpdater:
             out += self.offload.kernels
         return out
 
-    def fold(self, weight: float) -> None:
+    def set_agreement(self, agree: Agreement | None) -> None:
+        """Set the cross-rank agreement of the non-finite check: `agree(local_ok)` returns whether every rank's
+        weights are finite, a collective that every rank reaches at the same update. With updates in the
+        background it is called from the update thread, so it must use a process group of its own.
+
+        Args:
+            agree (`Agreement`, *optional*): The agreement, or `None` (one rank, or a replicated EMA).
+        """
+        if self._guard is not None:
+            self._guard.agree = agree
+
+    def _deliver(self, outcome: FoldOutcome | None) -> None:
+        if outcome is not None and self.on_outcome is not None:
+            self.on_outcome(outcome)
+
+    def _run_kernel(self, kernel: LerpKernel, weight: float) -> None:
+        side = self._side_of.get(id(kernel))
+        if side is None:
+            kernel(weight)
+        else:
+            with side.launch():
+                kernel(weight)
+
+    def fold(self, weight: float, step: int = 0) -> FoldOutcome | None:
         """One EMA update with interpolation weight `weight` (`1 - beta`).
 
         Args:
             weight (`float`): The interpolation weight.
+            step (`int`, *optional*, defaults to 0): The optimizer step, reported in the outcome.
+
+        Returns:
+            `FoldOutcome` or `None`: the outcome of a checked update made now (also passed to `on_outcome`);
+            `None` without the check, or when the update runs in the background (its outcome is delivered at the
+            next `wait()`).
         """
+        if self._guard is None:
+            if self.offload is not None:
+                self.offload.submit(weight)
+            for kernel, _ in self.on_device:
+                self._run_kernel(kernel, weight)
+            return None
+        if self.in_background:
+            self._deliver(self.offload.wait())  # the previous update's outcome, before the next one starts
+            self.offload.submit(weight, step)
+            return None
         if self.offload is not None:
-            self.offload.submit(weight)
-        for kernel, side in self.on_device:
-            if side is None:
-                kernel(weight)
-            else:
-                with side.launch():
-                    kernel(weight)
+            self.offload.stage()
+        outcome = self._guard.fold(weight, step, run_kernel=self._run_kernel)
+        self._deliver(outcome)
+        return outcome
 
     @torch.no_grad()
-    def copy_now(self) -> None:
-        """Overwrite the EMA with the weights (before `start_step`, and on `reset`), synchronously."""
+    def copy_now(self, step: int = 0) -> FoldOutcome | None:
+        """Overwrite the EMA with the weights (before `start_step`, and on `reset`), synchronously; with the check,
+        only when every weight is finite (on every rank).
+
+        Args:
+            step (`int`, *optional*, defaults to 0): The optimizer step, reported in the outcome.
+
+        Returns:
+            `FoldOutcome` or `None`: whether the copy was made (also passed to `on_outcome`); `None` without the check.
+        """
         self.wait()
+        outcome = None
+        if self._guard is not None:
+            lists = [kernel.live for kernel, _ in self.on_device] + (self.offload.live if self.offload else [])
+            outcome = self._guard.check(lists, step)
+            if not outcome.folded:
+                self._guard.check_first = True
+                self._deliver(outcome)
+                return outcome
         if self.offload is not None:
             self.offload.copy_now()
         for kernel, _ in self.on_device:
             copy_(kernel.ema, kernel.live)
+        if outcome is not None:
+            self._guard.check_first = False
+            self._deliver(outcome)
+        return outcome
 
     def before_weights_change(self) -> None:
         """Order the current CUDA stream after the queued EMA work (called before every optimizer step)."""
@@ -103,18 +189,21 @@ class EMAUpdater:
             side.before_weights_change()
 
     def wait(self) -> None:
-        """Block until every queued update (background thread, side stream) has written the EMA."""
-        if self.offload is not None:
-            self.offload.wait()
+        """Block until every queued update (background thread, side stream) has written the EMA, and deliver the
+        outcome of a checked update that ran in the background."""
+        outcome = self.offload.wait() if self.offload is not None else None
         for side in self.sides.values():
             if side.pending:
                 side.synchronize()
+        self._deliver(outcome)
 
     def close(self) -> None:
         """Finish the in-flight update, stop the background thread and remove the optimizer hook."""
-        self.wait()
-        if self.offload is not None:
-            self.offload.close()
-        if self._remove_guard is not None:
-            self._remove_guard()
-            self._remove_guard = None
+        try:
+            self.wait()
+        finally:
+            if self.offload is not None:
+                self.offload.close()
+            if self._remove_guard is not None:
+                self._remove_guard()
+                self._remove_guard = None

@@ -1,8 +1,9 @@
 """Power-function EMA profiles (EDM2) and the least-squares weights of a post-hoc EMA reconstruction.
 
-Pure numpy, no torch. Notation of Karras et al. 2024: a power-function EMA with exponent `gamma` at time `t` (in
-optimizer steps since it started) weighs the training weights at time `tau` by
-`p_t(tau) = (gamma + 1) * tau**gamma / t**(gamma + 1)` on `(0, t]`.
+Pure numpy, no torch. Notation of Karras et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion
+Models", EDM2; equation numbers of its appendix, as in NVlabs/edm2 `training/phema.py`): a power-function EMA with
+exponent `gamma` at time `t` (in optimizer steps since it started) weighs the training weights at time `tau` by
+`p_t(tau) = (gamma + 1) * tau**gamma / t**(gamma + 1)` on `(0, t]` (EDM2 Eqs. 108 and 121).
 
 **Updates every `k` steps.** With `beta = (1 - k / t) ** (gamma + 1)` at each update (`t = k, 2k, ...`), the EMA
 after `m` updates (`t = m k`) gives the weights sampled at step `j k` the weight
@@ -49,6 +50,7 @@ def continuous_inner_product(t_a: float, gamma_a: float, t_b: float, gamma_b: fl
         t_b (`float`): Time of profile b, > 0.
         gamma_b (`float`): Exponent of profile b, > -1.
     """
+    # EDM2 Eq. 151 (Algorithm 3's `power_function_correlation`), in logs.
     s = gamma_a + gamma_b + 1.0
     log = (
         math.log(gamma_a + 1.0)
@@ -82,6 +84,8 @@ def cell_weights(t: int, gamma: float, interval: int = 1, cells: int | None = No
     live = j <= m
     jl = j[live]
     g1 = gamma + 1.0
+    # The discrete form of EDM2's profile (Eq. 121) for updates with Eq. 127's beta: the weight of cell j is the
+    # integral of p_t over ((j - 1) k, j k] (module docstring).
     # (j/m)^(g+1) - ((j-1)/m)^(g+1) = (j/m)^(g+1) * (1 - (1 - 1/j)^(g+1)), the second factor via expm1/log1p so
     # that it stays accurate for large j.
     head = np.exp(g1 * (np.log(jl) - math.log(m)))
@@ -153,6 +157,7 @@ def solve_posthoc_weights(
         raise ConfigError("`snapshot_times` must not be empty: there is nothing to reconstruct from")
     times = [int(t) for t in snapshot_times] + [int(target_time)]
     gammas = [float(g) for g in snapshot_gammas] + [float(target_gamma)]
+    # EDM2 Algorithm 3: A x = b over the snapshots' profiles, then x normalised to sum to 1.
     gram = gram_matrix(times, gammas, interval, exact)
     a, b = gram[:-1, :-1], gram[:-1, -1]
     # lstsq rather than solve: two snapshots at the same time and gamma would make A singular.

@@ -3,7 +3,6 @@ training as a least-squares combination of the stored power-function EMA snapsho
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -12,8 +11,11 @@ from pathlib import Path
 from ..config import MAX_SIGMA_REL
 from ..decay import gamma_from_sigma_rel, sigma_rel_from_gamma
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder, read_ema_state
-from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..errors import CheckpointError, ConfigError
+from ..utils.jsonio import write_json
+from ..utils.output import mark_output, prepare_output
 from ..utils.paths import POSTHOC_DIRNAME, posthoc_step
+from ..utils.validation import check_int, is_number
 from ..weighted_sum import check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
 from .profiles import solve_posthoc_weights
 
@@ -49,6 +51,11 @@ def _posthoc_root(run_dir: Path) -> Path:
     return run_dir / POSTHOC_DIRNAME
 
 
+def _run_root(run_dir: Path) -> Path:
+    """The run folder around the snapshots (`run_dir` itself, or its parent when given `ema_posthoc/`)."""
+    return run_dir.parent if _posthoc_root(run_dir) == run_dir else run_dir
+
+
 def list_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
     """The post-hoc snapshots of a run, oldest first.
 
@@ -73,15 +80,19 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
                 meta = read_ema_state(folder).get("posthoc")
                 if not meta:
                     continue
-                out.append(
-                    Snapshot(
+                try:
+                    snapshot = Snapshot(
                         folder,
                         int(meta["global_step"]),
                         int(meta["t"]),
                         float(meta["gamma"]),
                         int(meta["update_every"]),
                     )
-                )
+                except (KeyError, TypeError, ValueError) as err:
+                    raise CheckpointError(
+                        f"`{folder / STATE_NAME}` is corrupt: its `posthoc` entry lacks or mangles {err}"
+                    ) from None
+                out.append(snapshot)
     if not out:
         raise CheckpointError(
             f"`{run_dir}` holds no post-hoc EMA snapshots (expected `{POSTHOC_DIRNAME}/step-N/sigma_rel-S/`); "
@@ -94,7 +105,7 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
 def _metadata_sources(run_dir: Path, newest: Path) -> list[Path]:
     # The snapshot has config.json / adapter_config.json; the tokenizer is in the run's ema/, the run root (after
     # trainer.save_model) or the newest checkpoint.
-    root = run_dir.parent if run_dir.name == POSTHOC_DIRNAME else run_dir
+    root = _run_root(run_dir)
     checkpoints = sorted(
         (p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
@@ -122,10 +133,12 @@ def reconstruct(
     Args:
         run_dir (`str` or `os.PathLike`): The run's `output_dir` (or its `ema_posthoc/` folder).
         sigma_rel (`float`, *optional*): Wanted relative width, in (0, 0.2887). Give this or `gamma`.
-        out_dir (`str` or `os.PathLike`, *optional*): Output folder; defaults to `run_dir/ema-sigma_rel-<s>`.
+        out_dir (`str` or `os.PathLike`, *optional*): Output folder; defaults to `ema-sigma_rel-<s>` in the run
+            folder. It may never be, contain or lie inside the snapshots, `ema/` or a checkpoint it reads, nor be a
+            training run folder or a non-empty folder hf-ema did not write.
         gamma (`float`, *optional*): Wanted profile exponent instead of `sigma_rel`.
         step (`int`, *optional*): Optimizer step of the wanted EMA; defaults to the last snapshot's.
-        overwrite (`bool`, *optional*, defaults to `False`): Replace `out_dir` if it exists.
+        overwrite (`bool`, *optional*, defaults to `False`): Replace `out_dir` if it exists and hf-ema wrote it.
         progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
 
     Returns:
@@ -134,14 +147,10 @@ def reconstruct(
     if (sigma_rel is None) == (gamma is None):
         raise ConfigError(f"give exactly one of `sigma_rel` and `gamma`, got sigma_rel={sigma_rel!r}, gamma={gamma!r}")
     if sigma_rel is not None:
-        if (
-            isinstance(sigma_rel, bool)
-            or not isinstance(sigma_rel, (int, float))
-            or not 0.0 < sigma_rel < MAX_SIGMA_REL
-        ):
+        if not is_number(sigma_rel) or not 0.0 < sigma_rel < MAX_SIGMA_REL:
             raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
         gamma = gamma_from_sigma_rel(float(sigma_rel))
-    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > -1.0:
+    elif not is_number(gamma) or not gamma > -1.0:
         raise ConfigError(f"`gamma` must be a number > -1, got {gamma!r}")
     else:
         sigma_rel = sigma_rel_from_gamma(float(gamma))
@@ -157,16 +166,19 @@ def reconstruct(
         t_target = last.t
         step = last.step
     else:
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ConfigTypeError(f"`step` must be an int, got {step!r}")
+        check_int("step", step)
         start = min(offset)
         # The EMA at `step` is the one after the last update at or before it.
         t_target = ((step - start) // k) * k
         if not 0 < t_target <= last.t:
             raise ConfigError(f"`step` must be within the snapshots' range ({start + k}..{last.step}), got {step!r}")
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / f"ema-sigma_rel-{sigma_rel:g}"
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"`out_dir` `{out_dir}` exists and is not empty; pass overwrite=True to replace it")
+    out_dir = Path(out_dir) if out_dir is not None else _run_root(run_dir) / f"ema-sigma_rel-{sigma_rel:g}"
+    # Every folder read below: the snapshots, and where the configs and tokenizer are copied from. The run folder
+    # itself holds the snapshots, so `out_dir` may lie in it but never be it or contain it.
+    sources = _metadata_sources(run_dir, last.folder)
+    root = _run_root(run_dir)
+    inputs = [_posthoc_root(run_dir), *(s.folder for s in snapshots), *(p for p in sources if p != root)]
+    out_dir = prepare_output(out_dir, inputs, overwrite, what="`out_dir`")
 
     x, fit_error = solve_posthoc_weights([s.t for s in snapshots], [s.gamma for s in snapshots], t_target, gamma, k)
     folders = [read_weight_folder(s.folder) for s in snapshots]
@@ -195,10 +207,9 @@ def reconstruct(
         "hf_ema_version": __version__,
     }
     with atomic_folder(out_dir) as tmp:
+        mark_output(tmp, "posthoc")
         write_weighted_sum(folders, coefficients, tmp, progress=progress, desc="post-hoc EMA")
-        copy_metadata(tmp, _metadata_sources(run_dir, last.folder))
-        with open(tmp / RECIPE_NAME, "w", encoding="utf-8") as f:
-            json.dump(recipe, f, indent=2)
-            f.write("\n")
+        copy_metadata(tmp, sources)
+        write_json(tmp / RECIPE_NAME, recipe)
     logger.info("post-hoc EMA sigma_rel=%g written to %s (profile fit error %.2e)", sigma_rel, out_dir, fit_error)
     return out_dir

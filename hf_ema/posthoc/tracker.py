@@ -14,7 +14,6 @@ Where things live in a `Trainer` run (`output_dir` is `TrainingArguments.output_
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -30,7 +29,9 @@ from ..config import MAX_SIGMA_REL, EMAConfig
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, load_ema, save_ema
 from ..errors import ConfigError, ConfigTypeError
 from ..model_ema import ModelEMA
+from ..utils.jsonio import write_json
 from ..utils.paths import POSTHOC_DIRNAME, posthoc_step
+from ..utils.validation import check_int, coerce_config, is_number
 
 __all__ = [
     "POSTHOC_DIRNAME",
@@ -66,17 +67,12 @@ class PostHocConfig:
         if len(self.sigma_rels) == 0 or len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise ConfigError(f"`sigma_rels` must hold at least one value and no duplicates, got {self.sigma_rels!r}")
         for s in self.sigma_rels:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s < MAX_SIGMA_REL:
+            if not is_number(s) or not 0.0 < s < MAX_SIGMA_REL:
                 raise ConfigError(f"`sigma_rels` entries must be in (0, {MAX_SIGMA_REL:.4f}), got {s!r}")
         self.sigma_rels = tuple(float(s) for s in self.sigma_rels)
-        if self.snapshot_every is not None and (
-            isinstance(self.snapshot_every, bool)
-            or not isinstance(self.snapshot_every, int)
-            or self.snapshot_every < 1
-        ):
-            raise ConfigError(f"`snapshot_every` must be None or an int >= 1, got {self.snapshot_every!r}")
-        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
-            raise ConfigError(f"`update_every` must be an int >= 1, got {self.update_every!r}")
+        if self.snapshot_every is not None:
+            check_int("snapshot_every", self.snapshot_every, minimum=1)
+        check_int("update_every", self.update_every, minimum=1)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict."""
@@ -94,15 +90,7 @@ def resolve_posthoc(posthoc: bool | dict | PostHocConfig | None) -> PostHocConfi
         posthoc (`bool`, `dict` or `PostHocConfig`, *optional*): `True` for the defaults, a dict of
             `PostHocConfig` fields, a `PostHocConfig`, or `None` / `False` for no post-hoc EMA.
     """
-    if posthoc is None or posthoc is False:
-        return None
-    if posthoc is True:
-        return PostHocConfig()
-    if isinstance(posthoc, PostHocConfig):
-        return posthoc
-    if isinstance(posthoc, dict):
-        return PostHocConfig(**posthoc)
-    raise ConfigTypeError(f"`posthoc` must be a bool, a dict or a PostHocConfig, got {posthoc!r}")
+    return coerce_config("posthoc", posthoc, PostHocConfig)
 
 
 def _profile_dirname(sigma_rel: float) -> str:
@@ -245,9 +233,7 @@ class PostHocEMA:
                     logger.warning("fresh run: moving the earlier post-hoc snapshots in %s to %s", root, aside)
                     os.replace(root, aside)
                 root.mkdir(parents=True, exist_ok=True)
-                with open(root / "posthoc_config.json", "w", encoding="utf-8") as f:
-                    json.dump(self.config.to_dict(), f, indent=2)
-                    f.write("\n")
+                write_json(root / "posthoc_config.json", self.config.to_dict())
             return
         for candidate in resume_candidates:
             base = candidate.parent if candidate.name == EMA_DIRNAME else candidate

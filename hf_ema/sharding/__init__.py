@@ -1,9 +1,9 @@
 """Sharding: how each averaged tensor maps to the shard this rank holds (replicated, DDP-sharded, FSDP1, FSDP2,
-DeepSpeed ZeRO-3) and the per-rank files written next to an EMA."""
+DeepSpeed ZeRO-3), where each rank's part of a tensor lies in the full tensor, and per-rank files."""
 
 from .base import ReplicatedLayout, ShardedLayoutBase, ShardLayout, comm_device, dist_ready
 from .detect import detect_layout
-from .rank_files import load_rank_shard, rank_file_name, save_file_atomic, save_rank_shard
+from .rank_files import load_rank_shard, rank_file_name, save_file_atomic
 
 __all__ = [
     "ReplicatedLayout",
@@ -15,5 +15,4 @@ __all__ = [
     "load_rank_shard",
     "rank_file_name",
     "save_file_atomic",
-    "save_rank_shard",
 ]

@@ -1,26 +1,31 @@
-"""How each averaged tensor maps to the shard this rank holds, and how to rebuild the full tensor at save time.
+"""How each averaged tensor maps to the shard this rank holds, where that shard lies in the full tensor, and how to
+rebuild the full tensor when one is needed.
 
-`ModelEMA` never touches a full tensor of a sharded model during training: it averages `layout.local(...)` and
-asks the layout for the full tensor only when it writes a checkpoint (or, for the DDP-sharded EMA, when it swaps
-the EMA into the model). The layouts of sharded models live in their own modules: `sharding_ddp` (the EMA sharded
-across data-parallel ranks), `sharding_fsdp` (FSDP2 and FSDP1) and `sharding_zero` (DeepSpeed ZeRO-3).
+`ModelEMA` never touches a full tensor of a sharded model during training: it averages `layout.local(...)`. A
+checkpoint needs no full tensor either: each rank's shard is one contiguous range of the flattened tensor
+(`layout.ema_piece(...)`, a [`FlatPiece`]), which it writes into the file and reads back itself. Full tensors are
+gathered for `copy_to` another model, for the DDP-sharded EMA's `swapped()`, and for shards that are not one range.
+The layouts of sharded models live in their own modules: `ddp` (the EMA sharded across data-parallel ranks), `fsdp`
+(FSDP2 and FSDP1) and `zero3` (DeepSpeed ZeRO-3).
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..compat.torch import persistent_buffers
+from ..compat.torch import current_accelerator_device, persistent_buffers
 
 if TYPE_CHECKING:
     from ..config import EMAConfig
     from ..selection import Selection
 
 __all__ = [
+    "FlatPiece",
     "ReplicatedLayout",
     "ShardLayout",
     "ShardedLayoutBase",
@@ -52,10 +57,34 @@ def comm_device(group: torch.distributed.ProcessGroup | None = None) -> torch.de
     """
     backend = torch.distributed.get_backend(group)
     if "nccl" in str(backend) or "hccl" in str(backend) or "xccl" in str(backend):
-        acc = torch.accelerator.current_accelerator()
-        if acc is not None:
-            return torch.device(acc.type, torch.accelerator.current_device_index())
+        device = current_accelerator_device()
+        if device is not None:
+            return device
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class FlatPiece:
+    """Where the part of a tensor that this rank holds lies in the full tensor, flattened in row-major order (the
+    order a safetensors file stores it in): elements `[start, start + numel)`.
+
+    An FSDP2 dim-0 shard, an FSDP1 flat-parameter slice, a ZeRO-3 partition and a DDP-sharded chunk are each one
+    such range, so every rank can write its part of a file, or read it back, on its own.
+
+    Args:
+        shape (`tuple[int, ...]`): The full tensor's shape.
+        start (`int` or `None`): The first element held; `None` when the part is not one contiguous range (e.g. a
+            DTensor sharded on another dim), and the tensor must be gathered.
+        numel (`int`): Number of elements held (the first `numel` of the local tensor; a ZeRO-3 partition may have
+            padding after them).
+        write (`bool`): Whether this rank writes its part when saving (`False` on ranks that hold a copy of a part
+            another rank writes, e.g. every rank but the main process for a replicated tensor).
+    """
+
+    shape: tuple[int, ...]
+    start: int | None
+    numel: int
+    write: bool
 
 
 class ShardLayout:
@@ -66,7 +95,7 @@ class ShardLayout:
 
     #: Short name shown in logs and saved in the EMA state.
     kind: str = "replicated"
-    #: Whether the EMA on each rank holds only part of each tensor (per-rank shard files are written at save).
+    #: Whether the EMA on each rank holds only part of each tensor.
     is_sharded: bool = False
 
     def select(self, model: nn.Module, config: EMAConfig) -> Selection:
@@ -135,6 +164,46 @@ class ShardLayout:
             return None
         return {k: v for k, v in model.state_dict().items() if k not in skip}
 
+    def ema_piece(self, name: str, local: torch.Tensor) -> FlatPiece:
+        """Where this rank's EMA tensor `local` lies in the full tensor (for a tensor the EMA tracks, i.e. one that
+        went through `local()`). Never a collective.
+
+        Args:
+            name (`str`): The tensor's name.
+            local (`torch.Tensor`): This rank's EMA tensor.
+        """
+        return FlatPiece(tuple(local.shape), 0, local.numel(), self.is_main_process())
+
+    def model_tensors(self, model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+        """The model's `state_dict` tensors that the EMA does not hold, by `state_dict` name, as they are (never
+        gathered): pass each to `model_piece()`. Never a collective.
+
+        Args:
+            model (`nn.Module`): The unwrapped model.
+            skip (`set[str]`): Names the EMA already provides.
+        """
+        return {k: v for k, v in model.state_dict().items() if k not in skip and isinstance(v, torch.Tensor)}
+
+    def model_piece(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, FlatPiece]:
+        """This rank's part of one of the model's own tensors (from `model_tensors()`) and where it lies in the
+        full tensor. Never a collective.
+
+        Args:
+            name (`str`): The tensor's name.
+            tensor (`torch.Tensor`): The parameter or buffer.
+        """
+        return tensor.detach(), FlatPiece(tuple(tensor.shape), 0, tensor.numel(), self.is_main_process())
+
+    def full_model_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor of one of the model's own tensors on the main process (`None` elsewhere); a collective
+        for tensors whose `model_piece()` is not one contiguous range.
+
+        Args:
+            name (`str`): The tensor's name.
+            tensor (`torch.Tensor`): The parameter or buffer.
+        """
+        return tensor.detach() if self.is_main_process() else None
+
     def save_module(self, model: nn.Module) -> nn.Module:
         """The module whose `save_pretrained` / config writes the `ema/` folder (FSDP1 unwraps its root).
 
@@ -144,7 +213,7 @@ class ShardLayout:
         return model
 
     def save_pretrained(
-        self, module: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor]
+        self, module: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor], **kwargs: Any
     ) -> None:
         """Write `state_dict` (full tensors, `state_dict` names) with `module.save_pretrained`, on the main process.
 
@@ -152,8 +221,9 @@ class ShardLayout:
             module (`nn.Module`): The module returned by `save_module()`.
             folder (`str` or `os.PathLike`): Where to write.
             state_dict (`dict[str, torch.Tensor]`): The tensors to write.
+            **kwargs: More arguments of `save_pretrained` (e.g. `max_shard_size`).
         """
-        module.save_pretrained(folder, state_dict=state_dict)
+        module.save_pretrained(folder, state_dict=state_dict, **kwargs)
 
     def is_main_process(self) -> bool:
         """Whether this rank writes files."""
@@ -204,6 +274,23 @@ class ShardedLayoutBase(ShardLayout):
             name (`str`): The name from `named_parameters()`.
         """
         return strip_wrapper_prefixes(name)
+
+    def model_tensors(self, model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+        from ..selection import is_peft_model
+
+        if is_peft_model(self.save_module(model)):
+            return {}  # a PEFT folder holds the adapter only, which the EMA provides
+        # Parameters and persistent buffers, not `state_dict()`: a collective under FSDP1. Tied parameters come once.
+        out = {}
+        for raw, param in model.named_parameters():
+            name = self.clean_name(raw)
+            if name not in skip:
+                out[name] = param
+        for raw, buf in persistent_buffers(model):
+            name = self.clean_name(raw)
+            if name not in skip:
+                out.setdefault(name, buf)
+        return out
 
     def full_model_tensors(self, model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor] | None:
         from ..selection import is_peft_model

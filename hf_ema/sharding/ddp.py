@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import ShardLayout, comm_device
+from .base import FlatPiece, ShardLayout, comm_device
 
 if TYPE_CHECKING:
     from ..config import EMAConfig
@@ -101,6 +101,18 @@ class DDPShardedLayout(ShardLayout):
         flat = full.reshape(-1)
         start, end = chunk_bounds(flat.numel(), self._rank, self._world)
         return flat[start:end].clone()
+
+    def ema_piece(self, name: str, local: torch.Tensor) -> FlatPiece:
+        shape = tuple(self._shapes[name])
+        start, end = chunk_bounds(math.prod(shape), self._rank, self._world)
+        return FlatPiece(shape, start, end - start, True)
+
+    def model_piece(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, FlatPiece]:
+        if not tensor.is_contiguous():
+            return super().model_piece(name, tensor)
+        # The model is replicated: each rank writes the same chunk of the model's other tensors as of the EMA's.
+        start, end = chunk_bounds(tensor.numel(), self._rank, self._world)
+        return tensor.detach().view(-1)[start:end], FlatPiece(tuple(tensor.shape), start, end - start, True)
 
     @torch.no_grad()
     def after_write(self, locals_: list[torch.Tensor]) -> None:

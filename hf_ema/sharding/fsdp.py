@@ -11,6 +11,7 @@ process, one parameter at a time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..compat.torch import current_accelerator_device
 from ..compat.torch_fsdp import (
     fsdp1_flat_params,
     fsdp1_lazy_init,
@@ -29,7 +31,7 @@ from ..compat.torch_fsdp import (
     local_shape_and_offset,
 )
 from ..errors import ConfigError
-from .base import ShardedLayoutBase, persistent_buffers, strip_wrapper_prefixes
+from .base import FlatPiece, ShardedLayoutBase, persistent_buffers, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
     from ..config import EMAConfig
@@ -41,7 +43,8 @@ __all__ = ["FSDP1Layout", "FSDP2Layout", "is_fsdp1", "is_fsdp2"]
 def _device_of_mesh(mesh: Any) -> torch.device:
     if mesh.device_type == "cpu":
         return torch.device("cpu")
-    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
+    device = current_accelerator_device(mesh.device_type)
+    return device if device is not None else torch.device(mesh.device_type)
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
@@ -62,6 +65,32 @@ class _DTensorSpec:
     placements: tuple
     shape: torch.Size
     stride: tuple[int, ...]
+
+
+def _dtensor_piece(spec: _DTensorSpec) -> FlatPiece:
+    """Where this rank's local shard lies in the flattened full tensor. A shard on dim 0 (FSDP2 `fully_shard`, also
+    on one dim of an HSDP mesh) is a block of whole rows, one contiguous range; it is written by the ranks at
+    coordinate 0 of the mesh dims it is replicated over. Any other placement (tensor parallelism, strided shards):
+    no range, the tensor is gathered."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shape = tuple(spec.shape)
+    coordinate = spec.mesh.get_coordinate()
+    if coordinate is None:  # this rank is outside the mesh: it holds nothing
+        return FlatPiece(shape, 0, 0, False)
+    write = all(c == 0 for c, p in zip(coordinate, spec.placements) if isinstance(p, Replicate))
+    sharded = [p for p in spec.placements if not isinstance(p, Replicate)]
+    if not sharded or not shape:
+        return FlatPiece(shape, 0, math.prod(shape), write)
+    if len(sharded) > 1 or type(sharded[0]) is not Shard or sharded[0].dim != 0:
+        return FlatPiece(shape, None, 0, write)
+    local_shape, offset = local_shape_and_offset(spec.shape, spec.mesh, spec.placements)
+    row = math.prod(shape[1:])
+    return FlatPiece(shape, min(offset[0], shape[0]) * row, math.prod(local_shape), write)
+
+
+def _spec_of(tensor: torch.Tensor) -> _DTensorSpec:
+    return _DTensorSpec(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride()))
 
 
 class FSDP2Layout(ShardedLayoutBase):
@@ -88,9 +117,7 @@ class FSDP2Layout(ShardedLayoutBase):
         from torch.distributed.tensor import DTensor
 
         if isinstance(tensor, DTensor):
-            self._specs[name] = _DTensorSpec(
-                tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride())
-            )
+            self._specs[name] = _spec_of(tensor)
             # `_local_tensor` is a view of FSDP2's persistent sharded storage, updated in place by the optimizer.
             return tensor.to_local().detach()
         self._specs.pop(name, None)
@@ -112,6 +139,27 @@ class FSDP2Layout(ShardedLayoutBase):
         )
         full = dt.full_tensor()
         return full if (all_ranks or self.is_main_process()) else None
+
+    def ema_piece(self, name: str, local: torch.Tensor) -> FlatPiece:
+        spec = self._specs.get(name)
+        if spec is None:
+            return super().ema_piece(name, local)
+        return _dtensor_piece(spec)
+
+    def model_piece(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, FlatPiece]:
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(tensor, DTensor):
+            return super().model_piece(name, tensor)
+        return tensor.to_local().detach(), _dtensor_piece(_spec_of(tensor))
+
+    def full_model_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(tensor, DTensor):
+            return super().full_model_tensor(name, tensor)
+        full = tensor.detach().full_tensor()
+        return full if self.is_main_process() else None
 
     def after_write(self, locals_: list[torch.Tensor]) -> None:
         # FSDP2 keeps the root's parameters unsharded after a forward without backward (e.g. evaluation): such a
@@ -247,12 +295,12 @@ class FSDP1Layout(ShardedLayoutBase):
         return self._inner
 
     def save_pretrained(
-        self, module: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor]
+        self, module: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor], **kwargs: Any
     ) -> None:
         from ..selection import is_peft_model
 
         if not is_peft_model(module):
-            module.save_pretrained(folder, state_dict=state_dict)
+            module.save_pretrained(folder, state_dict=state_dict, **kwargs)
             return
         from safetensors.torch import load_file, save_file
 
@@ -262,7 +310,7 @@ class FSDP1Layout(ShardedLayoutBase):
         peft_names = {
             strip_wrapper_prefixes(n): n.removeprefix("_fsdp_wrapped_module.") for n, _ in module.named_parameters()
         }
-        module.save_pretrained(folder, state_dict={peft_names.get(k, k): v for k, v in state_dict.items()})
+        module.save_pretrained(folder, state_dict={peft_names.get(k, k): v for k, v in state_dict.items()}, **kwargs)
         for path in Path(folder).glob("adapter_model*.safetensors"):
             tensors = load_file(str(path))
             save_file({strip_wrapper_prefixes(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
@@ -286,6 +334,21 @@ class FSDP1Layout(ShardedLayoutBase):
                 f"the layout computed {hi - lo}"
             )
         return view.detach()
+
+    def ema_piece(self, name: str, local: torch.Tensor) -> FlatPiece:
+        where = self._by_name.get(name)
+        if where is None:
+            return super().ema_piece(name, local)
+        lo, hi = where.bounds(where.group.rank())
+        return FlatPiece(tuple(where.shape), lo, hi - lo, True)
+
+    def model_piece(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, FlatPiece]:
+        where = self._by_param.get(id(tensor))
+        if where is None:  # a buffer: replicated
+            return super().model_piece(name, tensor)
+        lo, hi = where.bounds(where.group.rank())
+        view = fsdp1_local_view(where.flat_param, where.index).detach()
+        return view, FlatPiece(tuple(where.shape), lo, hi - lo, True)
 
     @torch.no_grad()
     def after_write(self, locals_: list[torch.Tensor]) -> None:

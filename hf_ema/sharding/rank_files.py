@@ -1,9 +1,9 @@
-"""Per-rank EMA shard files: a sharded EMA resumes without gathering the full EMA when the world size is unchanged.
+"""Per-rank files: one safetensors file per rank (`rank-RRRRR-of-WWWWW.safetensors`), written atomically.
 
-`save_ema` writes the full EMA (`model.safetensors`, loadable with `from_pretrained`) from the main process, and,
-for a sharded layout, every rank also writes its own shards to `ema/shards/rank-RRRRR-of-WWWWW.safetensors`. On
-resume each rank reads back its own file when the layout kind, world size and shapes all match; otherwise it
-re-shards the full weights (`layout.shard_full_tensor`, a local slice: no collective, so ranks may decide apart).
+Used for state that only exists per rank (the oscillation tracker of `stability`), and read for the per-rank EMA
+shard files of format-1 `ema/` folders (`ema/shards/`, written by hf-ema before every rank wrote its part of the
+weights files in place, see docs/reference/ema_format.md): a format-1 checkpoint resumes from them when the layout
+kind, world size and shapes all match; otherwise from the full weights (`layout.shard_full_tensor`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ __all__ = [
     "rank_file_name",
     "rank_shard_path",
     "save_file_atomic",
-    "save_rank_shard",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,36 +77,8 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return path
 
 
-def save_rank_shard(ema: ModelEMA, folder: str | os.PathLike) -> Path:
-    """Write this rank's EMA shards (EMA dtype) into `folder/shards/`, atomically (temporary file, then rename).
-
-    Every rank calls it after the main process has written `folder`; it is not a collective.
-
-    Args:
-        ema (`ModelEMA`): The EMA.
-        folder (`str` or `os.PathLike`): The `ema/` folder.
-
-    Returns:
-        `Path`: the file written.
-    """
-    layout = ema.layout
-    tensors = {
-        name: t.detach().to("cpu").contiguous()
-        for name, t in zip(ema.names + ema.copied_names, ema.shadow + ema.copied)
-    }
-    metadata = {
-        "format": "pt",
-        "producer": "hf_ema",
-        "layout": layout.kind,
-        "rank": str(layout.rank),
-        "world_size": str(layout.world_size),
-        "step": str(ema.step),
-    }
-    return save_file_atomic(tensors, rank_shard_path(folder, layout.rank, layout.world_size), metadata)
-
-
 def load_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> bool:
-    """Restore this rank's EMA shards from `folder/shards/` when they fit; not a collective.
+    """Restore this rank's EMA shards from a format-1 `folder/shards/` when they fit; not a collective.
 
     Args:
         ema (`ModelEMA`): The EMA to restore.
@@ -147,6 +118,12 @@ def load_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, An
                 return False
             tensors[name] = src
     ema.load_state_dict(
-        {"tensors": tensors, "step": meta["step"], "num_updates": meta["num_updates"], "decay": meta.get("decay")}
+        {
+            "tensors": tensors,
+            "step": meta["step"],
+            "num_updates": meta["num_updates"],
+            "num_skipped": meta.get("num_skipped", 0),
+            "decay": meta.get("decay"),
+        }
     )
     return True

@@ -6,7 +6,8 @@ Written against DeepSpeed's partitioning (`deepspeed/runtime/zero/partition_para
 The EMA averages `ds_tensor` in place, with no gather during training. At save time each EMA partition is gathered
 exactly as DeepSpeed gathers a parameter (`all_gather_into_tensor` / `gather` over `ds_process_group`), on the EMA
 buffer itself, so the fp32 EMA is saved exactly (`deepspeed.zero.GatheredParameters` would gather the model's own,
-often bf16, weights instead). DeepSpeed is not imported here: the layout only reads those attributes.
+often bf16, weights instead). DeepSpeed is not imported here: the layout reads those attributes through
+`hf_ema.compat.deepspeed`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat.deepspeed import full_tensor_is_gathered, is_zero3_param, partition_of, partition_on_nvme
+from ..compat.torch import all_gather_flat
 from ..errors import ConfigError
-from .base import ShardedLayoutBase, comm_device
+from .base import FlatPiece, ShardedLayoutBase, comm_device
 
 __all__ = ["ZeRO3Layout", "is_zero3"]
 
@@ -29,7 +32,7 @@ def is_zero3(model: nn.Module) -> bool:
     Args:
         model (`nn.Module`): The model.
     """
-    return any(hasattr(p, "ds_id") and getattr(p, "ds_tensor", None) is not None for p in model.parameters())
+    return any(is_zero3_param(p) for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ class _Partition:
     group: Any
     numel: int
     shape: torch.Size
+
+
+def _partition_piece(group: Any, numel: int, shape: torch.Size, size: int) -> FlatPiece:
+    # Rank r of the group holds elements [r * size, (r + 1) * size) of the flattened parameter, padding after the end.
+    start = min(torch.distributed.get_rank(group) * size, numel)
+    return FlatPiece(tuple(shape), start, min(size, numel - start), True)
 
 
 class ZeRO3Layout(ShardedLayoutBase):
@@ -54,18 +63,18 @@ class ZeRO3Layout(ShardedLayoutBase):
         self._param_of_view: dict[int, tuple[torch.Tensor, _Partition]] = {}
 
     def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        ds_tensor = getattr(tensor, "ds_tensor", None)
-        if ds_tensor is None:  # a buffer, or a parameter DeepSpeed does not partition
+        if not is_zero3_param(tensor):  # a buffer, or a parameter DeepSpeed does not partition
             self._parts.pop(name, None)
             return tensor.detach()
-        if "nvme" in str(getattr(ds_tensor, "final_location", None)).lower():
+        if partition_on_nvme(tensor):
             raise ConfigError(
                 f"an EMA cannot follow ZeRO-3 parameters offloaded to NVMe (their partition is swapped out between "
                 f"steps), got offload_param.device='nvme' for {name!r}; use 'cpu' or 'none'"
             )
-        part = _Partition(tensor, tensor.ds_process_group, int(tensor.ds_numel), torch.Size(tensor.ds_shape))
+        info = partition_of(tensor)
+        part = _Partition(tensor, info.group, info.numel, info.shape)
         self._parts[name] = part
-        view = ds_tensor.detach()
+        view = info.local.detach()
         self._param_of_view[id(view)] = (view, part)
         return view
 
@@ -82,7 +91,7 @@ class ZeRO3Layout(ShardedLayoutBase):
         local = local.reshape(-1).to(device)
         if all_ranks:
             flat = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
-            torch.distributed.all_gather_into_tensor(flat, local, group=group)
+            all_gather_flat(flat, local, group=group)
             return flat[: part.numel].view(part.shape)
         dst = torch.distributed.get_global_rank(group, 0)
         parts = [torch.empty_like(local) for _ in range(world)] if torch.distributed.get_rank() == dst else None
@@ -90,6 +99,18 @@ class ZeRO3Layout(ShardedLayoutBase):
         if parts is None or not self.is_main_process():
             return None
         return torch.cat(parts)[: part.numel].view(part.shape)
+
+    def ema_piece(self, name: str, local: torch.Tensor) -> FlatPiece:
+        part = self._parts.get(name)
+        if part is None:
+            return super().ema_piece(name, local)
+        return _partition_piece(part.group, part.numel, part.shape, local.numel())
+
+    def model_piece(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, FlatPiece]:
+        if not is_zero3_param(tensor):
+            return super().model_piece(name, tensor)
+        info = partition_of(tensor)
+        return info.local.detach(), _partition_piece(info.group, info.numel, info.shape, info.local.numel())
 
     def shard_full_tensor(self, name: str, full: torch.Tensor, local_like: torch.Tensor) -> torch.Tensor:
         part = self._parts.get(name)
@@ -105,14 +126,16 @@ class ZeRO3Layout(ShardedLayoutBase):
 
     @torch.no_grad()
     def after_write(self, locals_: list[torch.Tensor]) -> None:
-        # Parameters below `stage3_param_persistence_threshold` keep their full tensor between steps and DeepSpeed
-        # does not re-gather it from the partition: refresh it from the partitions that were just written.
+        # A forward reads a parameter's full tensor when it is already gathered, without re-gathering it from the
+        # partition: parameters below `stage3_param_persistence_threshold` keep it between steps, and DeepSpeed
+        # leaves others gathered after an evaluation forward (with `offload_param`, and under `torch.no_grad`).
+        # Refresh every gathered full tensor from the partitions that were just written, or an evaluation inside
+        # `swapped()` would see the raw weights. Every rank sees the same statuses, so the gathers stay collective.
         for view in locals_:
             entry = self._param_of_view.get(id(view))
             if entry is None:
                 continue
             _, part = entry
-            status = getattr(getattr(part.param, "ds_status", None), "name", None)
-            if getattr(part.param, "ds_persist", False) and status == "AVAILABLE":
+            if full_tensor_is_gathered(part.param):
                 full = self._gather(part, view, all_ranks=True)
                 part.param.data.copy_(full.to(part.param.device))

@@ -10,7 +10,6 @@ updates that do not depend on the weights, to first order otherwise). So a decay
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -18,6 +17,9 @@ from pathlib import Path
 
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder
 from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..utils.jsonio import write_json
+from ..utils.output import mark_output, prepare_output
+from ..utils.validation import check_int, check_number, is_number
 from ..weighted_sum import WeightFolder, check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
 
 __all__ = ["MERGE_RECIPE_NAME", "SCHEDULES", "decay_multipliers", "ema_weights", "merge_checkpoints", "wsm_weights"]
@@ -35,8 +37,7 @@ METHODS = ("mean", "ema", "wsm")
 
 
 def _check_count(n_checkpoints: int) -> None:
-    if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, int):
-        raise ConfigTypeError(f"`n_checkpoints` must be an int, got {n_checkpoints!r}")
+    check_int("n_checkpoints", n_checkpoints)
     if n_checkpoints < 2:
         raise ConfigError(f"`n_checkpoints` must be >= 2 (nothing to merge otherwise), got {n_checkpoints!r}")
 
@@ -64,6 +65,7 @@ def decay_multipliers(n_checkpoints: int, schedule: str | Callable[[float], floa
     """
     _check_count(n_checkpoints)
     fn = _schedule_fn(schedule)
+    # WSM's decay emulation: the decay shape sampled at the end of each interval, w_j = f((j + 1) / (n + 1)).
     w = [float(fn((j + 1) / n_checkpoints)) for j in range(n_checkpoints - 1)]
     tol = 1e-12
     for j, value in enumerate(w):
@@ -88,6 +90,8 @@ def wsm_weights(n_checkpoints: int, schedule: str | Callable[[float], float] = "
             `"1-sqrt"` or a decay shape `f(x)` on [0, 1] with `f(0) = 1`.
     """
     w = decay_multipliers(n_checkpoints, schedule)
+    # WSM's merge/decay duality (Tian et al. 2025): sum_j c_j theta_j = theta_0 + sum_j w_j (theta_{j+1} - theta_j)
+    # with w_j = sum_{i > j} c_i, inverted: c_0 = 1 - w_0, c_i = w_{i-1} - w_i, c_n = w_{n-1}.
     c = [1.0 - w[0]] + [w[i - 1] - w[i] for i in range(1, len(w))] + [w[-1]]
     return c
 
@@ -103,18 +107,14 @@ def ema_weights(n_checkpoints: int, decay: float = 0.5) -> list[float]:
         decay (`float`, *optional*, defaults to 0.5): The per-checkpoint decay, in [0, 1).
     """
     _check_count(n_checkpoints)
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise ConfigTypeError(f"`ema_decay` must be a number, got {decay!r}")
-    if not 0.0 <= decay < 1.0:
-        raise ConfigError(f"`ema_decay` must be in [0, 1), got {decay!r}")
+    check_number("ema_decay", decay, minimum=0.0, maximum=1.0, max_inclusive=False)
     n = n_checkpoints - 1
+    # The classic EMA unrolled over the checkpoints: ema_n = decay^n theta_0 + (1 - decay) sum_i decay^(n-i) theta_i.
     return [decay**n] + [(1.0 - decay) * decay ** (n - i) for i in range(1, n + 1)]
 
 
 def _normalise(weights: Sequence[float], n: int) -> list[float]:
-    if not isinstance(weights, (list, tuple)) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights
-    ):
+    if not isinstance(weights, (list, tuple)) or not all(is_number(w) for w in weights):
         raise ConfigTypeError(f"`weights` must be a list of numbers, got {weights!r}")
     if len(weights) != n:
         raise ConfigError(f"`weights` must have one entry per checkpoint ({n}), got {len(weights)}: {weights!r}")
@@ -179,7 +179,9 @@ def merge_checkpoints(
             `trainer_state.json`, `ema_state.json` or the `checkpoint-N` name) when every one has a step, so a shell
             glob such as `checkpoint-*` (which sorts 1000 before 200) is merged oldest first. Otherwise the given
             order is kept.
-        overwrite (`bool`, *optional*, defaults to `False`): Replace `output_dir` if it exists.
+        overwrite (`bool`, *optional*, defaults to `False`): Replace `output_dir` if it exists and hf-ema wrote it.
+            `output_dir` may never be, contain or lie inside a checkpoint, nor be a training run folder or a
+            non-empty folder hf-ema did not write (see [`prepare_output`]).
         progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
 
     Returns:
@@ -202,11 +204,8 @@ def merge_checkpoints(
         raise ConfigError(f"`method` must be one of {list(METHODS)}, got {method!r}")
     if schedule is not None and method != "wsm":
         raise ConfigError(f"`schedule` only applies to method='wsm', got schedule={schedule!r} with method={method!r}")
-    output_dir = Path(output_dir)
-    if output_dir.resolve() in resolved or any(r in output_dir.resolve().parents for r in resolved):
-        raise ConfigError(f"`output_dir` must not be one of the checkpoints or inside one, got `{output_dir}`")
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"`output_dir` `{output_dir}` exists and is not empty; pass overwrite=True to replace it")
+    # Before anything is read: the output never replaces an input, a run folder or a folder hf-ema did not write.
+    output_dir = prepare_output(output_dir, paths, overwrite, what="`output_dir`")
 
     folders = [read_weight_folder(_source_folder(p, use_ema)) for p in paths]
     order = list(range(len(paths)))
@@ -261,9 +260,8 @@ def _write_merge(
     progress: bool,
 ) -> Path:
     with atomic_folder(output_dir) as tmp:
+        mark_output(tmp, "merge")
         write_weighted_sum(folders, coefficients, tmp, progress=progress, desc="merging checkpoints")
         copy_metadata(tmp, [folders[-1].folder, newest])
-        with open(tmp / MERGE_RECIPE_NAME, "w", encoding="utf-8") as f:
-            json.dump(recipe, f, indent=2)
-            f.write("\n")
+        write_json(tmp / MERGE_RECIPE_NAME, recipe)
     return output_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
 from ..errors import CheckpointError, ConfigTypeError
+from ..utils.jsonio import read_json
 
 __all__ = [
     "CARD_NAME",
@@ -122,8 +122,7 @@ def eval_metrics_from_log_history(log_history: Iterable[dict[str, Any]], step: i
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

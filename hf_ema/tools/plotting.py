@@ -5,13 +5,13 @@ matplotlib is imported inside `plot_run` only (its `Figure` API, rendered by Agg
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..utils.jsonio import read_json
 
 __all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run"]
 
@@ -24,8 +24,7 @@ _EMA_LOSS_RE = re.compile(r"^(eval(?:_.+)?)_ema_loss$")
 
 def _global_step(path: Path) -> int:
     try:
-        with open(path, encoding="utf-8") as f:
-            return int(json.load(f).get("global_step", 0))
+        return int(read_json(path).get("global_step", 0))
     except (OSError, ValueError):
         return -1
 
@@ -77,8 +76,7 @@ def load_history(run_dir: str | os.PathLike) -> dict[str, Any]:
         e.g. `[("eval_loss", "eval_ema_loss")]`, one per evaluation dataset).
     """
     path = find_trainer_state(run_dir)
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_json(path)
     series: dict[str, dict[str, list]] = {}
     for entry in state.get("log_history", []):
         step = entry.get("step")
@@ -126,7 +124,7 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     series = history["series"]
     if not history["pairs"] and "eval_loss" not in series and "loss" not in series:
         raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history['source']})")
-    out_path = Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png"
+    out_path = _check_out_path(Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png", history)
 
     # The object API renders with Agg and touches no global pyplot state (safe in a Gradio server's threads).
     from matplotlib.figure import Figure
@@ -194,6 +192,25 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     axes[-1].set_xlabel("optimizer step")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format="png")
+    return out_path
+
+
+def _check_out_path(out_path: Path, history: dict[str, Any]) -> Path:
+    # Before rendering: a folder, a path below a file, or a file the run reads is refused with one clear line.
+    if out_path.is_dir():
+        raise ConfigError(
+            f"`out_path` `{out_path}` is a folder; name the PNG file to write, e.g. `{out_path}/ema.png`"
+        )
+    for parent in out_path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"`out_path` `{out_path}` cannot be written: `{parent}` is a file")
+            break
+    source = history.get("source")
+    if out_path.exists() and source is not None and out_path.resolve() == Path(source).resolve():
+        raise ConfigError(f"`out_path` `{out_path}` is the run's history the plot reads; choose another file")
+    if out_path.exists() and out_path.suffix.lower() != ".png":
+        raise ConfigError(f"`out_path` `{out_path}` exists and is not a PNG; hf-ema only replaces a .png file")
     return out_path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import weakref
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,24 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..compat.transformers import find_calling_trainer, wrap_train
+from ..compat.transformers import check_transformers, find_calling_trainer, wrap_train
 from ..config import EMAConfig
 from ..ema_folder import load_ema, save_ema
-from ..errors import ConfigTypeError
+from ..errors import CheckpointError
 from ..model_ema import ModelEMA
 from ..posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
 from ..selection import select_tensors, unwrap_model
 from ..stability import StabilityConfig, StabilityMonitor
-from ..utils.paths import EMA_DIRNAME, STABILITY_DIRNAME, checkpoint_dir
+from ..utils.atomic import leftover_folders, recover_folder
+from ..utils.paths import (
+    EMA_DIRNAME,
+    STABILITY_DIRNAME,
+    TRAINER_STATE_NAME,
+    checkpoint_dir,
+    is_ema_folder,
+    list_checkpoints,
+)
+from ..utils.validation import check_bool, check_path
 from .evaluation import EMAEvaluator
 from .hub_push import (
     PushSteps,
@@ -28,11 +38,35 @@ from .hub_push import (
     prepare_trainer_push,
     wait_for_pushes,
 )
-from .swap_at_end import make_ema_final
+from .swap_at_end import check_raw_folder, make_ema_final
 
 __all__ = ["EMACallback"]
 
 logger = logging.getLogger(__name__)
+
+
+def _has_complete_ema(checkpoint: Path) -> bool:
+    folder = checkpoint / EMA_DIRNAME
+    recover_folder(folder)  # a replace interrupted between its two renames
+    return is_ema_folder(folder)
+
+
+def _is_complete_checkpoint(checkpoint: Path) -> bool:
+    # The Trainer writes `trainer_state.json` last among the files it needs to resume.
+    return (checkpoint / TRAINER_STATE_NAME).is_file()
+
+
+def _complete_checkpoints_text(output_dir: str | os.PathLike) -> str:
+    complete = [c.name for c in list_checkpoints(output_dir) if _is_complete_checkpoint(c) and _has_complete_ema(c)]
+    return "complete: " + ", ".join(complete) if complete else "none is left"
+
+
+def _remove_leftover_ema_writes(output_dir: str | os.PathLike) -> None:
+    # Temporary folders of EMA writes a crash interrupted (ours: `.ema.tmp-*`, `.ema.old-*`), in every checkpoint.
+    for checkpoint in [Path(output_dir), *list_checkpoints(output_dir)]:
+        recover_folder(checkpoint / EMA_DIRNAME)
+        for leftover in leftover_folders(checkpoint / EMA_DIRNAME):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 class EMACallback(TrainerCallback):
@@ -65,6 +99,11 @@ class EMACallback(TrainerCallback):
         posthoc (`bool`, `dict` or `PostHocConfig`, *optional*): Also keep EDM2 power-function EMAs (sigma_rel 0.05
             and 0.10 by default) and snapshot them into `output_dir/ema_posthoc/`, so `hf_ema.reconstruct` /
             `hf-ema posthoc` can build the EMA of any width after training; see [`PostHocConfig`].
+        allow_ema_restart (`bool`, *optional*, defaults to `False`): When training resumes from a checkpoint whose
+            `ema/` is missing or incomplete (a crash during the save, a checkpoint written without hf-ema), restart
+            the EMA from the resumed weights with a warning instead of stopping with an error. With
+            `resume_from_checkpoint=True` the Trainer first falls back to the newest checkpoint whose EMA is complete,
+            so the EMA stays exact; this flag only matters when there is none.
         **kwargs: Fields of [`EMAConfig`] (`decay`, `half_life`, `update_every`, ...).
     """
 
@@ -78,16 +117,25 @@ class EMACallback(TrainerCallback):
         stability_metrics: bool | dict | StabilityConfig = False,
         swap_at_end: bool = False,
         posthoc: bool | dict | PostHocConfig | None = None,
+        allow_ema_restart: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_transformers()
         config = EMAConfig.resolve(config, kwargs)
-        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
-            raise ConfigTypeError(f"`resume_from` must be a path, got {resume_from!r}")
+        for name, flag in (
+            ("save_final", save_final),
+            ("eval_ema", eval_ema),
+            ("swap_at_end", swap_at_end),
+            ("allow_ema_restart", allow_ema_restart),
+        ):
+            check_bool(name, flag)
+        check_path("resume_from", resume_from, optional=True)
         self.config = config
         self.resume_from = resume_from
+        self.allow_ema_restart = allow_ema_restart
         self.save_final = save_final
         self.ema: ModelEMA | None = None
-        self.swap_at_end = bool(swap_at_end)
+        self.swap_at_end = swap_at_end
         self.posthoc_config = resolve_posthoc(posthoc)
         self.posthoc: PostHocEMA | None = None
         self.evaluator = EMAEvaluator(lambda: self.ema) if eval_ema else None
@@ -106,10 +154,26 @@ class EMACallback(TrainerCallback):
         return self._trainer_ref() if self._trainer_ref is not None else None
 
     def bind(self, trainer: Trainer) -> EMACallback:
-        """Attach to `trainer` explicitly (done automatically when the callback is passed to `Trainer(...)`).
+        """Attach the callback to `trainer`: the explicit, documented way.
+
+        ```python
+        callback = EMACallback(decay=0.999)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+        callback.bind(trainer)
+        ```
+
+        The EMA needs the trainer itself (Trainer callbacks are only handed the model, the arguments and the
+        state): to learn which checkpoint `trainer.train(resume_from_checkpoint=...)` resumes from, to evaluate the
+        EMA in the same log entry as the raw weights, and to write the EMA before a Hub upload. Without `bind`, the
+        callback falls back to finding the `Trainer` that calls it on the call stack
+        (`hf_ema.compat.transformers.find_calling_trainer`, at `on_init_end`, or at `on_train_begin` for a callback
+        added with `trainer.add_callback`). Idempotent.
 
         Args:
             trainer (`Trainer`): The trainer.
+
+        Returns:
+            `EMACallback`: the callback itself.
         """
         if self.trainer is trainer:
             return self
@@ -125,10 +189,57 @@ class EMACallback(TrainerCallback):
             handler.callbacks.insert(0, self)
         return self
 
-    def _record_resume(self, resume_from_checkpoint: Any) -> None:
-        # Callbacks never see the folder passed to `trainer.train(resume_from_checkpoint=...)`: record it so the EMA
-        # is restored from the same checkpoint as the weights, wherever it lives.
+    def _record_resume(self, resume_from_checkpoint: Any) -> Any:
+        # Called by `trainer.train(...)` before the Trainer loads anything. Callbacks never see the folder passed as
+        # `resume_from_checkpoint`: record it so the EMA is restored from the same checkpoint as the weights, and
+        # make sure that checkpoint has a complete EMA (see `_checked_resume`).
+        trainer = self.trainer
+        if trainer is not None and resume_from_checkpoint not in (None, False):
+            resume_from_checkpoint = self._checked_resume(resume_from_checkpoint, trainer.args.output_dir)
         self._resume_checkpoint = resume_from_checkpoint
+        return resume_from_checkpoint
+
+    def _checked_resume(self, resume: Any, output_dir: str) -> Any:
+        """The checkpoint to resume from, such that its EMA is the one an uninterrupted run has at that step.
+
+        A crash after the Trainer wrote `checkpoint-N/` but before `checkpoint-N/ema/` was complete leaves a
+        resumable Trainer checkpoint without an EMA. With `resume_from_checkpoint=True`, resume from the newest
+        checkpoint whose trainer state and `ema/` are both complete instead (the newest complete pair wins: the steps
+        after it are trained again, deterministically); with an explicit path to such a checkpoint, or with no
+        complete pair left, stop before training with an error that names the ways on.
+        """
+        if self.resume_from is not None:
+            return resume  # the user named the EMA's source explicitly
+        if resume is True:
+            last = get_last_checkpoint(output_dir)
+            if last is None:
+                return resume  # the Trainer raises its own error
+            target = Path(last)
+        else:
+            target = Path(resume)
+        if not target.is_dir() or _has_complete_ema(target):
+            return resume
+        if resume is True:
+            for candidate in reversed(list_checkpoints(output_dir)):
+                if _is_complete_checkpoint(candidate) and _has_complete_ema(candidate):
+                    logger.warning(
+                        "%s has no complete EMA (a save was interrupted): resuming from %s, the newest checkpoint "
+                        "whose weights and EMA are both complete",
+                        target,
+                        candidate,
+                    )
+                    return str(candidate)
+        if self.allow_ema_restart:
+            logger.warning(
+                "%s has no complete EMA; the EMA restarts from the resumed weights (allow_ema_restart=True)", target
+            )
+            return resume
+        raise CheckpointError(
+            f"cannot resume the EMA: {target} has no complete `{EMA_DIRNAME}/` (the save was interrupted, or the "
+            f"checkpoint was written without hf-ema). Resume from a checkpoint whose `{EMA_DIRNAME}/` is complete "
+            f"({_complete_checkpoints_text(output_dir)}), or pass `EMACallback(allow_ema_restart=True)` to restart "
+            f"the EMA from the resumed weights"
+        )
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         trainer, _ = find_calling_trainer()
@@ -148,6 +259,8 @@ class EMACallback(TrainerCallback):
                 self.bind(trainer)
                 self._resume_checkpoint = resume
         model = kwargs["model"]
+        if self.swap_at_end:
+            check_raw_folder(args.output_dir)  # a foreign `raw/` is refused before any step, not after training
         if self.trainer is not None and self.trainer.model is not None:
             # Callbacks get the model as it was before `accelerator.prepare`; under FSDP1 the Trainer then points
             # `trainer.model` at the FSDP root, which owns the shards of the top-level parameters.
@@ -177,12 +290,18 @@ class EMACallback(TrainerCallback):
         if isinstance(getattr(args, "resume_from_checkpoint", None), str):
             out.append(Path(args.resume_from_checkpoint))
         out.append(checkpoint_dir(args.output_dir, state.global_step))
-        return out
+        unique: list[Path] = []
+        for path in out:
+            if path not in unique:
+                unique.append(path)
+        return unique
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
-        for candidate in self._resume_candidates(args, state):
-            folder = candidate if (candidate / "ema_state.json").is_file() else candidate / EMA_DIRNAME
-            if (folder / "ema_state.json").is_file():
+        candidates = self._resume_candidates(args, state)
+        for candidate in candidates:
+            folder = candidate if is_ema_folder(candidate) else candidate / EMA_DIRNAME
+            recover_folder(folder)  # a replace interrupted between its two renames
+            if is_ema_folder(folder):
                 meta = load_ema(self.ema, folder)
                 if meta["step"] != state.global_step:
                     logger.warning(
@@ -196,10 +315,19 @@ class EMACallback(TrainerCallback):
                     layout = self.ema.layout
                     self.stability.restore(self.ema, folder.parent / STABILITY_DIRNAME, layout.rank, layout.world_size)
                 return
-        logger.warning(
-            "Resuming at step %s but no EMA was found in %s: the EMA restarts from the current weights.",
-            state.global_step,
-            ", ".join(str(c) for c in self._resume_candidates(args, state)),
+        where = ", ".join(str(c) for c in candidates)
+        if self.allow_ema_restart:
+            logger.warning(
+                "Resuming at step %s but no EMA was found in %s: the EMA restarts from the current weights "
+                "(allow_ema_restart=True).",
+                state.global_step,
+                where,
+            )
+            return
+        raise CheckpointError(
+            f"cannot resume the EMA at step {state.global_step}: no complete `{EMA_DIRNAME}/` in {where}. Resume "
+            f"from a checkpoint whose `{EMA_DIRNAME}/` is complete ({_complete_checkpoints_text(args.output_dir)}), "
+            f"or pass `EMACallback(allow_ema_restart=True)` to restart the EMA from the current weights"
         )
 
     # ------------------------------------------------------------------ training events
@@ -212,11 +340,18 @@ class EMACallback(TrainerCallback):
             self.stability.step(self.ema)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if self.ema is None or logs is None or "loss" not in logs or self.ema.last_decay is None:
+        if self.ema is None or logs is None or "loss" not in logs:
             return
-        extra = {"ema_decay": float(self.ema.last_decay)}
-        if self.stability is not None:
-            extra.update(self.stability.metrics(self.ema))
+        extra: dict[str, Any] = {}
+        if self.ema.last_decay is not None:
+            extra["ema_decay"] = float(self.ema.last_decay)
+            if self.stability is not None:
+                extra.update(self.stability.metrics(self.ema))
+        if self.config.on_nonfinite != "ignore":
+            # Updates skipped because the weights held NaN/inf (an update in the background counts once it is done).
+            extra["ema_skipped_updates"] = self.ema.num_skipped
+        if not extra:
+            return
         logs.update(extra)
         # Trainer.log appended a copy of `logs` to the history before calling us: add our values there too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -227,12 +362,16 @@ class EMACallback(TrainerCallback):
         if not folder.is_dir() and args.should_save:
             logger.warning("Checkpoint folder %s not found; EMA not saved for this step", folder)
             return
-        if self.push_steps.pushed != state.global_step:  # a Hub push (before on_save) may have written it already
-            self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+        # `ema/` goes last: its atomic rename commits everything hf-ema adds to the checkpoint, so a checkpoint with a
+        # complete `ema/` also has the stability and post-hoc states (what `_checked_resume` relies on).
         if self.stability is not None:  # every rank its own file: the oscillation sample is of its local shards
             self.stability.save(folder / STABILITY_DIRNAME, self.ema.layout.rank, self.ema.layout.world_size)
         if self.posthoc is not None:
             self.posthoc.on_save(args, state, folder)
+        if self.push_steps.pushed != state.global_step:  # a Hub push (before on_save) may have written it already
+            self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
+        if self.ema.layout.is_main_process():
+            _remove_leftover_ema_writes(args.output_dir)
         if args.push_to_hub:
             after_checkpoint_save(self, args, state)
 

@@ -12,12 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder, load_ema
+from ..utils.output import mark_output, prepare_output
 
-__all__ = ["RAW_DIRNAME", "make_ema_final"]
+__all__ = ["RAW_DIRNAME", "check_raw_folder", "make_ema_final"]
 
 logger = logging.getLogger(__name__)
 
 RAW_DIRNAME = "raw"
+
+
+def check_raw_folder(output_dir: str | os.PathLike) -> Path:
+    """Check that `output_dir/raw/` may be written: absent, empty, or an earlier `raw/` hf-ema wrote (its marker).
+
+    A `raw/` folder hf-ema did not write is never replaced. Cheap (a few `stat` calls): call it when training starts
+    so the conflict shows before any step is trained.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): The run folder.
+
+    Returns:
+        `Path`: the `raw/` folder.
+
+    Raises:
+        `OutputFolderError`: naming the folder.
+    """
+    return prepare_output(
+        Path(output_dir) / RAW_DIRNAME, overwrite=True, what="the raw-weights folder of `output_dir`"
+    )
 
 
 def make_ema_final(
@@ -27,6 +48,9 @@ def make_ema_final(
     best_checkpoint: str | os.PathLike | None = None,
 ) -> Path | None:
     """Save the model's raw weights to `output_dir/raw/`, then copy the EMA into the model.
+
+    An existing `raw/` is replaced only when hf-ema wrote it (see [`check_raw_folder`]); otherwise nothing is changed
+    and an `OutputFolderError` is raised before the model or any file is touched.
 
     Every rank calls it: the raw weights of a sharded model are gathered, and the EMA is copied into each rank's
     local shard.
@@ -42,7 +66,8 @@ def make_ema_final(
     Returns:
         `Path` or `None`: the `raw/` folder on the main process, `None` elsewhere.
     """
-    raw_dir = Path(output_dir) / RAW_DIRNAME
+    # Every rank checks before the first collective, so a refusal cannot leave the other ranks waiting.
+    raw_dir = check_raw_folder(output_dir)
     path = None
     layout = ema.layout
     # A model sharded by FSDP / ZeRO-3 needs its full tensors gathered (a collective); a replicated one does not.
@@ -50,6 +75,7 @@ def make_ema_final(
     full = layout.full_model_tensors(ema.model, skip=set()) if model_sharded else None
     if layout.is_main_process():
         with atomic_folder(raw_dir) as tmp:
+            mark_output(tmp, "raw")
             module = layout.save_module(ema.model)
             if full is not None:
                 # Through the layout: under FSDP1 it fixes the adapter key names PEFT would get wrong.

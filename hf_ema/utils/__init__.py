@@ -2,6 +2,7 @@
 validation and JSON I/O."""
 
 from .atomic import atomic_folder, commit_folder, recover_folder
+from .jsonio import read_json, write_json
 from .paths import (
     CHECKPOINT_PREFIX,
     EMA_DIRNAME,
@@ -32,5 +33,7 @@ __all__ = [
     "is_ema_folder",
     "is_run_folder",
     "list_checkpoints",
+    "read_json",
     "recover_folder",
+    "write_json",
 ]

@@ -8,6 +8,8 @@ number of tokens on every rank, so averaging the ranks' gradients gives the full
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 VOCAB = 101
@@ -75,23 +77,45 @@ def build_lora_model():
     model = build_model(seed=0)
     torch.manual_seed(1)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT 0.21's `PeftModel.__init__` reads transformers 5's deprecated `is_gradient_checkpointing`: a warning
+        # between two upstreams, not about anything hf-ema or this test calls.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def build_unet(seed: int = 0):
+    """A tiny diffusers `UNet2DModel` (its `save_pretrained` ignores a `state_dict` argument)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
 
 
 def build(mode: str, seed: int = 0):
     """The model of a worker mode: LoRA modes always use the same base and adapter init (their resumed and
-    `copy_to` models must share the frozen base weights)."""
-    return build_lora_model() if mode.startswith("lora_") else build_model(seed=seed)
+    `copy_to` models must share the frozen base weights); a `_bf16` suffix casts the model to bfloat16."""
+    model = build_lora_model() if mode.startswith("lora_") else build_model(seed=seed)
+    return model.to(torch.bfloat16) if mode.endswith("_bf16") else model
 
 
 def wrap(model, mode: str):
     """Wrap a Llama for `mode` on CPU ranks: `"fsdp2"` (`fully_shard`), `"fsdp1"` (`use_orig_params=True`), each
-    decoder layer its own unit, or `"ddp"`; a `"lora_"` prefix is ignored. Shared by the workers here and by
+    decoder layer its own unit, or `"ddp"`; a `"lora_"` prefix and a `"_bf16"` suffix are ignored. Shared by the workers here and by
     `benchmarks/sharded_memory.py`."""
     import torch.distributed as dist
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    mode = mode.removeprefix("lora_")
+    mode = mode.removeprefix("lora_").removesuffix("_bf16")
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh

@@ -1,13 +1,16 @@
 """torchrun worker: `ModelEMA` in a plain-torch training loop under FSDP2, FSDP1 (use_orig_params) and DDP.
 
 Usage: `torchrun --nproc_per_node 2 tests/dist/ema_worker.py OUT_DIR fsdp2,fsdp1,ddp` (gloo, CPU). For each mode it
-trains `STEPS` steps, saves the EMA at `SAVE_STEP` and at the end, checks `swapped()` and `copy_to()`, resumes
-from the `SAVE_STEP` checkpoint both from the per-rank shards and by re-sharding the full weights, and writes what
-it measured to `OUT_DIR/<mode>/rank<r>.json`. `tests/test_sharding.py` compares it with a single-process run.
+trains `STEPS` steps, saves the EMA at `SAVE_STEP` and at the end (also through the main process as without a
+shared filesystem, and split into small files), checks `swapped()` and `copy_to()`, resumes from the `SAVE_STEP`
+checkpoint (and from the same checkpoint rewritten in the format-1 layout, with and without `shards/`), and writes
+what it measured to `OUT_DIR/<mode>/rank<r>.json`. `tests/test_sharding.py` compares it with a single-process run.
+A `_bf16` suffix trains a bf16 model; `zero3sim` is ZeRO-3's partitioning built by hand.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -26,6 +29,7 @@ from common import (  # noqa: E402
     batches,
     build,
     build_model,
+    build_unet,
     eval_loss,
     rank_rows,
     train_step,
@@ -33,27 +37,74 @@ from common import (  # noqa: E402
 )
 
 from hf_ema import ModelEMA, load_ema, save_ema  # noqa: E402
-from hf_ema.sharding.rank_files import load_rank_shard  # noqa: E402
-from hf_ema.ema_folder import read_ema_state  # noqa: E402
+from hf_ema.sharding.rank_files import rank_shard_path, save_file_atomic  # noqa: E402
+
+#: `max_shard_size` of the split saves: several weights files for the tiny model.
+SPLIT = "20KB"
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
 
 
-def check_resume(ema: ModelEMA, model, out: Path, shadow_at_save: list[torch.Tensor], res: dict) -> None:
-    """Restore `out/ckpt/ema` into `ema` from this rank's shard file, then into a fresh EMA by re-sharding the full
-    weights (what happens when the world size changed: the shard files are dropped); record both differences."""
-    meta = read_ema_state(out / "ckpt" / "ema")
-    res["loaded_from_shards"] = load_rank_shard(ema, out / "ckpt" / "ema", meta)
-    res["shard_resume_max_diff"] = max_diff(ema.shadow, shadow_at_save)
+def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def write_format1(ema: ModelEMA, src: Path, dst: Path, shards: bool) -> None:
+    """`src` rewritten as hf-ema's format 1 wrote it: `ema_state.json` without the tensor map and, with `shards`,
+    every rank's own EMA tensors in `shards/rank-RRRRR-of-WWWWW.safetensors` (and no weights files, so that only
+    the shard files can restore the EMA)."""
     if dist.get_rank() == 0:
-        shutil.copytree(out / "ckpt" / "ema", out / "noshards" / "ema")
-        shutil.rmtree(out / "noshards" / "ema" / "shards")
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "ema_state.json").read_text())
+        meta["format_version"] = 1
+        del meta["tensors"]
+        (dst / "ema_state.json").write_text(json.dumps(meta))
+        if shards:
+            for path in dst.glob("*.safetensors*"):
+                path.unlink()
     dist.barrier()
+    if shards:
+        layout = ema.layout
+        tensors = {n: t.contiguous() for n, t in zip(ema.names + ema.copied_names, ema.shadow + ema.copied)}
+        metadata = {
+            "format": "pt",
+            "producer": "hf_ema",
+            "layout": layout.kind,
+            "rank": str(layout.rank),
+            "world_size": str(layout.world_size),
+            "step": str(ema.step),
+        }
+        save_file_atomic(tensors, rank_shard_path(dst, layout.rank, layout.world_size), metadata)
+    dist.barrier()
+
+
+def check_resume(
+    ema: ModelEMA, model, out: Path, shadow_at_save: list[torch.Tensor], res: dict, format1_full: bool = True
+) -> None:
+    """Restore `out/ckpt/ema` into `ema` (each rank reads its own byte ranges); then into fresh EMAs from the same
+    EMA in the format-1 layout, from the per-rank shard files and (`format1_full`; format-1 adapter folders always
+    had `ema_state.safetensors`) from the full weights; record whether each restored the saved EMA bit for bit."""
+    meta = load_ema(ema, out / "ckpt" / "ema")
+    res["resume_equal"] = equal(ema.shadow, shadow_at_save)
+    res["resume_max_diff"] = max_diff(ema.shadow, shadow_at_save)
+    res["resume_meta_step"] = meta["step"]
+    write_format1(ema, out / "ckpt" / "ema", out / "format1_shards" / "ema", shards=True)
     fresh = ModelEMA(model, decay=DECAY)
-    load_ema(fresh, out / "noshards" / "ema")
-    res["reshard_resume_max_diff"] = max_diff(fresh.shadow, shadow_at_save)
+    load_ema(fresh, out / "format1_shards" / "ema")
+    res["format1_shards_equal"] = equal(fresh.shadow, shadow_at_save)
+    if format1_full:
+        write_format1(ema, out / "ckpt" / "ema", out / "format1_full" / "ema", shards=False)
+        fresh = ModelEMA(model, decay=DECAY)
+        load_ema(fresh, out / "format1_full" / "ema")
+        res["format1_full_equal"] = equal(fresh.shadow, shadow_at_save)
+
+
+def extra_saves(ema: ModelEMA, out: Path) -> None:
+    """The final EMA again: through the main process, as without a shared filesystem, and split into small files."""
+    save_ema(ema, out / "streamed" / "ema", shared_filesystem=False)
+    save_ema(ema, out / "split" / "ema", max_shard_size=SPLIT)
 
 
 def eval_module(wrapped, mode: str):
@@ -74,9 +125,10 @@ def run(mode: str, out: Path) -> dict:
         ema.update()
         if step == SAVE_STEP:
             save_ema(ema, out / "ckpt" / "ema")
-            snapshot = [t.clone() for t in ema._live]
+            snapshot = [t.clone() for t in ema.live_tensors]
             shadow_at_save = [t.clone() for t in ema.shadow]
     save_ema(ema, out / "final" / "ema")
+    extra_saves(ema, out)
 
     # swapped(): the model computes with the EMA inside the block and with its raw weights again after it.
     model = eval_module(wrapped, mode)
@@ -96,10 +148,10 @@ def run(mode: str, out: Path) -> dict:
     optimizer2 = torch.optim.SGD(wrapped2.parameters(), lr=LR)
     ema2 = ModelEMA(wrapped2, decay=DECAY)
     with torch.no_grad():
-        for live, saved in zip(ema2._live, snapshot):
+        for live, saved in zip(ema2.live_tensors, snapshot):
             live.copy_(saved)
-        ema2.layout.after_write(ema2._live)
-    check_resume(ema2, wrapped2, out, shadow_at_save, res)
+        ema2.layout.after_write(ema2.live_tensors)
+    check_resume(ema2, wrapped2, out, shadow_at_save, res, format1_full=not mode.startswith("lora_"))
     res["resumed_step"] = ema2.step
     for step in range(SAVE_STEP + 1, STEPS + 1):
         train_step(wrapped2, optimizer2, rank_rows(data[step - 1], rank, world))
@@ -115,24 +167,16 @@ class _Status:
         self.name = name
 
 
-def run_zero3_simulation(out: Path) -> dict:
-    """ZeRO-3's documented partitioning, built by hand (DeepSpeed cannot be installed here): each parameter is
-    flattened, padded to a multiple of the world size and rank r keeps `[r * P, (r + 1) * P)` in `ds_tensor`; the
-    full `param.data` is freed, except for one "persistent" parameter, as DeepSpeed keeps small ones. Training is
-    simulated by writing new weights into the partitions; a plain EMA of the same full weights is the reference.
-    """
-    from safetensors.torch import save_file
-
+def simulate_zero3(model, persistent: str | None = None) -> dict[str, torch.nn.Parameter]:
+    """Partition `model`'s parameters as ZeRO-3 does, by hand: each parameter is flattened, padded to a multiple of
+    the world size and rank r keeps `[r * P, (r + 1) * P)` in `ds_tensor`; the full `param.data` is freed, except
+    for the `persistent` parameter, as DeepSpeed keeps small ones."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_model(seed=0)
-    reference = build_model(seed=0)
-    ref_ema = ModelEMA(reference, decay=DECAY, shard_across_ranks=False)
     params = dict(model.named_parameters())
-    persistent = "model.norm.weight"
     for i, (name, p) in enumerate(params.items()):
         flat = p.detach().reshape(-1)
         size = -(-flat.numel() // world)
-        padded = torch.zeros(size * world)
+        padded = torch.zeros(size * world, dtype=flat.dtype)
         padded[: flat.numel()] = flat
         p.ds_tensor = padded[rank * size : (rank + 1) * size].clone()
         p.ds_numel, p.ds_shape, p.ds_id = flat.numel(), p.shape, i
@@ -140,7 +184,22 @@ def run_zero3_simulation(out: Path) -> dict:
         p.ds_persist = name == persistent
         p.ds_status = _Status("AVAILABLE" if p.ds_persist else "NOT_AVAILABLE")
         if not p.ds_persist:
-            p.data = torch.empty(0)
+            p.data = torch.empty(0, dtype=p.dtype)
+    return params
+
+
+def run_zero3_simulation(out: Path) -> dict:
+    """ZeRO-3's documented partitioning, built by hand (`simulate_zero3`). Training is simulated by writing new
+    weights into the partitions; a plain EMA of the same full weights is the reference.
+    """
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    model = build_model(seed=0)
+    reference = build_model(seed=0)
+    ref_ema = ModelEMA(reference, decay=DECAY, shard_across_ranks=False)
+    persistent = "model.norm.weight"
+    params = simulate_zero3(model, persistent)
     ema = ModelEMA(model, decay=DECAY)
     res: dict = {"layout": ema.layout.kind, "ema_bytes": ema.num_bytes(), "full_bytes": ref_ema.num_bytes()}
     ref_params = dict(reference.named_parameters())
@@ -162,6 +221,7 @@ def run_zero3_simulation(out: Path) -> dict:
             save_ema(ema, out / "ckpt" / "ema")
             shadow_at_save = [t.clone() for t in ema.shadow]
     save_ema(ema, out / "final" / "ema")
+    extra_saves(ema, out)
     expected = dict(zip(ref_ema.names, ref_ema.shadow))  # a replicated EMA: its own tensors are the full ones
     if rank == 0:
         save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "reference.safetensors"))
@@ -173,7 +233,29 @@ def run_zero3_simulation(out: Path) -> dict:
     res["after_persistent_diff"] = float((params[persistent].data - ref_params[persistent].data).abs().max())
     ema2 = ModelEMA(model, decay=DECAY)
     check_resume(ema2, model, out, shadow_at_save, res)
+    res["resumed_step"] = ema2.step
     return res
+
+
+def unet_save_refused(out_root: Path) -> None:
+    """A sharded model whose `save_pretrained` ignores `state_dict` (diffusers): `save_ema` raises on every rank
+    instead of writing the model's raw weights, and leaves nothing behind."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    unet = fully_shard(build_unet(), mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    ema = ModelEMA(unet, decay=DECAY)
+    try:
+        save_ema(ema, out_root / "unet_fsdp2" / "ema")
+        error = {"type": None, "message": ""}
+    except Exception as err:  # noqa: BLE001 - recorded for the test to check
+        error = {"type": type(err).__name__, "message": str(err)}
+    dist.barrier()  # the main process removes its temporary folder after the others have raised
+    error["left"] = (
+        sorted(p.name for p in (out_root / "unet_fsdp2").iterdir()) if (out_root / "unet_fsdp2").exists() else []
+    )
+    (out_root / f"unet_fsdp2_rank{dist.get_rank()}.json").write_text(json.dumps(error))
+    dist.barrier()
 
 
 def main() -> None:
@@ -201,6 +283,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         (out_root / "fsdp1_flat_error.json").write_text(json.dumps(error))
     dist.barrier()
+    if importlib.util.find_spec("diffusers") is not None:
+        unet_save_refused(out_root)
     dist.destroy_process_group()
 
 

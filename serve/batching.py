@@ -1,0 +1,465 @@
+"""Running several weight variants of one model together: one batched forward pass per token for all of them.
+
+A request compares up to four variants (raw, EMA, post-hoc EMA, merges...). Decoding them one after the other costs
+one forward pass per variant and token; here the variants share each pass instead:
+
+- PEFT adapters on one base model ([`AdapterVariants`]): one batch with one row per variant, each row routed through
+  its own adapter by peft's mixed-adapter batches (`adapter_names=`); the base weights are read once.
+- Full models with the same architecture ([`StackedVariants`]): one model whose `nn.Linear` layers hold the variants'
+  weights stacked, `(n, out, in)`, and apply them with one batched matmul (`torch.baddbmm`) to the variant-major
+  batch; other layers with weights (norms, embeddings) run each variant's own module on its rows. Everything else
+  (attention, rotary embeddings, the KV cache, masks) runs once for the whole batch. This beats `torch.func`'s
+  `stack_module_state` + `functional_call` under `vmap` here: `vmap` has no batching rule for CPU SDPA attention
+  (it falls back to a per-variant loop) and cannot grow a `DynamicCache` in place; see
+  `benchmarks/serve_latency.py` for the measured figures.
+- Anything else ([`SequentialVariants`]): one forward per variant, each with its own cache (still correct).
+
+Rows are variant-major: with `b` rows per variant, rows `v * b ... v * b + b - 1` belong to variant `v`. Each
+variant's rows see exactly the computation the variant alone would do (same kernels per row), so greedy decoding
+gives what `model.generate(do_sample=False)` gives and seeded sampling what `generate(do_sample=True)` gives after
+`torch.manual_seed(seed)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_ema import ConfigError
+
+__all__ = [
+    "AdapterVariants",
+    "DecodeState",
+    "SequentialVariants",
+    "StackedVariants",
+    "VariantBatch",
+    "decode",
+    "make_variant_batch",
+    "score_continuations",
+    "stack_models",
+]
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(inner.forward).parameters)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    # transformers 5 renamed the forward argument `past_key_values` to `cache`; the old name still works but warns
+    # (a FutureWarning and a logged deprecation) on every call. Older releases only know `past_key_values`.
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty `DynamicCache` for `model` (built from its config when this transformers accepts one).
+
+    Args:
+        model (`nn.Module`): The model (or `PeftModel`) the cache is for.
+    """
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    if config is not None and "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=config)  # sliding-window layers and the like come from the config
+    return DynamicCache()
+
+
+class VariantBatch:
+    """`n` weight variants of one model, run together on a variant-major batch.
+
+    Subclasses implement [`VariantBatch.forward`]; [`decode`] and [`score_continuations`] use only that.
+
+    Args:
+        n (`int`): Number of variants.
+        model (`nn.Module`): A model with the variants' architecture (for the config, the device, the cache).
+    """
+
+    def __init__(self, n: int, model: nn.Module) -> None:
+        self.n = n
+        self.model = model
+        params = _forward_parameters(model)
+        self._cache_arg = _cache_argument(model)
+        self._logits_to_keep = "logits_to_keep" in params
+
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs go."""
+        return next(self.model.parameters()).device
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for one decoding run of the whole batch."""
+        return new_cache(self.model)
+
+    def _kwargs(self, cache: Any, last_only: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": cache is not None}
+        if last_only and self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # what `generate` asks for: the lm_head on the last position only
+        return kwargs
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, *, last_only: bool = False) -> torch.Tensor:
+        """Logits for a variant-major batch.
+
+        Args:
+            input_ids (`torch.Tensor`): Shape `(n * b, length)`, rows of variant `v` at `v * b ... v * b + b - 1`.
+            cache (*optional*): A cache from [`VariantBatch.new_cache`], grown in place; `None` runs without one.
+            last_only (`bool`, *optional*, defaults to `False`): Only the last position's logits are needed.
+
+        Returns:
+            `torch.Tensor`: logits `(n * b, positions, vocab)`.
+        """
+        raise NotImplementedError
+
+
+class SingleVariant(VariantBatch):
+    """One model on its own (no batching needed).
+
+    Args:
+        model (`nn.Module`): The model.
+        lock (`threading.Lock`, *optional*): Held during each forward pass.
+    """
+
+    def __init__(self, model: nn.Module, lock: Any = None) -> None:
+        super().__init__(1, model)
+        self.lock = lock
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache=None, *, last_only=False):
+        with self.lock or nullcontext():
+            return self.model(input_ids=input_ids, **self._kwargs(cache, last_only)).logits
+
+
+class AdapterVariants(VariantBatch):
+    """PEFT adapters loaded on one `PeftModel`, run as one mixed-adapter batch (peft's `adapter_names=`).
+
+    Args:
+        model (`peft.PeftModel`): The model holding every adapter.
+        adapter_names (`Sequence[str]`): One adapter per variant.
+        lock (`threading.Lock`, *optional*): Held during each forward pass: peft implements mixed batches with
+            forward hooks registered on the shared model for the duration of the call.
+    """
+
+    def __init__(self, model: nn.Module, adapter_names: Sequence[str], lock: Any = None) -> None:
+        super().__init__(len(adapter_names), model)
+        self.adapter_names = list(adapter_names)
+        self.lock = lock
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache=None, *, last_only=False):
+        rows = input_ids.shape[0] // self.n
+        names = [name for name in self.adapter_names for _ in range(rows)]
+        with self.lock or nullcontext():
+            return self.model(input_ids=input_ids, adapter_names=names, **self._kwargs(cache, last_only)).logits
+
+
+class SequentialVariants(VariantBatch):
+    """Fallback for models that cannot share a batch: one forward pass per variant, each with its own cache.
+
+    Args:
+        models (`Sequence[nn.Module]`): One model per variant.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__(len(models), models[0])
+        self.models = list(models)
+        self._cache_args = [_cache_argument(m) for m in self.models]
+        self._keep = ["logits_to_keep" in _forward_parameters(m) for m in self.models]
+
+    def new_cache(self):
+        return [new_cache(m) for m in self.models]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache=None, *, last_only=False):
+        outs = []
+        for v, (model, rows) in enumerate(zip(self.models, input_ids.chunk(self.n, dim=0))):
+            kwargs: dict[str, Any] = {self._cache_args[v]: None if cache is None else cache[v]}
+            kwargs["use_cache"] = cache is not None
+            if last_only and self._keep[v]:
+                kwargs["logits_to_keep"] = 1
+            logits = model(input_ids=rows, **kwargs).logits
+            outs.append(logits[:, -1:] if last_only else logits)
+        return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- stacked full models
+class _StackedLinear(nn.Module):
+    """`n` `nn.Linear` layers applied to the `n` variant blocks of a variant-major batch by one batched matmul."""
+
+    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.n = len(layers)
+        self.in_features = layers[0].in_features
+        self.out_features = layers[0].out_features
+        # (n, in, out): the batched matmul needs each variant's weight transposed.
+        self.weight_t = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]), requires_grad=False)
+        if layers[0].bias is None:
+            self.bias = None
+        else:
+            bias = torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1)
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        blocks = x.reshape(self.n, -1, shape[-1])  # variant-major rows -> (n, rows * positions, in)
+        if self.bias is None:
+            out = torch.bmm(blocks, self.weight_t)
+        else:
+            out = torch.baddbmm(self.bias, blocks, self.weight_t)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class _PerVariant(nn.Module):
+    """Any other layer with weights: each variant's own module on its rows (norms, embeddings...)."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.variants = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        n = len(self.variants)
+        return torch.cat([module(rows, *args, **kwargs) for module, rows in zip(self.variants, x.chunk(n))], 0)
+
+
+def _config_key(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    out = config.to_dict()
+    out.pop("_name_or_path", None)  # where each variant was loaded from; not part of the architecture
+    out.pop("transformers_version", None)
+    return out
+
+
+def _same_architecture(models: Sequence[nn.Module]) -> bool:
+    first = models[0]
+    if any(type(m) is not type(first) for m in models) or any(_config_key(m) != _config_key(first) for m in models):
+        return False
+    shapes = [[(k, v.shape, v.dtype, v.device) for k, v in m.state_dict().items()] for m in models]
+    if any(s != shapes[0] for s in shapes):
+        return False
+    # Non-trainable state (rotary frequencies...) is taken from the first model: it must be the same in all.
+    buffers = [dict(m.named_buffers()) for m in models]
+    return all(torch.equal(b[k], buffers[0][k]) for b in buffers[1:] for k in buffers[0])
+
+
+def stack_models(models: Sequence[nn.Module]) -> nn.Module | None:
+    """One model running the `models` (same architecture) side by side on a variant-major batch, or `None`.
+
+    Its `nn.Linear` weights are stacked copies (so it holds one more copy of the variants' linear weights); its other
+    weighted layers are the variants' own modules. The result is checked against the variants run one by one on a
+    short input; `None` when the architectures differ or the check fails (the caller then runs them one by one).
+
+    Args:
+        models (`Sequence[nn.Module]`): Two or more models in eval mode, same class, config and tensor shapes.
+    """
+    if len(models) < 2 or not _same_architecture(models):
+        return None
+    first = models[0]
+    # A structural copy of the first model that shares its tensors (no weight copy) ...
+    memo = {id(t): t for t in list(first.parameters()) + list(first.buffers())}
+    skeleton = copy.deepcopy(first, memo)
+    # ... whose weighted layers are then replaced, outermost first.
+    per_model = [dict(m.named_modules()) for m in models]
+    replaced: list[str] = []
+    for name, module in first.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        if isinstance(module, nn.Linear):
+            new: nn.Module = _StackedLinear([modules[name] for modules in per_model])
+        elif any(True for _ in module.parameters(recurse=False)):
+            new = _PerVariant([modules[name] for modules in per_model])
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(skeleton.get_submodule(parent) if parent else skeleton, attr, new)
+        replaced.append(name)
+    skeleton.eval()
+    if not _check_stack(skeleton, models):
+        return None
+    return skeleton
+
+
+@torch.inference_mode()
+def _check_stack(stacked: nn.Module, models: Sequence[nn.Module]) -> bool:
+    vocab = getattr(getattr(models[0], "config", None), "vocab_size", None) or 2
+    device = next(models[0].parameters()).device
+    probe = torch.arange(5, device=device).remainder(vocab).unsqueeze(0)
+    try:
+        together = stacked(input_ids=probe.expand(len(models), -1), use_cache=False).logits
+        alone = torch.cat([m(input_ids=probe, use_cache=False).logits for m in models])
+    except Exception:  # an architecture this stacking does not fit: run the variants one by one
+        return False
+    return together.shape == alone.shape and torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-4)
+
+
+class StackedVariants(VariantBatch):
+    """Full models with the same architecture, run as one stacked model (see [`stack_models`]).
+
+    Args:
+        stacked (`nn.Module`): The output of [`stack_models`].
+        n (`int`): Number of variants in it.
+    """
+
+    def __init__(self, stacked: nn.Module, n: int) -> None:
+        super().__init__(n, stacked)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache=None, *, last_only=False):
+        return self.model(input_ids=input_ids, **self._kwargs(cache, last_only)).logits
+
+
+def make_variant_batch(models: Sequence[nn.Module], lock: Any = None) -> VariantBatch:
+    """The fastest [`VariantBatch`] for full models: the model itself, a stacked model, or one by one.
+
+    Args:
+        models (`Sequence[nn.Module]`): One model per variant.
+        lock (`threading.Lock`, *optional*): Held during forward passes of a single model.
+    """
+    if len(models) == 1:
+        return SingleVariant(models[0], lock)
+    stacked = stack_models(models)
+    if stacked is not None:
+        return StackedVariants(stacked, len(models))
+    return SequentialVariants(models)
+
+
+# ---------------------------------------------------------------------------------------------------------- decoding
+@dataclass
+class DecodeState:
+    """The tokens generated so far by each variant.
+
+    Args:
+        tokens (`list[list[int]]`): Per variant, the new token ids (an end-of-sequence token included).
+        finished (`list[bool]`): Per variant, whether it has stopped (end-of-sequence or `max_new_tokens`).
+    """
+
+    tokens: list[list[int]]
+    finished: list[bool] = field(default_factory=list)
+
+
+def decode(
+    batch: VariantBatch,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_ids: set[int] | frozenset[int] = frozenset(),
+) -> Iterator[DecodeState]:
+    """Decode every variant of `batch` from the same prompt in lockstep: one batched forward pass per token.
+
+    Each variant samples with its own `torch.Generator` seeded with `seed` and the warpers `generate` uses, in the
+    same order, so each variant's tokens are what `generate` gives for it alone: `do_sample=False` when `greedy`,
+    else `do_sample=True, temperature=..., top_p=..., top_k=0` after `torch.manual_seed(seed)`.
+
+    Args:
+        batch (`VariantBatch`): The variants.
+        input_ids (`torch.Tensor`): The prompt, shape `(1, length)`.
+        max_new_tokens (`int`): Tokens to generate per variant.
+        greedy (`bool`): Take the most likely token.
+        temperature (`float`, *optional*, defaults to 1.0): Softmax temperature when sampling.
+        top_p (`float`, *optional*, defaults to 1.0): Nucleus mass when sampling.
+        seed (`int`, *optional*, defaults to 0): Seed of every variant's sampler.
+        eos_token_ids (`set[int]`, *optional*): Tokens that end a variant's text.
+
+    Yields:
+        `DecodeState`: after every token (the same object, updated).
+    """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    n = batch.n
+    warpers = LogitsProcessorList()
+    if not greedy:
+        # The same warpers, in the same order, as `generate(do_sample=True, temperature=..., top_p=...)`.
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(n)]
+    input_ids = input_ids.to(batch.device)
+    history = [input_ids for _ in range(n)]
+    state = DecodeState(tokens=[[] for _ in range(n)], finished=[False] * n)
+    cache = batch.new_cache()
+    step_input = input_ids.expand(n, -1)
+    for step in range(max_new_tokens):
+        logits = batch.forward(step_input, cache, last_only=True)[:, -1, :].float()
+        if greedy:
+            chosen = logits.argmax(dim=-1).tolist()
+        else:
+            chosen = []
+            for v in range(n):
+                if state.finished[v]:
+                    chosen.append(0)
+                    continue
+                scores = warpers(history[v], logits[v : v + 1])
+                probs = torch.softmax(scores, dim=-1).cpu()
+                chosen.append(int(torch.multinomial(probs, num_samples=1, generator=generators[v])))
+        feed = []
+        for v in range(n):
+            if state.finished[v]:
+                feed.append(state.tokens[v][-1])  # keeps the batch rectangular; its output is ignored
+                continue
+            token = int(chosen[v])
+            state.tokens[v].append(token)
+            feed.append(token)
+            if token in eos_token_ids:
+                state.finished[v] = True
+            elif not greedy:
+                history[v] = torch.cat([history[v], history[v].new_tensor([[token]])], dim=-1)
+        if step == max_new_tokens - 1:
+            state.finished = [True] * n
+        yield state
+        if all(state.finished):
+            return
+        step_input = torch.tensor(feed, device=batch.device).unsqueeze(1)
+
+
+@torch.inference_mode()
+def score_continuations(
+    batch: VariantBatch, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, list[list[list[float]]]]:
+    """Negative log-likelihood of each continuation of the prompt under each variant.
+
+    The score of continuation `c` under variant `v` is what `model_v(input_ids=prompt + c, labels=[-100] * len(prompt)
+    + c).loss` gives: the mean over `c`'s tokens of `-log p(token | prompt, earlier tokens)`. One batched forward pass
+    (all variants) per continuation.
+
+    Args:
+        batch (`VariantBatch`): The variants.
+        prompt_ids (`Sequence[int]`): The prompt's token ids (at least one).
+        continuations (`Sequence[Sequence[int]]`): Token ids to score, each non-empty.
+
+    Returns:
+        `tuple`: the mean NLL matrix `(variants, continuations)` (float64) and, per variant and continuation, each
+        token's NLL.
+    """
+    if not prompt_ids:
+        raise ConfigError("`prompt_ids` must hold at least one token, got none")
+    n = batch.n
+    nll = torch.zeros(n, len(continuations), dtype=torch.float64)
+    per_token: list[list[list[float]]] = [[[] for _ in continuations] for _ in range(n)]
+    for j, cont in enumerate(continuations):
+        if not cont:
+            raise ConfigError(f"`continuations[{j}]` must hold at least one token, got none")
+        ids = torch.tensor([list(prompt_ids) + list(cont)], device=batch.device)
+        logits = batch.forward(ids.expand(n, -1), None).float()
+        # Position t predicts token t + 1: the continuation's tokens are predicted from len(prompt) - 1 on.
+        start = len(prompt_ids) - 1
+        pred = logits[:, start : ids.shape[1] - 1, :]
+        target = ids[0, len(prompt_ids) :].unsqueeze(0).expand(n, -1)
+        token_nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+        token_nll = token_nll.reshape(n, -1).double()
+        nll[:, j] = token_nll.mean(dim=1).cpu()
+        for v in range(n):
+            per_token[v][j] = token_nll[v].tolist()
+    return nll, per_token

@@ -1,0 +1,472 @@
+"""The weight variants a pane can show, and building them on demand from a run's files.
+
+A variant is one of: the checkpoint's raw weights, its EMA, a post-hoc EMA of any `sigma_rel` reconstructed from the
+run's `ema_posthoc/` snapshots (`hf_ema.reconstruct`), a merge of the last `k` checkpoints (`hf_ema.merge_checkpoints`,
+mean or WSM), or another checkpoint's EMA. [`VariantStore`] builds each once (reconstructions and merges are written
+to the app's own cache folder, never into the run), keeps the loaded weights, and runs a request's variants together
+(see `serve.batching`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import math
+import re
+import shlex
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hf_ema import CheckpointError, ConfigError, ConfigTypeError, merge_checkpoints, reconstruct
+
+from .batching import AdapterVariants, SingleVariant, VariantBatch, make_variant_batch
+from .loading import EMA, RAW, CheckpointCatalog, CheckpointRef, ModelPair, has_raw_weights
+
+__all__ = [
+    "KINDS",
+    "MAX_PANES",
+    "MERGE_METHODS",
+    "POSTHOC_DIRNAME",
+    "Variant",
+    "VariantSpec",
+    "VariantStore",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Variant kinds, with the name the page shows for each.
+KINDS = {
+    "raw": "raw weights",
+    "ema": "EMA",
+    "posthoc": "post-hoc EMA (any sigma_rel)",
+    "merge": "merge of the last k checkpoints",
+    "checkpoint_ema": "another checkpoint's EMA",
+}
+MERGE_METHODS = ("mean", "wsm")
+MAX_PANES = 4
+#: Where `EMACallback(posthoc=True)` writes the post-hoc snapshots, inside the run folder.
+POSTHOC_DIRNAME = "ema_posthoc"
+_RECIPE_NAME = "posthoc_recipe.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_SPEC_RE = re.compile(
+    r"^(?:posthoc:(?P<sigma>[^:]+)|merge:(?P<method>[a-z]+):(?P<k>[^:]+)|ema@(?P<ckpt>.+)|(?P<kind>raw|ema))$"
+)
+#: The placeholder shown in publish commands.
+REPO_PLACEHOLDER = "<user>/<model>"
+
+
+def _as_number(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"`{name}` must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What one pane shows; validated when built.
+
+    Args:
+        kind (`str`): One of [`KINDS`]: `"raw"`, `"ema"`, `"posthoc"`, `"merge"` or `"checkpoint_ema"`.
+        sigma_rel (`float`, *optional*): The post-hoc EMA's relative width (`kind="posthoc"`); its range is checked
+            by `hf_ema.reconstruct`.
+        k (`int`, *optional*): How many of the newest checkpoints to merge (`kind="merge"`), at least 2.
+        method (`str`, *optional*): `"mean"` or `"wsm"` (`kind="merge"`; defaults to `"mean"`).
+        checkpoint (`str`, *optional*): The checkpoint whose EMA to show (`kind="checkpoint_ema"`).
+    """
+
+    kind: str
+    sigma_rel: float | None = None
+    k: int | None = None
+    method: str | None = None
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind == "posthoc":
+            if self.sigma_rel is None:
+                raise ConfigError("`sigma_rel` must be given for a post-hoc EMA, got None")
+            object.__setattr__(self, "sigma_rel", _as_number("sigma_rel", self.sigma_rel))
+        if self.kind == "merge":
+            k = _as_number("k", self.k) if self.k is not None else None
+            if k is None or not k.is_integer() or k < 2:
+                raise ConfigError(f"`k` (checkpoints to merge) must be a whole number >= 2, got {self.k!r}")
+            object.__setattr__(self, "k", int(k))
+            method = self.method or "mean"
+            if method not in MERGE_METHODS:
+                raise ConfigError(f"`method` must be one of {list(MERGE_METHODS)}, got {self.method!r}")
+            object.__setattr__(self, "method", method)
+        if self.kind == "checkpoint_ema" and (not isinstance(self.checkpoint, str) or not self.checkpoint):
+            raise ConfigError(f"`checkpoint` must name the checkpoint whose EMA to show, got {self.checkpoint!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> VariantSpec:
+        """A spec from its short form: `raw`, `ema`, `posthoc:0.15`, `merge:mean:3`, `merge:wsm:4`, `ema@checkpoint-8`.
+
+        Args:
+            text (`str`): The short form.
+        """
+        if not isinstance(text, str):
+            raise ConfigTypeError(f"`variant` must be a string such as 'posthoc:0.15', got {text!r}")
+        match = _SPEC_RE.match(text.strip())
+        if match is None:
+            raise ConfigError(
+                "`variant` must be raw, ema, posthoc:SIGMA_REL, merge:mean:K, merge:wsm:K or ema@CHECKPOINT, "
+                f"got {text!r}"
+            )
+        if match["kind"]:
+            return cls(match["kind"])
+        if match["sigma"] is not None:
+            return cls("posthoc", sigma_rel=_as_number("sigma_rel", match["sigma"]))
+        if match["method"] is not None:
+            return cls("merge", k=_as_number("k", match["k"]), method=match["method"])
+        return cls("checkpoint_ema", checkpoint=match["ckpt"])
+
+    def __str__(self) -> str:
+        if self.kind == "posthoc":
+            return f"posthoc:{self.sigma_rel:g}"
+        if self.kind == "merge":
+            return f"merge:{self.method}:{self.k}"
+        if self.kind == "checkpoint_ema":
+            return f"ema@{self.checkpoint}"
+        return self.kind
+
+
+@dataclass
+class Variant:
+    """A built variant: where its weights are, how to make them yourself, and the loaded model or adapter.
+
+    Args:
+        spec (`VariantSpec`): What was asked for.
+        label (`str`): A short title for the pane.
+        folder (`str`): The weights' folder (local path, or a Hub repo id).
+        command (`str`): The shell command that produces (or publishes) these weights.
+        note (`str`): Anything worth knowing (the post-hoc fit error, merge weights...).
+        model (`nn.Module`, *optional*): The full model (non-PEFT checkpoints).
+        adapter (`str`, *optional*): The adapter's name on the checkpoint's `PeftModel` (PEFT checkpoints).
+    """
+
+    spec: VariantSpec
+    label: str
+    folder: str
+    command: str
+    note: str = ""
+    model: nn.Module | None = None
+    adapter: str | None = None
+
+
+def run_folder(ref: CheckpointRef) -> Path | None:
+    """The training output folder of a local checkpoint (the parent of a `checkpoint-N/`), else `None`.
+
+    Args:
+        ref (`CheckpointRef`): The checkpoint.
+    """
+    if not ref.is_local:
+        return None
+    folder = Path(ref.location)
+    return folder.parent if _CHECKPOINT_RE.match(folder.name) else folder
+
+
+def snapshot_steps(run: Path | None) -> list[int]:
+    """The steps of the post-hoc EMA snapshots in `run/ema_posthoc/` (empty when there are none).
+
+    Args:
+        run (`Path`, *optional*): The run folder.
+    """
+    if run is None or not (run / POSTHOC_DIRNAME).is_dir():
+        return []
+    steps = []
+    for child in (run / POSTHOC_DIRNAME).iterdir():
+        match = re.fullmatch(r"step-(\d+)", child.name)
+        if match and child.is_dir():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def snapshot_note(ref: CheckpointRef) -> str:
+    """One line for the page: which post-hoc snapshots the run has, or how to get them.
+
+    Args:
+        ref (`CheckpointRef`): The checkpoint shown.
+    """
+    run = run_folder(ref)
+    steps = snapshot_steps(run)
+    if steps:
+        return (
+            f"Post-hoc EMA: {len(steps)} snapshots (steps {steps[0]}–{steps[-1]}) in `{run / POSTHOC_DIRNAME}`: "
+            "any `sigma_rel` can be reconstructed."
+        )
+    where = f"`{run}`" if run is not None else f"`{ref.location}` (a Hub repo)"
+    return (
+        f"Post-hoc EMA: {where} has no `{POSTHOC_DIRNAME}/` snapshots, so no other EMA width can be reconstructed. "
+        "Train with `EMACallback(posthoc=True)` to keep them."
+    )
+
+
+def _quote(path: str | Path) -> str:
+    return shlex.quote(str(path))
+
+
+def _checkpoint_folders(run: Path, up_to: int | None) -> list[tuple[int, Path]]:
+    found = []
+    for child in run.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and has_raw_weights(child):
+            step = int(match.group(1))
+            if up_to is None or step <= up_to:
+                found.append((step, child))
+    return sorted(found)
+
+
+class VariantStore:
+    """Builds, caches and runs the variants of a catalog's checkpoints.
+
+    Reconstructed and merged weights go to `cache_dir` (a temporary folder removed at exit when not given), keyed by
+    what produced them, so asking twice builds once. Full models are kept in memory up to `max_models`, stacked
+    batches (`serve.batching`) up to `max_batches`. PEFT variants are loaded as extra adapters on the checkpoint's
+    `PeftModel`.
+
+    Args:
+        catalog (`CheckpointCatalog`): The checkpoints.
+        cache_dir (`str` or `os.PathLike`, *optional*): Where to write reconstructions and merges.
+        max_models (`int`, *optional*, defaults to 6): Extra full models kept loaded.
+        max_batches (`int`, *optional*, defaults to 2): Stacked variant batches kept.
+    """
+
+    def __init__(self, catalog: CheckpointCatalog, cache_dir=None, max_models: int = 6, max_batches: int = 2) -> None:
+        if not isinstance(catalog, CheckpointCatalog):
+            raise ConfigTypeError(f"`catalog` must be a CheckpointCatalog, got {type(catalog).__name__}")
+        self.catalog = catalog
+        if cache_dir is None:
+            cache_dir = tempfile.mkdtemp(prefix="hf_ema_serve_variants_")
+            atexit.register(shutil.rmtree, cache_dir, True)  # made here, removed here
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.max_models = max_models
+        self.max_batches = max_batches
+        self._models: OrderedDict[str, nn.Module] = OrderedDict()
+        self._batches: OrderedDict[tuple, VariantBatch] = OrderedDict()
+        self._lock = threading.Lock()
+        self._build_locks: dict[str, threading.Lock] = {}
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _build_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._build_locks.setdefault(key, threading.Lock())
+
+    def _cached_folder(self, key: str, build: Callable[[Path], Any]) -> Path:
+        """`cache_dir/<digest>`, built by `build(folder)` the first time (one builder at a time per key)."""
+        folder = self.cache_dir / hashlib.sha1(key.encode()).hexdigest()[:16]
+        with self._build_lock(key):
+            if not folder.is_dir():
+                build(folder)
+        return folder
+
+    def _load_full(self, folder: str, pair: ModelPair, subfolder: str | None = None) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        key = f"{folder}::{subfolder}"
+        with self._build_lock("load:" + key):
+            with self._lock:
+                if key in self._models:
+                    self._models.move_to_end(key)
+                    return self._models[key]
+            kwargs = {k: v for k, v in self.catalog.load_kwargs.items() if k in ("dtype", "trust_remote_code")}
+            if subfolder:
+                kwargs["subfolder"] = subfolder
+            try:
+                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            except Exception as err:  # corrupt or unreadable files: one clear line for the page
+                raise CheckpointError(
+                    f"could not load the weights in `{folder}`: {type(err).__name__}: {err}"
+                ) from err
+            model = model.to(pair.device).eval()
+            with self._lock:
+                self._models[key] = model
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+            return model
+
+    def _load_adapter(self, folder: str, pair: ModelPair, subfolder: str | None = None) -> str:
+        peft_model = pair.models[RAW]
+        name = "v_" + hashlib.sha1(f"{folder}::{subfolder}".encode()).hexdigest()[:12]
+        with pair.lock:
+            if name not in peft_model.peft_config:
+                kwargs = {"subfolder": subfolder} if subfolder else {}
+                try:
+                    peft_model.load_adapter(folder, adapter_name=name, **kwargs)
+                except Exception as err:
+                    raise CheckpointError(
+                        f"could not load the adapter in `{folder}`: {type(err).__name__}: {err}"
+                    ) from err
+                peft_model.eval()
+        return name
+
+    def _attach(self, variant: Variant, pair: ModelPair, folder: str, subfolder: str | None = None) -> Variant:
+        if pair.is_peft:
+            variant.adapter = self._load_adapter(folder, pair, subfolder)
+        else:
+            variant.model = self._load_full(folder, pair, subfolder)
+        return variant
+
+    def resolve(self, checkpoint: str | None, spec: VariantSpec) -> Variant:
+        """Build `spec` for `checkpoint` (reconstructing or merging on first use) and load it.
+
+        Args:
+            checkpoint (`str`, *optional*): A catalog label (default: the newest).
+            spec (`VariantSpec`): The variant.
+
+        Raises:
+            `ConfigError` or `CheckpointError`: with one line saying what is wrong (no snapshots, a `sigma_rel`
+            outside the valid range, checkpoints that do not hold the same model...).
+        """
+        if not isinstance(spec, VariantSpec):
+            raise ConfigTypeError(f"`spec` must be a VariantSpec, got {type(spec).__name__}")
+        ref = self.catalog.ref(checkpoint)
+        pair = self.catalog.get(ref.label)
+        if spec.kind == "raw":
+            variant = Variant(spec, f"raw · {ref.label}", ref.location, self._raw_command(ref))
+            if pair.is_peft:
+                variant.adapter = RAW
+            else:
+                variant.model = pair.models[RAW]
+            return variant
+        if spec.kind == "ema" or (spec.kind == "checkpoint_ema" and spec.checkpoint == ref.label):
+            variant = Variant(spec, f"EMA · {ref.label}", ref.ema_location, self._push_command(ref))
+            if pair.is_peft:
+                variant.adapter = EMA
+            else:
+                variant.model = pair.models[EMA]
+            return variant
+        if spec.kind == "checkpoint_ema":
+            other = self.catalog.ref(spec.checkpoint)
+            variant = Variant(spec, f"EMA · {other.label}", other.ema_location, self._push_command(other))
+            return self._attach(
+                variant, pair, other.ema_location if other.is_local else other.location, other.ema_subfolder
+            )
+        if spec.kind == "posthoc":
+            return self._posthoc(ref, pair, spec)
+        return self._merge(ref, pair, spec)
+
+    def _local_run(self, ref: CheckpointRef, what: str) -> Path:
+        run = run_folder(ref)
+        if run is None:
+            raise CheckpointError(f"{what} needs the run's files on this machine; `{ref.location}` is a Hub repo")
+        return run
+
+    def _posthoc(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:
+        run = self._local_run(ref, "a post-hoc EMA")
+        step = ref.step if _CHECKPOINT_RE.match(Path(ref.location).name) else None
+        key = f"posthoc::{run}::{spec.sigma_rel!r}::{step}"
+
+        def build(folder: Path) -> None:
+            logger.info("reconstructing the post-hoc EMA sigma_rel=%g of %s", spec.sigma_rel, run)
+            reconstruct(run, sigma_rel=spec.sigma_rel, out_dir=folder, step=step, progress=True)
+
+        folder = self._cached_folder(key, build)
+        out = run / (f"ema-sigma_rel-{spec.sigma_rel:g}" + (f"-step-{step}" if step is not None else ""))
+        command = f"hf-ema posthoc {_quote(run)} --sigma-rel {spec.sigma_rel:g}"
+        command += (f" --step {step}" if step is not None else "") + f" --out {_quote(out)}"
+        note = ""
+        try:
+            with open(folder / _RECIPE_NAME, encoding="utf-8") as f:
+                recipe = json.load(f)
+            note = (
+                f"reconstructed from {len(recipe['snapshots'])} snapshots at step {recipe['step']}; "
+                f"profile fit error {recipe['relative_profile_error']:.1%}"
+            )
+            if recipe["relative_profile_error"] > 0.05:
+                note += " (a poor fit: the snapshots' widths are far from this one)"
+        except (OSError, KeyError, ValueError):
+            pass
+        variant = Variant(spec, f"post-hoc EMA σ_rel={spec.sigma_rel:g} · {ref.label}", str(folder), command, note)
+        return self._attach(variant, pair, str(folder))
+
+    def _merge(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:
+        run = self._local_run(ref, "a merge of checkpoints")
+        step = ref.step if _CHECKPOINT_RE.match(Path(ref.location).name) else None
+        available = _checkpoint_folders(run, step)
+        if spec.k > len(available):
+            upto = f" up to step {step}" if step is not None else ""
+            raise ConfigError(
+                f"`k` must be at most {len(available)} (the checkpoint-N folders{upto} in `{run}`), got {spec.k}"
+            )
+        chosen = [path for _, path in available[-spec.k :]]
+        key = f"merge::{spec.method}::" + "::".join(str(p) for p in chosen)
+
+        def build(folder: Path) -> None:
+            logger.info("merging %d checkpoints of %s (%s)", len(chosen), run, spec.method)
+            merge_checkpoints([str(p) for p in chosen], folder, method=spec.method, progress=True)
+
+        folder = self._cached_folder(key, build)
+        out = run / f"merged-{spec.method}-last{spec.k}"
+        command = "hf-ema merge " + " ".join(_quote(p) for p in chosen)
+        command += f" --method {spec.method} --out {_quote(out)}"
+        note = ""
+        try:
+            with open(folder / "merge_recipe.json", encoding="utf-8") as f:
+                recipe = json.load(f)
+            note = "weights " + ", ".join(
+                f"{Path(c['path']).name} {c['weight']:.3f}" for c in recipe.get("checkpoints", [])
+            )
+        except (OSError, KeyError, ValueError):
+            pass
+        name = "mean" if spec.method == "mean" else "WSM"
+        variant = Variant(spec, f"{name} of the last {spec.k} checkpoints · {ref.label}", str(folder), command, note)
+        return self._attach(variant, pair, str(folder))
+
+    @staticmethod
+    def _raw_command(ref: CheckpointRef) -> str:
+        if not ref.is_local:
+            return f"# the raw weights of the Hub repo {ref.location}"
+        return f"# the checkpoint's own raw weights: {_quote(ref.location)}"
+
+    @staticmethod
+    def _push_command(ref: CheckpointRef) -> str:
+        if not ref.is_local:
+            return f"# already on the Hub: {ref.location} (subfolder {ref.ema_subfolder})"
+        return f"hf-ema push {_quote(ref.location)} --repo-id {REPO_PLACEHOLDER}"
+
+    # ----------------------------------------------------------------------------------------------- running
+    def batch(self, checkpoint: str | None, variants: Sequence[Variant]) -> VariantBatch:
+        """The variants as one [`VariantBatch`]: one mixed-adapter batch (PEFT) or one stacked model (full).
+
+        Args:
+            checkpoint (`str`, *optional*): The catalog label the variants were resolved for.
+            variants (`Sequence[Variant]`): From [`VariantStore.resolve`].
+        """
+        pair = self.catalog.get(checkpoint)
+        if not variants:
+            raise ConfigError("`variants` must hold at least one variant, got none")
+        if pair.is_peft:
+            return AdapterVariants(pair.models[RAW], [v.adapter for v in variants], lock=pair.lock)
+        models = [v.model for v in variants]
+        if len(models) == 1:
+            return SingleVariant(models[0])
+        key = tuple(id(m) for m in models)
+        with self._lock:
+            batch = self._batches.get(key)
+            if batch is not None:
+                self._batches.move_to_end(key)
+                return batch
+        batch = make_variant_batch(models)
+        with self._lock:
+            self._batches[key] = batch
+            while len(self._batches) > self.max_batches:
+                self._batches.popitem(last=False)
+        return batch

@@ -1,0 +1,182 @@
+"""serve.variants / serve.batching / serve.compare: up to four weight variants decoded together, against models
+loaded (or reconstructed, merged) independently with transformers / peft / hf_ema and run one at a time."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from hf_ema import CheckpointError, ConfigError
+from serve.batching import AdapterVariants, SequentialVariants, StackedVariants, decode, make_variant_batch
+from serve.compare import compare, first_divergence, stream_comparison, token_pieces
+from serve.generation import GenerationSettings
+from serve.loading import CheckpointCatalog
+from serve.variants import VariantSpec, VariantStore
+
+PROMPT = "The return value of"
+FOUR = ["raw", "ema", "posthoc:0.15", "merge:mean:3"]
+
+
+def independent_models(run, lora: bool, tmp_path):
+    """The four variants of FOUR at the run's final step, built with the public hf_ema API and loaded plainly."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_ema import merge_checkpoints, reconstruct
+
+    posthoc = reconstruct(run, sigma_rel=0.15, out_dir=tmp_path / "posthoc", progress=False)
+    merged = merge_checkpoints([run / f"checkpoint-{s}" for s in (4, 8, 12)], tmp_path / "merged", progress=False)
+    folders = [run, run / "ema", posthoc, merged]
+    if not lora:
+        return [AutoModelForCausalLM.from_pretrained(f).eval() for f in folders]
+    from peft import PeftModel
+
+    return [
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model"), f).eval() for f in folders
+    ]
+
+
+def own_scores(model, prompt_ids: list[int], continuation: list[int]) -> tuple[float, list[float]]:
+    """`model(input_ids, labels=...)`'s loss on the continuation, and each continuation token's probability."""
+    ids = torch.tensor([prompt_ids + continuation])
+    labels = ids.clone()
+    labels[0, : len(prompt_ids)] = -100
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    logp = torch.log_softmax(out.logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
+    probs = logp.gather(1, torch.tensor(continuation).unsqueeze(1)).exp().squeeze(1).tolist()
+    return out.loss.item(), probs
+
+
+def test_variant_spec_short_forms_and_errors():
+    for text in ["raw", "ema", "posthoc:0.15", "merge:mean:3", "merge:wsm:2", "ema@checkpoint-4"]:
+        assert str(VariantSpec.parse(text)) == text
+    assert VariantSpec("merge", k=3.0).method == "mean" and VariantSpec("merge", k=3.0).k == 3
+    bad = [
+        (lambda: VariantSpec.parse("posthoc:wide"), "`sigma_rel` must be a number, got 'wide'"),
+        (lambda: VariantSpec.parse("median"), "`variant` must be raw, ema, posthoc:SIGMA_REL"),
+        (lambda: VariantSpec("merge", k=1), "`k` (checkpoints to merge) must be a whole number >= 2, got 1"),
+        (lambda: VariantSpec("merge", k=3, method="median"), "`method` must be one of ['mean', 'wsm']"),
+        (lambda: VariantSpec("posthoc"), "`sigma_rel` must be given"),
+        (lambda: VariantSpec("soup"), "`kind` must be one of"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert message in str(info.value)
+
+
+def test_first_divergence_and_token_pieces(tokenizer):
+    assert first_divergence([[1, 2, 3], [1, 2, 4]]) == 2
+    assert first_divergence([[1, 2], [1, 2, 3]]) == 2  # one text ended earlier
+    assert first_divergence([[1, 2], [1, 2]]) is None and first_divergence([[1]]) is None
+    ids = tokenizer("The for statement, élan", add_special_tokens=False)["input_ids"]
+    assert "".join(token_pieces(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_four_variants_sampled_together_equal_each_alone(lora, posthoc_run, posthoc_lora_run, tmp_path):
+    """Seeded sampling of the four variants in one batch gives what `generate` gives for each alone, and the scores
+    are the losses `model(input_ids, labels=...)` gives."""
+    run = posthoc_lora_run if lora else posthoc_run
+    store = VariantStore(CheckpointCatalog(run, device="cpu"), cache_dir=tmp_path / "cache")
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=1234)
+    result = compare(store, PROMPT, FOUR, settings, reference=" the function")
+    assert result.done and not any(p.error for p in result.panes)
+    # One batched forward per token: a mixed-adapter batch for LoRA, one stacked model for full weights.
+    batch = store.batch(None, [store.resolve(None, VariantSpec.parse(s)) for s in FOUR])
+    assert isinstance(batch, AdapterVariants if lora else StackedVariants)
+
+    models = independent_models(run, lora, tmp_path)
+    tokenizer = store.catalog.get().tokenizer
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    ids = torch.tensor([prompt_ids])
+    expected = []
+    for model in models:
+        torch.manual_seed(1234)
+        out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=True, top_k=0, temperature=0.9, top_p=0.8)
+        expected.append(out[0, len(prompt_ids) :].tolist())
+    assert [p.tokens for p in result.panes] == expected
+    assert result.divergence == first_divergence(expected)
+    reference = tokenizer(" the function", add_special_tokens=False)["input_ids"]
+    for i, model in enumerate(models):
+        for j, tokens in enumerate(expected):
+            loss, probs = own_scores(model, prompt_ids, tokens)
+            assert result.nll[i][j] == pytest.approx(loss, abs=1e-5)
+            if i == j:
+                assert result.panes[i].probs == pytest.approx(probs, abs=1e-5)
+        assert result.reference_nll[i] == pytest.approx(own_scores(model, prompt_ids, reference)[0], abs=1e-5)
+    # The commands that produce each pane's weights.
+    assert result.panes[1].command == f"hf-ema push {run} --repo-id <user>/<model>"
+    assert result.panes[2].command.startswith(f"hf-ema posthoc {run} --sigma-rel 0.15 --out ")
+    assert result.panes[3].command.startswith(
+        f"hf-ema merge {run}/checkpoint-4 {run}/checkpoint-8 {run}/checkpoint-12 --method mean --out "
+    )
+
+
+def test_models_that_cannot_be_stacked_run_one_by_one(tokenizer):
+    from hf_ema.demo.toy import tiny_causal_lm
+
+    small = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0).eval()
+    wide = tiny_causal_lm(tokenizer, hidden_size=48, num_layers=2, num_heads=4, seed=1).eval()
+    batch = make_variant_batch([small, wide])
+    assert isinstance(batch, SequentialVariants)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    *_, state = decode(batch, ids, max_new_tokens=8, greedy=True)
+    for model, tokens in zip([small, wide], state.tokens):
+        assert tokens == model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+
+
+def test_batched_forward_passes_warn_nothing(full_run):
+    """No `past_key_values` deprecation (or any other warning) on the decoding and scoring passes."""
+    store = VariantStore(CheckpointCatalog(full_run, device="cpu"))
+    variants = [store.resolve(None, VariantSpec.parse(s)) for s in ("raw", "ema")]
+    batch = store.batch(None, variants)
+    ids = store.catalog.get().tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        *_, state = decode(batch, ids, max_new_tokens=6, greedy=True)
+        from serve.batching import score_continuations
+
+        score_continuations(batch, ids[0].tolist(), state.tokens)
+
+
+def broken_run(full_run, tmp_path, tokenizer):
+    """A copy of `full_run` (no post-hoc snapshots) whose checkpoint-4 holds a model of another width."""
+    from hf_ema.demo.toy import tiny_causal_lm
+
+    run = tmp_path / "broken"
+    shutil.copytree(full_run, run)
+    wide = tiny_causal_lm(tokenizer, hidden_size=48, num_layers=2, num_heads=4, seed=0)
+    for name in ("model.safetensors", "config.json"):
+        (run / "checkpoint-4" / name).unlink()
+    wide.save_pretrained(run / "checkpoint-4")
+    return run
+
+
+def test_variants_that_cannot_be_built_say_why_and_the_others_run(full_run, tmp_path, tokenizer):
+    run = broken_run(full_run, tmp_path, tokenizer)
+    store = VariantStore(CheckpointCatalog(run, device="cpu"), cache_dir=tmp_path / "cache")
+    cases = [
+        ("posthoc:0.15", CheckpointError, "holds no post-hoc EMA snapshots"),
+        ("posthoc:0.5", ConfigError, "`sigma_rel` must be in (0, 0.2887), got 0.5"),
+        ("merge:mean:2", CheckpointError, "checkpoint-4"),
+        ("merge:wsm:5", ConfigError, f"`k` must be at most 2 (the checkpoint-N folders in `{run}`), got 5"),
+        ("ema@checkpoint-99", ConfigError, "`checkpoint` must be one of"),
+    ]
+    for text, error, message in cases:
+        with pytest.raises(error) as info:
+            store.resolve(None, VariantSpec.parse(text))
+        assert message in str(info.value), str(info.value)
+    with pytest.raises(CheckpointError, match=r"EMACallback\(posthoc=True\)"):
+        store.resolve(None, VariantSpec.parse("posthoc:0.15"))
+    assert not any(tmp_path.joinpath("cache").iterdir())  # nothing half-written
+
+    settings = GenerationSettings(max_new_tokens=6, greedy=True)
+    *_, result = stream_comparison(store, PROMPT, ["posthoc:0.15", "raw", "merge:mean:2", "ema"], settings)
+    assert [bool(p.error) for p in result.panes] == [True, False, True, False]
+    assert result.scored == [1, 3] and len(result.nll) == 2 and result.done
+    with pytest.raises(ConfigError, match="`sigma_rel` must be in"):
+        compare(store, PROMPT, ["posthoc:0.5"], settings)  # no pane could be built: the first error is raised
