@@ -344,13 +344,15 @@ def nan_check_table(results: list[dict], argv: list[str]) -> str:
         f"{results[0]['threads'] if results else '?'} threads, load average {results[0]['load'] if results else 0:.1f} "
         "at the start; median of the timed calls, interleaved; copy bandwidth as the same run measured it):",
         "",
-        '| model | weights | copy GB/s | ModelEMA, default (`skip`) ms | `on_nonfinite="ignore"` ms | ratio | min ratio | CPU ratio '
+        '| model | weights | copy GB/s | kernels (default / ignore) | ModelEMA, default (`skip`) ms | `on_nonfinite="ignore"` ms | ratio | min ratio | CPU ratio '
         "| native kernel, check fused ms | same kernel, no check ms | ratio | min ratio | CPU ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         m, k = res["nan_check"].get("model"), res["nan_check"].get("kernel")
         cells = [f"{res['size']} Llama ({res['params'] / 1e6:.1f}M)", res["weights"], f"{res['copy_GBps']:.1f}"]
+        kernels = [c[key].removeprefix("kernel: ") for c in (m,) if c for key in ("checked_note", "plain_note")]
+        cells.append(" / ".join(kernels) or "-")
         for c in (m, k):
             if c is None:
                 cells += ["-"] * 5
@@ -358,8 +360,6 @@ def nan_check_table(results: list[dict], argv: list[str]) -> str:
                 cells += [f"{c['checked_ms']:.1f}", f"{c['plain_ms']:.1f}", f"{c['ratio']:.3f}"]
                 cells += [f"{c['min_ratio']:.3f}", f"{c['cpu_ratio']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = {c["checked_note"] + " / " + c["plain_note"] for r in results for c in r["nan_check"].values()}
-    lines += ["", "Kernels (checked / unchecked): " + "; ".join(sorted(notes)) + "."]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 EMA, FSDP1, FSDP2 and DeepSpeed ZeRO-3, at 2 and 4 ranks on CPU (gloo).
 
 Run: `.venv/bin/python benchmarks/sharded_memory.py` (one `torchrun` per mode, number of ranks and model dtype; about
-10 minutes on 2 cores). It prints the table and writes it, with the command, to docs/benchmarks/sharded_memory.md.
+10 minutes on 2 cores). It prints the table and writes it, with the command, to docs/benchmarks/sharded_memory.md
+(`--page`).
 
 For a 50M-parameter Llama built from a config, on every rank:
 - `shard MiB`: the EMA this rank holds (`ModelEMA.num_bytes()`, fp32);
@@ -23,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,11 +33,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _docs_page import DocsPage, default_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ["ddp_sharded", "fsdp1", "fsdp2", "zero3"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MIB = 2**20
-DOC = ROOT / "docs" / "benchmarks" / "sharded_memory.md"
 
 
 def build_model(dtype: torch.dtype):
@@ -232,7 +234,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--ranks", default="2,4", help="Comma-separated numbers of ranks (default: 2,4)")
     parser.add_argument("--dtypes", default="bf16,fp32", help="Comma-separated model dtypes: bf16, fp32")
-    parser.add_argument("--doc", default=str(DOC), help="Markdown page to write the table to ('' for none)")
+    parser.add_argument("--page", default=default_path("sharded_memory"), help="results page to write ('' for none)")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], Path(args.worker[2]))
@@ -251,38 +253,33 @@ def main() -> None:
                         skipped.append(f"| zero3 | {world} | {dtype} | not measured: `deepspeed` is not installed |")
                         continue
                     runs.append(launch(mode, world, dtype, Path(tmp)))
-                    print(table(runs[-1:], []).splitlines()[-1], flush=True)
+                    print(table(runs[-1:], []).splitlines()[-1], file=sys.stderr, flush=True)
     params = runs[0][0]["params"] if runs else 0
-    command = "python benchmarks/sharded_memory.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--doc")
+    page = DocsPage(
+        "sharded_memory",
+        "Saving and resuming a sharded EMA: memory, disk, time",
+        intro=(
+            f"A Llama of {params / 1e6:.1f}M parameters built from a config, on CPU ranks (gloo); the EMA in fp32, "
+            "each rank holding its shard. One `torchrun` per mode, number of ranks and model dtype.\n\n" + _NOTES
+        ),
     )
-    text = table(runs, skipped)
-    print(text)
-    if args.doc:
-        doc = Path(args.doc)
-        doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text(
-            "# Saving and resuming a sharded EMA: memory, disk, time\n\n"
-            f"Written by `{command.strip()}` (CPU, gloo; torch {torch.__version__}). A Llama of "
-            f"{params / 1e6:.1f}M parameters built from a config, the EMA in fp32, each rank holding its shard.\n\n"
-            + text
-            + "\n\n"
-            + _NOTES
-        )
-        print(f"written to {doc}")
+    page.add(table(runs, skipped))
+    page.write(args.page)
 
 
 _NOTES = """- `save extra MiB`: the highest resident memory of each rank while `save_ema` writes `ema/` (RSS sampled every
   millisecond, `MALLOC_MMAP_THRESHOLD_=1048576` so that freed tensors leave the RSS at once), above the RSS just
   before it. Every rank writes its own part of each tensor into the final files (safetensors headers are computed
   from the shapes alone), casting at most 16 MiB at a time; no rank gathers anything. The target is at most
-  `1.5 x shard + 64 MiB` on every rank. Rank 0's ~25 MiB is paid once per process: the modules the first save
-  imports (config and safetensors writers); a second save in the same process adds under 1 MiB.
+  `1.5 x shard + 64 MiB` on every rank (`worst rank` below 1.00). Rank 0's ~25 MiB is paid once per process: the
+  modules the first save imports (config and safetensors writers); a second save in the same process adds under
+  1 MiB.
 - `gather MiB, rank 0 (format 1)`: for comparison, measured in the same run, what a save used to need on rank 0:
   the full fp32 EMA gathered there, then a copy of it in the model's dtype.
 - `ema/ bytes per parameter`: the whole folder (weights, exact copy, JSON) over the model's parameters: 2 (bf16
   weights) + 4 (the exact fp32 EMA) for a bf16 model, 4 for an fp32 model, whose weights file holds the EMA exactly.
 - `resume s`: `load_ema` into a fresh EMA at the same number of ranks: each rank reads its own byte ranges.
+- ZeRO-3 runs DeepSpeed on its CPU accelerator (`DS_ACCELERATOR=cpu`) with gloo.
 - Times come from a shared 2-core machine and are only indicative.
 """
 

@@ -256,7 +256,7 @@ class EMAConfig:
             t (`int`): Optimizer steps since `start_step`, including the current one.
         """
         k = self.update_every
-        if self.sigma_rel is not None:
+        if self.gamma is not None:  # set exactly when `sigma_rel` is
             return power_function_beta(t, self.gamma, interval=k)
         beta = self.base_decay
         if self.warmup:

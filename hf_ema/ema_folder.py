@@ -185,7 +185,7 @@ class _Sources:
 # ---------------------------------------------------------------------------------------------------- file layout
 def _save_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
     try:
-        return dict(inspect.signature(module.save_pretrained).parameters)
+        return dict(inspect.signature(getattr(module, "save_pretrained")).parameters)  # noqa: B009 - a method
     except (AttributeError, TypeError, ValueError):
         return {}
 
@@ -390,8 +390,8 @@ def _plan_direct(
             exact = kind != "m" and _holds_exactly(spec.dtype, sources.local(kind, name)[0].dtype)
             if exact and name not in located:
                 located[name] = [file, spec.key]
-    exact, locations = _plan_exact(sources, folder, located, max_shard_size)
-    return {"files": files + exact, "locations": locations}
+    exact_files, locations = _plan_exact(sources, folder, located, max_shard_size)
+    return {"files": files + exact_files, "locations": locations}
 
 
 def _locate_written(ema: ModelEMA, sources: _Sources, folder: Path) -> dict[str, list[str]]:
@@ -456,7 +456,7 @@ def _library_writes(ema: ModelEMA, sources: _Sources, module: nn.Module, tmp: Pa
     then find where it stored each EMA tensor and create the exact copy of those it does not hold exactly."""
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None and _shards_files(module) else {}
     if state is None:
-        module.save_pretrained(tmp, **kwargs)
+        getattr(module, "save_pretrained")(tmp, **kwargs)  # noqa: B009 - the library's method, not a submodule
     else:
         ema.layout.save_pretrained(module, tmp, state, **kwargs)
     files, locations = _plan_exact(sources, tmp, _locate_written(ema, sources, tmp), max_shard_size)
@@ -502,12 +502,15 @@ def _write_parts(ranks: _Ranks, sources: _Sources, folder: Path, files: list[dic
                     # Not one contiguous range of the tensor (a DTensor sharded on another dim): gather it.
                     full = sources.full(kind, name)
                     if ranks.main:
+                        assert fd is not None and full is not None  # the main process opens the files, gets the tensor
                         write_elements(fd, offset, full.reshape(-1), dtype)
                     del full
                 elif shared:
                     if piece.write and piece.numel:
+                        assert fd is not None  # every rank opens the files on a shared filesystem
                         write_elements(fd, offset + piece.start * size, local.reshape(-1)[: piece.numel], dtype)
                 else:
+                    assert table is not None  # gathered above whenever a part goes through the main process
                     _send_part(ranks, fd, offset, size, dtype, local, piece, table[:, row])
                 row += 1
             if fd is not None:
@@ -519,6 +522,7 @@ def _write_parts(ranks: _Ranks, sources: _Sources, folder: Path, files: list[dic
 
 def _send_part(ranks: _Ranks, fd, offset: int, size: int, dtype, local, piece: FlatPiece, rows: torch.Tensor) -> None:
     # rows[r] = (start, numel, write) of rank r's part of this tensor.
+    assert piece.start is not None  # a contiguous range (the other case is gathered by the caller)
     if ranks.main:
         if piece.write and piece.numel:
             write_elements(fd, offset + piece.start * size, local.reshape(-1)[: piece.numel], dtype)
@@ -618,6 +622,7 @@ def save_ema(
 
     def prepare() -> dict:
         nonlocal entered
+        assert folder is not None  # `_on_main` runs this on the main process only
         tmp = folder.__enter__()
         entered = True
         if processing_class is not None:
@@ -628,6 +633,7 @@ def save_ema(
     def commit() -> bool:
         nonlocal committed
         _write_state(ema, tmp, plan, extra_state)
+        assert folder is not None  # `_on_main` runs this on the main process only
         folder.__exit__(None, None, None)
         committed = True
         return True
@@ -659,7 +665,7 @@ def save_ema(
             raise CheckpointError(f"another rank failed to write its part of `{output_dir}`; see its error")
         _on_main(ranks, f"commit `{output_dir}`", commit)
     except BaseException as err:
-        if entered and not committed:
+        if entered and not committed and folder is not None:
             folder.__exit__(type(err), err, err.__traceback__)
         raise
     return output_dir if ranks.main else None

@@ -255,7 +255,7 @@ class ModelEMA:
             return
         else:
             other = unwrap_model(model)
-            state = dict(other.named_parameters())
+            state: dict[str, torch.Tensor] = dict(other.named_parameters())
             state.update(other.named_buffers())
             missing = [n for n in self.names + self.copied_names if n not in state]
             if missing:
@@ -271,13 +271,14 @@ class ModelEMA:
     @torch.no_grad()
     def _copy_full_to(self, other: nn.Module) -> None:
         # Another, unsharded model (e.g. one for evaluation on every rank): gather one full tensor at a time.
-        state = dict(other.named_parameters())
+        state: dict[str, torch.Tensor] = dict(other.named_parameters())
         state.update(other.named_buffers())
         missing = [n for n in self.names + self.copied_names if n not in state]
         if missing:
             raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
         for name, src in zip(self.names + self.copied_names, self.shadow + self.copied):
             full = self.layout.full_tensor(name, src, all_ranks=True)
+            assert full is not None  # every rank gets it with `all_ranks=True`
             state[name].detach().copy_(full)
 
     @contextlib.contextmanager
@@ -402,12 +403,15 @@ class ModelEMA:
                 dtype of the weight it averages (what `save_pretrained` writes), `"ema"` keeps the EMA dtype, or a
                 `torch.dtype`.
         """
+        if dtype not in ("model", "ema") and not isinstance(dtype, torch.dtype):
+            raise ConfigTypeError(f"`dtype` must be 'model', 'ema' or a torch.dtype, got {dtype!r}")
+        fixed = dtype if isinstance(dtype, torch.dtype) else None
         self.wait()
         out: dict[str, torch.Tensor] | None = {} if self.layout.is_main_process() else None
         for name, ema, live in zip(self.names, self.shadow, self._live):
             full = self.layout.full_tensor(name, ema)
             if out is not None and full is not None:
-                target = live.dtype if dtype == "model" else (ema.dtype if dtype == "ema" else dtype)
+                target = fixed or (live.dtype if dtype == "model" else ema.dtype)
                 out[name] = full.detach().to("cpu", dtype=target, copy=True)
         for name, buf in zip(self.copied_names, self.copied):
             full = self.layout.full_tensor(name, buf)

@@ -26,10 +26,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif unwrap_compiled(model) is not None:  # torch.compile
-            model = unwrap_compiled(model)
+        elif (inner := unwrap_compiled(model)) is not None:  # torch.compile
+            model = inner
         elif type(model).__name__ == "DeepSpeedEngine":
-            model = model.module
+            model = getattr(model, "module")  # noqa: B009 - an attribute of DeepSpeed's engine, not a submodule
         else:
             return model
 

@@ -338,6 +338,7 @@ def write_weighted_sum(
                         acc.add_(tensor.to(acc_dtype), alpha=float(weight))
                         out_dtype = tensor.dtype
                         del tensor
+                    assert acc is not None  # at least one source (checked by the callers)
                     tensors[key] = acc.to(out_dtype)
                     del acc
                 written += 1

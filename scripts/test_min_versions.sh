@@ -65,13 +65,15 @@ echo "minimum versions: $pins (torch $("$VENV/bin/python" -c 'import torch; prin
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # compat/torch.py: test_model_ema, test_serialization; compat/transformers.py: test_callback (bind and the frame
 # walk, resume, LoRA), test_evaluation (the evaluation wrap, swap_at_end); compat/huggingface_hub.py and the
-# Trainer's push hooks: test_hub (2 processes for the DDP push); compat/torch_fsdp.py and compat/deepspeed.py: the
-# FSDP1/FSDP2/DDP/ZeRO-3-layout launch of test_sharding and its Trainer + DDP run (accelerate).
+# Trainer's push hooks: test_hub (2 processes for the Trainer + DDP push, through accelerate); compat/torch_fsdp.py
+# and compat/deepspeed.py: the FSDP1/FSDP2/DDP/ZeRO-3-layout launch of test_sharding. Not test_sharding's Trainer +
+# DDP resume: transformers < 5.18 loads the optimizer state onto `args.device` under DDP, which torch 2.13 cannot
+# restore on a CPU-only machine (a Trainer limitation of CPU DDP, not hf-ema's; the main suite runs it).
 status=0
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_layers.py tests/test_config.py tests/test_model_ema.py tests/test_serialization.py \
     tests/test_callback.py tests/test_evaluation.py tests/test_hub.py "$@" || status=$?
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_sharding.py \
-    -k "zero3_layout or fsdp1_without_orig_params or trainer_ddp_sharded" "$@" || status=$?
+    -k "zero3_layout or fsdp1_without_orig_params" "$@" || status=$?
 echo "minimum-versions job: exit $status in $(( $(date +%s) - start )) s"
 exit $status

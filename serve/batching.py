@@ -216,6 +216,18 @@ class _StackedLinear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+class _LinearPerVariant(nn.Module):
+    """`n` `nn.Linear` layers, each applied to its own variant block (no stacked copy of the weights)."""
+
+    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.chunk(len(self.layers))
+        return torch.cat([F.linear(rows, layer.weight, layer.bias) for layer, rows in zip(self.layers, blocks)], 0)
+
+
 class _PerVariant(nn.Module):
     """Any other layer with weights: each variant's own module on its rows (norms, embeddings...)."""
 
@@ -250,16 +262,21 @@ def _same_architecture(models: Sequence[nn.Module]) -> bool:
     return all(torch.equal(b[k], buffers[0][k]) for b in buffers[1:] for k in buffers[0])
 
 
-def stack_models(models: Sequence[nn.Module]) -> nn.Module | None:
+def stack_models(models: Sequence[nn.Module], linear: str = "bmm") -> nn.Module | None:
     """One model running the `models` (same architecture) side by side on a variant-major batch, or `None`.
 
-    Its `nn.Linear` weights are stacked copies (so it holds one more copy of the variants' linear weights); its other
-    weighted layers are the variants' own modules. The result is checked against the variants run one by one on a
-    short input; `None` when the architectures differ or the check fails (the caller then runs them one by one).
+    With `linear="bmm"` its `nn.Linear` weights are stacked copies applied by one batched matmul (so it holds one
+    more copy of the variants' linear weights); with `linear="per-variant"` each variant's own `nn.Linear` runs on
+    its block (no copy, `n` matmuls). Its other weighted layers are the variants' own modules. The result is checked
+    against the variants run one by one on a short input; `None` when the architectures differ or the check fails
+    (the caller then runs them one by one).
 
     Args:
         models (`Sequence[nn.Module]`): Two or more models in eval mode, same class, config and tensor shapes.
+        linear (`str`, *optional*, defaults to `"bmm"`): `"bmm"` or `"per-variant"` (see above).
     """
+    if linear not in ("bmm", "per-variant"):
+        raise ConfigError(f"`linear` must be 'bmm' or 'per-variant', got {linear!r}")
     if len(models) < 2 or not _same_architecture(models):
         return None
     first = models[0]
@@ -273,7 +290,8 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module | None:
         if not name or any(name.startswith(prefix + ".") for prefix in replaced):
             continue
         if isinstance(module, nn.Linear):
-            new: nn.Module = _StackedLinear([modules[name] for modules in per_model])
+            layers = [modules[name] for modules in per_model]
+            new: nn.Module = _StackedLinear(layers) if linear == "bmm" else _LinearPerVariant(layers)
         elif any(True for _ in module.parameters(recurse=False)):
             new = _PerVariant([modules[name] for modules in per_model])
         else:
@@ -316,19 +334,25 @@ class StackedVariants(VariantBatch):
         return self.model(input_ids=input_ids, **self._kwargs(cache, last_only)).logits
 
 
-def make_variant_batch(models: Sequence[nn.Module], lock: Any = None) -> VariantBatch:
+def make_variant_batch(models: Sequence[nn.Module], lock: Any = None, linear: str = "bmm") -> VariantBatch:
     """The fastest [`VariantBatch`] for full models: the model itself, a stacked model, or one by one.
 
     Args:
         models (`Sequence[nn.Module]`): One model per variant.
         lock (`threading.Lock`, *optional*): Held during forward passes of a single model.
+        linear (`str`, *optional*, defaults to `"bmm"`): How a stacked model applies its linear layers (see
+            [`stack_models`]).
     """
     if len(models) == 1:
         return SingleVariant(models[0], lock)
-    stacked = stack_models(models)
+    stacked = stack_models(models, linear=linear)
     if stacked is not None:
         return StackedVariants(stacked, len(models))
     return SequentialVariants(models)
+
+
+#: Scoring passes keep their logits under about this many floats (a pass holds every variant's rows).
+_SCORE_LOGITS_BUDGET = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
@@ -431,8 +455,9 @@ def score_continuations(
     """Negative log-likelihood of each continuation of the prompt under each variant.
 
     The score of continuation `c` under variant `v` is what `model_v(input_ids=prompt + c, labels=[-100] * len(prompt)
-    + c).loss` gives: the mean over `c`'s tokens of `-log p(token | prompt, earlier tokens)`. One batched forward pass
-    (all variants) per continuation.
+    + c).loss` gives: the mean over `c`'s tokens of `-log p(token | prompt, earlier tokens)`. Continuations of the
+    same length share batched forward passes (all variants, no padding), as many as fit in about
+    `_SCORE_LOGITS_BUDGET` logits per pass.
 
     Args:
         batch (`VariantBatch`): The variants.
@@ -448,18 +473,29 @@ def score_continuations(
     n = batch.n
     nll = torch.zeros(n, len(continuations), dtype=torch.float64)
     per_token: list[list[list[float]]] = [[[] for _ in continuations] for _ in range(n)]
+    by_length: dict[int, list[int]] = {}
     for j, cont in enumerate(continuations):
         if not cont:
             raise ConfigError(f"`continuations[{j}]` must hold at least one token, got none")
-        ids = torch.tensor([list(prompt_ids) + list(cont)], device=batch.device)
-        logits = batch.forward(ids.expand(n, -1), None).float()
-        # Position t predicts token t + 1: the continuation's tokens are predicted from len(prompt) - 1 on.
-        start = len(prompt_ids) - 1
-        pred = logits[:, start : ids.shape[1] - 1, :]
-        target = ids[0, len(prompt_ids) :].unsqueeze(0).expand(n, -1)
-        token_nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-        token_nll = token_nll.reshape(n, -1).double()
-        nll[:, j] = token_nll.mean(dim=1).cpu()
-        for v in range(n):
-            per_token[v][j] = token_nll[v].tolist()
+        by_length.setdefault(len(cont), []).append(j)
+    vocab = getattr(getattr(batch.model, "config", None), "vocab_size", None) or 32_000
+    # Position t predicts token t + 1: the continuation's tokens are predicted from len(prompt) - 1 on.
+    start = len(prompt_ids) - 1
+    for length, members in by_length.items():
+        total = len(prompt_ids) + length
+        per_pass = max(1, _SCORE_LOGITS_BUDGET // (n * total * vocab))
+        for first in range(0, len(members), per_pass):
+            chunk = members[first : first + per_pass]
+            rows = torch.tensor([list(prompt_ids) + list(continuations[j]) for j in chunk], device=batch.device)
+            ids = rows.repeat(n, 1)  # variant-major: the chunk's rows once per variant
+            logits = batch.forward(ids, None).float()
+            pred = logits[:, start : total - 1, :]
+            target = ids[:, len(prompt_ids) :]
+            token_nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+            token_nll = token_nll.reshape(ids.shape[0], length).double().cpu()
+            for v in range(n):
+                for a, j in enumerate(chunk):
+                    row = token_nll[v * len(chunk) + a]
+                    nll[v, j] = row.mean()
+                    per_token[v][j] = row.tolist()
     return nll, per_token

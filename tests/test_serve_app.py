@@ -263,3 +263,191 @@ def test_demo_command_trains_then_serves_headless(tmp_path):
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "skipped training" in second.stdout and "app running at" in second.stdout
+
+
+# ---------------------------------------------------------------------------------------------- the four-pane page
+FOUR_PROMPTS = ["The return value of", "The for statement", "The if statement is used", "The while loop", "In Python,"]
+
+
+def first_difference(token_lists: list[list[int]]) -> int | None:
+    """The first position where the token lists differ (a list ending early counts), computed here."""
+    for i in range(max(len(t) for t in token_lists)):
+        if len({tuple(t[i : i + 1]) for t in token_lists}) > 1:
+            return i
+    return None
+
+
+def four_variant_models(run: Path, lora: bool, tmp_path: Path) -> list:
+    """Raw, EMA, post-hoc EMA sigma_rel=0.15 and the mean of checkpoints 4, 8, 12: built with the public hf_ema API
+    into `tmp_path` and loaded the plain transformers / peft way."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_ema import merge_checkpoints, reconstruct
+
+    folders = [
+        run,
+        run / "ema",
+        reconstruct(run, sigma_rel=0.15, out_dir=tmp_path / "posthoc", progress=False),
+        merge_checkpoints([run / f"checkpoint-{s}" for s in (4, 8, 12)], tmp_path / "merged", progress=False),
+    ]
+    if not lora:
+        return [AutoModelForCausalLM.from_pretrained(f).eval() for f in folders]
+    from peft import PeftModel
+
+    return [
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model"), f).eval() for f in folders
+    ]
+
+
+def loss_and_probs(model, prompt_ids: list[int], tokens: list[int]) -> tuple[float, list[float]]:
+    """`model(input_ids, labels=...)`'s loss on the continuation `tokens`, and each token's probability."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + tokens])
+    labels = ids.clone()
+    labels[0, : len(prompt_ids)] = -100
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    logp = torch.log_softmax(out.logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
+    return out.loss.item(), logp.gather(1, torch.tensor(tokens).unsqueeze(1)).exp().squeeze(1).tolist()
+
+
+def choose_pane(page, index: int, kind: str, **fields) -> None:
+    """Pick pane `index`'s variant in its dropdown and fill its fields (`sigma`, `k`)."""
+    page.get_by_label(f"pane {index}", exact=True).click()
+    page.locator(f"#pane-{index}-kind").get_by_role("option", name=kind, exact=True).click()
+    for name, value in fields.items():
+        box = page.locator(f"#pane-{index}-{name} input")
+        box.wait_for(state="visible", timeout=30_000)
+        box.fill(str(value))
+
+
+def generate_and_wait(page, prompt: str, max_new_tokens: int) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#max-new-tokens input").fill(str(max_new_tokens))
+    assert page.locator("#greedy input").is_checked()  # greedy is the page's default
+    page.locator("#generate").click()
+    page.locator("#hfema-scores-table table").wait_for(timeout=180_000)
+
+
+@pytest.mark.browser
+@needs_chromium
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_page_four_panes_scores_and_divergence(lora, posthoc_run, posthoc_lora_run, browser, tmp_path):
+    """Raw, EMA, post-hoc EMA 0.15 and the mean of the last 3 checkpoints in four panes: each greedy text is what
+    `generate` gives with the independently built weights, the score matrix is what `model(input_ids, labels=...)`
+    gives, and the divergence marker sits at the first differing token."""
+    from transformers import AutoTokenizer
+
+    run = posthoc_lora_run if lora else posthoc_run
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    models = four_variant_models(run, lora, tmp_path)
+    # The candidate prompt whose four greedy texts agree longest before they differ: a non-trivial marker position.
+    best = None
+    for prompt in FOUR_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        outs = [
+            m.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist() for m in models
+        ]
+        where = first_difference(outs)
+        if best is None or (where if where is not None else -1) > best[0]:
+            best = (where if where is not None else -1, prompt, ids[0].tolist(), outs)
+    _, prompt, prompt_ids, expected = best
+    divergence = first_difference(expected)
+
+    demo, url = start_app(run, port=free_port(), device="cpu")
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(url)
+        assert "any sigma_rel can be reconstructed" in page.locator("#posthoc-note").inner_text()
+        choose_pane(page, 1, "raw weights")
+        choose_pane(page, 2, "EMA")
+        choose_pane(page, 3, "post-hoc EMA (any sigma_rel)", sigma="0.15")
+        choose_pane(page, 4, "merge of the last k checkpoints", k="3")
+        generate_and_wait(page, prompt, 12)
+        for i, tokens in enumerate(expected, start=1):
+            assert page.locator(f"#pane-{i}-output textarea").input_value() == tokenizer.decode(
+                tokens, skip_special_tokens=True
+            )
+        # The score matrix: every pane's text (column) under every pane's model (row), to 1e-5.
+        cells = page.locator("#hfema-scores-table td").all()
+        assert len(cells) == 16
+        for cell in cells:
+            row, col = int(cell.get_attribute("data-row")), int(cell.get_attribute("data-col"))
+            loss, _ = loss_and_probs(models[row], prompt_ids, expected[col])
+            assert float(cell.get_attribute("data-nll")) == pytest.approx(loss, abs=1e-5)
+        # Each token shaded by its probability under its own pane's model.
+        for i, model in enumerate(models, start=1):
+            _, probs = loss_and_probs(model, prompt_ids, expected[i - 1])
+            shown = [float(s.get_attribute("data-p")) for s in page.locator(f"#hfema-tokens-{i} .tok").all()]
+            assert shown == pytest.approx(probs, abs=1e-5)
+        # The divergence marker: at the first differing token in every pane that has a token there.
+        assert page.locator("#hfema-divergence").get_attribute("data-divergence") == str(divergence)
+        for i, tokens in enumerate(expected, start=1):
+            marked = page.locator(f"#hfema-tokens-{i} .tok.diverge")
+            if divergence is not None and divergence < len(tokens):
+                assert marked.count() == 1 and marked.get_attribute("data-i") == str(divergence)
+            else:
+                assert marked.count() == 0
+        # The command behind each pane's weights.
+        assert "hf-ema push" in page.locator("#pane-2-command").inner_text()
+        assert "hf-ema posthoc" in page.locator("#pane-3-command").inner_text()
+        assert "--sigma-rel 0.15" in page.locator("#pane-3-command").inner_text()
+        assert "hf-ema merge" in page.locator("#pane-4-command").inner_text()
+        assert "profile fit error" in page.locator("#pane-3-header").inner_text()
+        screenshot(page, f"app_four_panes_{'lora' if lora else 'full'}.png")
+        page.close()
+    finally:
+        demo.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_page_variant_errors_show_in_their_panes_and_keep_serving(full_run, browser, tmp_path, tokenizer):
+    """A run without post-hoc snapshots, a sigma_rel outside the valid range and a merge of checkpoints that do
+    not hold the same model: each pane says why; the raw pane still generates, and so does the next request."""
+    from test_serve_compare import broken_run
+
+    run = broken_run(full_run, tmp_path, tokenizer)
+    demo, url = start_app(run, port=free_port(), device="cpu")
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(url)
+        note = page.locator("#posthoc-note").inner_text()
+        assert "has no ema_posthoc/ snapshots" in note and "EMACallback(posthoc=True)" in note
+        choose_pane(page, 2, "post-hoc EMA (any sigma_rel)", sigma="0.15")
+        choose_pane(page, 3, "post-hoc EMA (any sigma_rel)", sigma="0.5")
+        choose_pane(page, 4, "merge of the last k checkpoints", k="2")
+        generate_and_wait(page, PROMPT, 8)
+        assert "holds no post-hoc EMA snapshots" in page.locator("#pane-2-header").inner_text()
+        assert "EMACallback(posthoc=True)" in page.locator("#pane-2-header").inner_text()
+        assert "sigma_rel must be in (0, 0.2887), got 0.5" in page.locator("#pane-3-header").inner_text()
+        assert "checkpoint-4" in page.locator("#pane-4-header").inner_text()
+        expected = direct_greedy(run, lora=False, max_new_tokens=8)
+        assert page.locator("#pane-1-output textarea").input_value() == expected[0]
+        screenshot(page, "app_variant_errors.png")
+        # Still serving: the same page, the errors fixed.
+        choose_pane(page, 2, "EMA")
+        choose_pane(page, 3, "off")
+        choose_pane(page, 4, "off")
+        page.locator("#generate").click()
+        assert wait_for_outputs(page, expected) == expected
+        page.close()
+    finally:
+        demo.close()
+
+
+def test_server_log_one_line_for_rejected_requests_and_no_deprecation(full_app, capfd):
+    """A request Gradio's own checks reject logs one line (no traceback); decoding logs no deprecation warning."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(full_app, verbose=False)
+    capfd.readouterr()
+    client.predict(prompt=PROMPT, max_new_tokens=4, greedy=True, api_name="/generate")
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict("checkpoint-99", PROMPT, api_name="/compare")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert "past_key_values" not in err and "FutureWarning" not in err, err
+    assert err.count("rejected a compare request") == 1, err

@@ -43,7 +43,7 @@ def zero3_runs(tmp_path_factory) -> Path:
     pytest.importorskip("deepspeed", reason="the `test` extra installs DeepSpeed on Linux only")
     out = tmp_path_factory.mktemp("zero3_trainer")
     # DeepSpeed's CPU accelerator. The first launch on a machine also JIT-builds its shm comm op with gcc: about
-    # 30 s on an idle 2-core machine (measured), minutes on a loaded one.
+    # 30 s on a lightly loaded 2-core machine, 3 min on one at load 13 (measured).
     torchrun(
         "trainer_engine_worker.py", "zero3", str(out), ",".join(ZERO3_RUNS), env={"DS_ACCELERATOR": "cpu"}, timeout=600
     )

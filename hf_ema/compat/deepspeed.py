@@ -53,7 +53,7 @@ class Zero3Partition:
     shape: torch.Size
 
 
-def is_zero3_param(param: torch.Tensor) -> bool:
+def is_zero3_param(param: Any) -> bool:
     """Whether `param` is partitioned by ZeRO-3 (DeepSpeed's own test: a `ds_id` attribute, here with a partition).
 
     Args:
@@ -62,7 +62,7 @@ def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id") and getattr(param, "ds_tensor", None) is not None
 
 
-def _check(param: torch.Tensor) -> None:
+def _check(param: Any) -> None:
     if version_of("deepspeed") is not None:
         require_version("deepspeed", MIN_DEEPSPEED, "an EMA of a ZeRO-3 model")
     missing = [a for a in _ATTRIBUTES if not hasattr(param, a)]
@@ -74,7 +74,7 @@ def _check(param: torch.Tensor) -> None:
         )
 
 
-def partition_of(param: torch.Tensor) -> Zero3Partition:
+def partition_of(param: Any) -> Zero3Partition:
     """This rank's partition of a ZeRO-3 parameter (see [`is_zero3_param`]).
 
     Args:
@@ -92,7 +92,7 @@ def partition_of(param: torch.Tensor) -> Zero3Partition:
     )
 
 
-def partition_on_nvme(param: torch.Tensor) -> bool:
+def partition_on_nvme(param: Any) -> bool:
     """Whether the partition of a ZeRO-3 parameter is offloaded to NVMe (`offload_param.device="nvme"`), i.e.
     swapped out of memory between steps.
 
@@ -104,7 +104,7 @@ def partition_on_nvme(param: torch.Tensor) -> bool:
     return location is not None and location == "nvme"
 
 
-def full_tensor_is_gathered(param: torch.Tensor) -> bool:
+def full_tensor_is_gathered(param: Any) -> bool:
     """Whether a ZeRO-3 parameter currently holds its full tensor in `param.data` (`ds_status == AVAILABLE`): the
     partition is then not what a forward reads.
 

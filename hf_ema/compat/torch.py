@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -60,24 +61,25 @@ def current_accelerator_device(device_type: str | None = None) -> torch.device |
 
 def foreach_lerp_(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], weight: float | torch.Tensor) -> None:
     """`ema[i] += weight * (live[i] - ema[i])` for every pair, in one multi-tensor kernel."""
-    torch._foreach_lerp_(ema, live, weight)
+    # `cast`, not `list()`: this runs at every update; the ops take any sequence at run time.
+    torch._foreach_lerp_(cast(list, ema), cast(list, live), weight)  # type: ignore[arg-type]  # float or tensor
 
 
 def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     """`dst[i].copy_(src[i])` for every pair, in one multi-tensor kernel."""
-    torch._foreach_copy_(dst, src)
+    torch._foreach_copy_(cast(list, dst), cast(list, src))
 
 
 def foreach_sub(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """`[a[i] - b[i]]`, in one multi-tensor kernel."""
-    return list(torch._foreach_sub(a, b))
+    return list(torch._foreach_sub(cast(list, a), cast(list, b)))
 
 
 def foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The 2-norm of each tensor, in one multi-tensor kernel (accumulated and returned in `dtype` when given)."""
     if dtype is None:
-        return list(torch._foreach_norm(tensors))
-    return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+        return list(torch._foreach_norm(cast(list, tensors)))
+    return list(torch._foreach_norm(cast(list, tensors), 2, dtype=dtype))
 
 
 def all_gather_flat(output: torch.Tensor, local: torch.Tensor, group=None) -> None:

@@ -118,7 +118,7 @@ def fsdp1_flat_params(fsdp_cls: type, model: nn.Module) -> list[FlatParamInfo]:
         model (`nn.Module`): The FSDP1-wrapped model.
     """
     out = []
-    for module in fsdp_cls.fsdp_modules(model):
+    for module in getattr(fsdp_cls, "fsdp_modules")(model):  # noqa: B009 - `fsdp_cls` is typed as a plain `type`
         handle = getattr(module, "_handle", None)
         if handle is None:
             continue

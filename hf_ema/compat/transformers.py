@@ -23,6 +23,7 @@ __all__ = [
     "check_transformers",
     "find_calling_trainer",
     "finish_current_push",
+    "output_dir",
     "wrap_push_from_checkpoint",
     "wrap_train",
 ]
@@ -79,7 +80,9 @@ def wrap_train(trainer: Any, on_call: Callable[[Any], Any]) -> None:
             the value to train with.
     """
     current = trainer.__dict__.get("train")
-    original = getattr(current, "__wrapped__", None) if getattr(current, _WRAPPED, False) else trainer.train
+    original: Callable[..., Any] = (
+        getattr(current, "__wrapped__", trainer.train) if getattr(current, _WRAPPED, False) else trainer.train
+    )
     observer = weakref.WeakMethod(on_call) if inspect.ismethod(on_call) else (lambda: on_call)
 
     @functools.wraps(original)
@@ -140,3 +143,16 @@ def finish_current_push(trainer: Any) -> None:
     finish = getattr(trainer, "_finish_current_push", None)
     if callable(finish):
         finish()
+
+
+def output_dir(args: Any) -> str:
+    """`TrainingArguments.output_dir`. transformers 5 types it `str | None` and fills in a default at construction,
+    so it is never `None` once a Trainer exists; this says so once instead of at every use.
+
+    Args:
+        args (`TrainingArguments`): The training arguments.
+    """
+    folder = args.output_dir
+    if folder is None:
+        raise missing_api("transformers", "TrainingArguments.output_dir", "EMACallback")
+    return str(folder)

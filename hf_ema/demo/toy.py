@@ -107,7 +107,7 @@ def tiny_causal_lm(
         seed (`int`, *optional*, defaults to 0): Seed of the initialisation.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Parameter dtype.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -116,6 +116,7 @@ def tiny_causal_lm(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
+    config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
             hidden_size=hidden_size,

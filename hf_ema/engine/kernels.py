@@ -31,11 +31,15 @@ from __future__ import annotations
 import logging
 import os
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..compat.torch import compile_supported, foreach_copy_, foreach_lerp_, foreach_norm
+
+if TYPE_CHECKING:
+    from .native import NativeLerp
 
 __all__ = [
     "BACKENDS",
@@ -207,9 +211,9 @@ class LerpKernel:
                 f"on {device}"
             )
         self.backend = backend
-        self._native = None
+        self._native: NativeLerp | None = None
         self._native_ready = False
-        self._compiled = None
+        self._compiled: Callable[..., Any] | None = None
         self._weight: torch.Tensor | None = None
         self._plan: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._oversized: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -404,7 +408,11 @@ class LerpKernel:
                 # A large non-contiguous tensor (rare): upcast it whole at each step.
                 self._oversized.append((e, w))
         # Pack pieces into batches that fill the scratch buffer: two multi-tensor calls per batch.
-        plan, batch_e, batch_w, batch_s, used = [], [], [], [], 0
+        plan: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+        batch_e: list[torch.Tensor] = []
+        batch_w: list[torch.Tensor] = []
+        batch_s: list[torch.Tensor] = []
+        used = 0
         for e, w in pieces:
             n = e.numel()
             if used + n > chunk and batch_e:
@@ -421,6 +429,7 @@ class LerpKernel:
     def _chunked_call(self, weight: float) -> None:
         if self._plan is None:
             self._build_plan()
+        assert self._plan is not None  # built just above
         for ema, live, scratch in self._plan:
             foreach_copy_(scratch, live)
             foreach_lerp_(ema, scratch, weight)

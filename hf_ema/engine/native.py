@@ -363,6 +363,7 @@ class NativeLerp:
         ptrs = self._current_ptrs()
         if ptrs != self._ptrs:
             self._plan(ptrs)
+        assert self._args is not None  # planned just above
         return self._args
 
     @staticmethod
@@ -397,7 +398,7 @@ class NativeLerp:
         first = self._checked(k, ema_ptrs, live_ptrs, lens, float(weight), threads, self._done)
         if first == k:
             return True
-        if any(self._done):
+        if self._done is not None and any(self._done):
             self._unlerp(k, ema_ptrs, live_ptrs, self._done, float(weight), threads)
         return False
 

@@ -155,12 +155,14 @@ class OffloadedUpdate:
             return self._fold(weight, event, step)
         if self._executor is None:
             self._start_worker()
+        assert self._executor is not None  # started just above
         self._future = self._executor.submit(self._fold, weight, event, step)
         return None
 
     def _init_worker(self) -> None:
         torch.get_num_threads()  # initialise this thread's intra-op setting first, so it is not re-read later
-        torch.set_num_threads(self.fold_threads)
+        if self.fold_threads is not None:  # the worker gets this initializer only when it is set
+            torch.set_num_threads(self.fold_threads)
 
     def _start_worker(self) -> None:
         if self.fold_threads is None:

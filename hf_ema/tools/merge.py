@@ -209,8 +209,9 @@ def merge_checkpoints(
 
     folders = [read_weight_folder(_source_folder(p, use_ema)) for p in paths]
     order = list(range(len(paths)))
-    if sort_by_step and all(f.step is not None for f in folders):
-        order.sort(key=lambda i: folders[i].step)
+    steps = [f.step for f in folders]
+    if sort_by_step and all(step is not None for step in steps):
+        order.sort(key=lambda i: steps[i] or 0)  # all set (checked just above)
     paths = [paths[i] for i in order]
     folders = [folders[i] for i in order]
     check_compatible(folders)

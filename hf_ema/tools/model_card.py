@@ -282,7 +282,8 @@ def ema_card_text(
     section = _section(ema_dir, repo_id or "<repo_id>", subfolder, metrics or {})
     if existing:
         card = ModelCard(existing, ignore_metadata_errors=True)
-        data, body = card.data, card.text
+        data: Any = card.data  # a `ModelCardData` (typed as its base `CardData`)
+        body = card.text
     else:
         library = "peft" if (ema_dir / "adapter_config.json").is_file() else "transformers"
         data = ModelCardData(library_name=library)

@@ -13,9 +13,10 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..compat.transformers import check_transformers, find_calling_trainer, wrap_train
+from ..compat.transformers import output_dir as output_dir_of
 from ..config import EMAConfig
 from ..ema_folder import load_ema, save_ema
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StateError
 from ..model_ema import ModelEMA
 from ..posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
 from ..selection import select_tensors, unwrap_model
@@ -148,6 +149,11 @@ class EMACallback(TrainerCallback):
         self._resume_checkpoint: str | os.PathLike | bool | None = None
 
     # ------------------------------------------------------------------ wiring
+    def _require_ema(self) -> ModelEMA:
+        if self.ema is None:
+            raise StateError("the EMA does not exist yet: `EMACallback` builds it when training begins")
+        return self.ema
+
     @property
     def trainer(self) -> Trainer | None:
         """The Trainer this callback was attached to, when it could be found."""
@@ -195,7 +201,7 @@ class EMACallback(TrainerCallback):
         # make sure that checkpoint has a complete EMA (see `_checked_resume`).
         trainer = self.trainer
         if trainer is not None and resume_from_checkpoint not in (None, False):
-            resume_from_checkpoint = self._checked_resume(resume_from_checkpoint, trainer.args.output_dir)
+            resume_from_checkpoint = self._checked_resume(resume_from_checkpoint, output_dir_of(trainer.args))
         self._resume_checkpoint = resume_from_checkpoint
         return resume_from_checkpoint
 
@@ -260,7 +266,7 @@ class EMACallback(TrainerCallback):
                 self._resume_checkpoint = resume
         model = kwargs["model"]
         if self.swap_at_end:
-            check_raw_folder(args.output_dir)  # a foreign `raw/` is refused before any step, not after training
+            check_raw_folder(output_dir_of(args))  # a foreign `raw/` is refused before any step, not after training
         if self.trainer is not None and self.trainer.model is not None:
             # Callbacks get the model as it was before `accelerator.prepare`; under FSDP1 the Trainer then points
             # `trainer.model` at the FSDP root, which owns the shards of the top-level parameters.
@@ -284,12 +290,13 @@ class EMACallback(TrainerCallback):
             out.append(Path(self.resume_from))
         resume = self._resume_checkpoint
         if resume is True:
-            resume = get_last_checkpoint(args.output_dir)
+            resume = get_last_checkpoint(output_dir_of(args))
         if isinstance(resume, (str, os.PathLike)):
             out.append(Path(resume))
-        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
-            out.append(Path(args.resume_from_checkpoint))
-        out.append(checkpoint_dir(args.output_dir, state.global_step))
+        from_args = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(from_args, str):
+            out.append(Path(from_args))
+        out.append(checkpoint_dir(output_dir_of(args), state.global_step))
         unique: list[Path] = []
         for path in out:
             if path not in unique:
@@ -302,7 +309,7 @@ class EMACallback(TrainerCallback):
             folder = candidate if is_ema_folder(candidate) else candidate / EMA_DIRNAME
             recover_folder(folder)  # a replace interrupted between its two renames
             if is_ema_folder(folder):
-                meta = load_ema(self.ema, folder)
+                meta = load_ema(self._require_ema(), folder)
                 if meta["step"] != state.global_step:
                     logger.warning(
                         "EMA restored from %s is at step %s but training resumes at step %s",
@@ -312,7 +319,7 @@ class EMACallback(TrainerCallback):
                     )
                 logger.info("EMA restored from %s (step %s)", folder, meta["step"])
                 if self.stability is not None:
-                    layout = self.ema.layout
+                    layout = self._require_ema().layout
                     self.stability.restore(self.ema, folder.parent / STABILITY_DIRNAME, layout.rank, layout.world_size)
                 return
         where = ", ".join(str(c) for c in candidates)
@@ -326,14 +333,14 @@ class EMACallback(TrainerCallback):
             return
         raise CheckpointError(
             f"cannot resume the EMA at step {state.global_step}: no complete `{EMA_DIRNAME}/` in {where}. Resume "
-            f"from a checkpoint whose `{EMA_DIRNAME}/` is complete ({_complete_checkpoints_text(args.output_dir)}), "
+            f"from a checkpoint whose `{EMA_DIRNAME}/` is complete ({_complete_checkpoints_text(output_dir_of(args))}), "
             f"or pass `EMACallback(allow_ema_restart=True)` to restart the EMA from the current weights"
         )
 
     # ------------------------------------------------------------------ training events
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # on_step_end fires once per optimizer step, after gradient accumulation, with global_step incremented.
-        self.ema.update(step=state.global_step)
+        self._require_ema().update(step=state.global_step)
         if self.posthoc is not None:
             self.posthoc.on_step_end(args, state)
         if self.stability is not None:
@@ -358,20 +365,21 @@ class EMACallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        folder = checkpoint_dir(args.output_dir, state.global_step)
+        folder = checkpoint_dir(output_dir_of(args), state.global_step)
         if not folder.is_dir() and args.should_save:
             logger.warning("Checkpoint folder %s not found; EMA not saved for this step", folder)
             return
         # `ema/` goes last: its atomic rename commits everything hf-ema adds to the checkpoint, so a checkpoint with a
         # complete `ema/` also has the stability and post-hoc states (what `_checked_resume` relies on).
         if self.stability is not None:  # every rank its own file: the oscillation sample is of its local shards
-            self.stability.save(folder / STABILITY_DIRNAME, self.ema.layout.rank, self.ema.layout.world_size)
+            layout = self._require_ema().layout
+            self.stability.save(folder / STABILITY_DIRNAME, layout.rank, layout.world_size)
         if self.posthoc is not None:
             self.posthoc.on_save(args, state, folder)
         if self.push_steps.pushed != state.global_step:  # a Hub push (before on_save) may have written it already
             self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
-        if self.ema.layout.is_main_process():
-            _remove_leftover_ema_writes(args.output_dir)
+        if self._require_ema().layout.is_main_process():
+            _remove_leftover_ema_writes(output_dir_of(args))
         if args.push_to_hub:
             after_checkpoint_save(self, args, state)
 
@@ -388,12 +396,12 @@ class EMACallback(TrainerCallback):
             if args.push_to_hub:
                 wait_for_pushes(self)  # a checkpoint upload may still be reading output_dir/ema
             self.save(
-                Path(args.output_dir) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state
+                Path(output_dir_of(args)) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state
             )
             self.push_steps.output = state.global_step
         if self.swap_at_end:
             best = state.best_model_checkpoint if args.load_best_model_at_end else None
-            make_ema_final(self.ema, args.output_dir, kwargs.get("processing_class"), best_checkpoint=best)
+            make_ema_final(self.ema, output_dir_of(args), kwargs.get("processing_class"), best_checkpoint=best)
             if self.evaluator is not None:
                 # The model now is the EMA: a later `trainer.evaluate()` reports it as `eval_*` only.
                 self.evaluator.active = False
@@ -408,4 +416,4 @@ class EMACallback(TrainerCallback):
             state (`TrainerState`, *optional*): Used to record the global step.
         """
         extra = {"global_step": state.global_step} if state is not None else None
-        return save_ema(self.ema, folder, processing_class=processing_class, extra_state=extra)
+        return save_ema(self._require_ema(), folder, processing_class=processing_class, extra_state=extra)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,7 @@ class EMAEvaluator:
         self.active = True
         #: True only while the EMA is swapped into the model.
         self.swapped_in = False
-        self._trainer_ref = None
+        self._trainer_ref: weakref.ReferenceType[Any] | None = None
         self._wrapper: Callable[..., Any] | None = None
         self._original: Callable[..., Any] | None = None
 
@@ -66,8 +67,6 @@ class EMAEvaluator:
         Args:
             trainer (`Trainer`): The trainer.
         """
-        import weakref
-
         if self._wrapper is not None and trainer.__dict__.get("evaluation_loop") is self._wrapper:
             return self
         self._trainer_ref = weakref.ref(trainer)

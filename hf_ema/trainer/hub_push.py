@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..compat.transformers import finish_current_push, wrap_push_from_checkpoint
+from ..compat.transformers import output_dir as output_dir_of
 from ..tools.model_card import write_model_card
 from ..utils.atomic import atomic_folder
 from ..utils.paths import EMA_DIRNAME, checkpoint_dir
@@ -98,11 +99,11 @@ def prepare_trainer_push(
     ema = callback.ema
     if ema is None:
         return
-    output_ema = Path(args.output_dir) / EMA_DIRNAME
+    output_ema = Path(output_dir_of(args)) / EMA_DIRNAME
     repo_id = _repo_id(callback, args)
     in_train = bool(getattr(callback.trainer, "is_in_train", False))
     if in_train:
-        folder = checkpoint_dir(args.output_dir, state.global_step) / EMA_DIRNAME
+        folder = checkpoint_dir(output_dir_of(args), state.global_step) / EMA_DIRNAME
         distributed = ema.layout.world_size > 1
         if distributed and callback.push_steps.pushed != state.global_step:
             # Only when the hook could not be installed (a Trainer without `_push_from_checkpoint`).
@@ -186,13 +187,13 @@ def after_checkpoint_save(callback: EMACallback, args: TrainingArguments, state:
     ema = callback.ema
     if ema is None or not args.push_to_hub or ema.layout.world_size == 1 or args.hub_strategy == "end":
         return
-    folder = checkpoint_dir(args.output_dir, state.global_step) / EMA_DIRNAME
+    folder = checkpoint_dir(output_dir_of(args), state.global_step) / EMA_DIRNAME
     already_copied = callback.push_steps.copied == state.global_step  # by the push of this very checkpoint
     if ema.layout.is_main_process() and folder.is_dir() and not already_copied:
         wait_for_pushes(callback)
-        _copy_folder(folder, Path(args.output_dir) / EMA_DIRNAME)
+        _copy_folder(folder, Path(output_dir_of(args)) / EMA_DIRNAME)
         write_model_card(
-            Path(args.output_dir) / EMA_DIRNAME, repo_id=_repo_id(callback, args), log_history=state.log_history
+            Path(output_dir_of(args)) / EMA_DIRNAME, repo_id=_repo_id(callback, args), log_history=state.log_history
         )
     # Every process records it, so that they all take the same branch in the collective final save.
     callback.push_steps.output = state.global_step

@@ -259,7 +259,7 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
     # A CPU contiguous tensor's memory, whatever its dtype (numpy has no bfloat16: go through uint8).
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def write_elements(fd: int, offset: int, flat: torch.Tensor, dtype: torch.dtype) -> None:
