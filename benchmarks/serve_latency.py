@@ -13,6 +13,12 @@ model with each variant's own linear layer on its rows (`linear="per-variant"`, 
 per variant (`SequentialVariants`), and `torch.func.stack_module_state` + `functional_call` under `vmap` (which
 cannot grow a KV cache under `vmap`, so it recomputes the whole prefix at each token).
 
+Reading the figures: LoRA variants share the base model, so a batch of them reads the base weights once per token
+and the extra variants cost little. Full-model variants each bring their own weights: at the demo model's size the
+decoding step is bound by reading the weights (the batched matmul reads four sets instead of one), and the score
+matrix grows as the square of the number of panes (4 texts under 4 models is 16 scored sequences), so four full
+variants cost more than twice one.
+
 Usage:
     python benchmarks/serve_latency.py [--output-dir runs/serve-latency] [--rounds 15] [--max-new-tokens 64]
         [--threads 1]

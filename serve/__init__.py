@@ -1,27 +1,37 @@
-"""The raw-vs-EMA Gradio app of hf-ema.
+"""The Gradio app of hf-ema: raw, EMA, post-hoc EMA and merged weights of a run, decoded together and scored.
 
-`serve.loading` and `serve.generation` work without Gradio; `serve.app.build_demo` builds the page and
-`serve.launch.start_app` starts it (what `hf-ema serve PATH` and `python -m serve PATH` run).
+`serve.loading`, `serve.variants`, `serve.batching`, `serve.compare` and `serve.generation` work without Gradio;
+`serve.app.build_demo` builds the page and `serve.launch.start_app` starts it (what `hf-ema serve PATH` and
+`python -m serve PATH` run).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .compare import Comparison, PaneResult, compare, stream_comparison
 from .generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, generate_pair, stream_pair, validate_prompt
 from .loading import CheckpointCatalog, CheckpointRef, ModelPair, find_checkpoints, load_pair
+from .variants import Variant, VariantSpec, VariantStore
 
 __all__ = [
     "MAX_NEW_TOKENS_LIMIT",
     "CheckpointCatalog",
     "CheckpointRef",
+    "Comparison",
     "GenerationSettings",
     "ModelPair",
+    "PaneResult",
+    "Variant",
+    "VariantSpec",
+    "VariantStore",
     "build_demo",
+    "compare",
     "find_checkpoints",
     "generate_pair",
     "load_pair",
     "start_app",
+    "stream_comparison",
     "stream_pair",
     "validate_prompt",
 ]

@@ -228,6 +228,67 @@ class _LinearPerVariant(nn.Module):
         return torch.cat([F.linear(rows, layer.weight, layer.bias) for layer, rows in zip(self.layers, blocks)], 0)
 
 
+class _StackedElementwise(nn.Module):
+    """A layer whose weights act along the last dimension of its input (RMSNorm and the like): one call on the whole
+    batch with the variants' weights stacked as `(n, 1, 1, ..., features)`, broadcast over the variant blocks.
+
+    Used only where a probe shows it gives what each variant's own module gives (see [`stack_models`])."""
+
+    def __init__(self, modules: Sequence[nn.Module], ndim: int) -> None:
+        super().__init__()
+        self.n = len(modules)
+        self.ndim = ndim
+        self.fallback = _PerVariant(modules)
+        memo = {id(p): p for p in modules[0].parameters(recurse=False)}
+        self.module = copy.deepcopy(modules[0], memo)
+        for name, _ in list(modules[0].named_parameters(recurse=False)):
+            stacked = torch.stack([getattr(m, name).detach() for m in modules])
+            # (n, features) -> (n, 1, ..., 1, features) against blocks of shape (n, rows, ..., features)
+            shape = (self.n,) + (1,) * (ndim - stacked.dim() + 1) + tuple(stacked.shape[1:])
+            delattr(self.module, name)
+            setattr(self.module, name, stacked.reshape(shape))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.dim() != self.ndim or args or kwargs:
+            return self.fallback(x, *args, **kwargs)
+        out = self.module(x.reshape(self.n, -1, *x.shape[1:]))
+        return out.reshape(x.shape[0], *out.shape[2:])
+
+
+class _StackedEmbedding(nn.Module):
+    """`n` embeddings as one lookup in their concatenated tables (row `i` of variant `v` at `v * vocab + i`)."""
+
+    def __init__(self, modules: Sequence[nn.Embedding]) -> None:
+        super().__init__()
+        self.n = len(modules)
+        self.vocab = modules[0].num_embeddings
+        self.table = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.shape[0] // self.n
+        offsets = torch.arange(self.n, device=input_ids.device).repeat_interleave(rows) * self.vocab
+        return F.embedding(input_ids + offsets.view(-1, *([1] * (input_ids.dim() - 1))), self.table)
+
+
+def _elementwise_stack(modules: Sequence[nn.Module]) -> nn.Module:
+    """`_StackedElementwise` when a probe shows it matches each variant's own module, else `_PerVariant`."""
+    params = list(modules[0].parameters(recurse=False))
+    if not params or not all(p.dim() == 1 and p.shape == params[0].shape for p in params):
+        return _PerVariant(modules)
+    features = params[0].shape[0]
+    try:
+        stacked = _StackedElementwise(modules, ndim=3)
+        probe = torch.randn(len(modules) * 2, 3, features, dtype=params[0].dtype, device=params[0].device)
+        with torch.inference_mode():
+            together = stacked(probe)
+            alone = _PerVariant(modules)(probe)
+    except Exception:  # a layer whose weights do not broadcast this way
+        return _PerVariant(modules)
+    if together.shape == alone.shape and torch.equal(together, alone):
+        return stacked
+    return _PerVariant(modules)
+
+
 class _PerVariant(nn.Module):
     """Any other layer with weights: each variant's own module on its rows (norms, embeddings...)."""
 
@@ -289,11 +350,16 @@ def stack_models(models: Sequence[nn.Module], linear: str = "bmm") -> nn.Module 
     for name, module in first.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in replaced):
             continue
+        group = [modules[name] for modules in per_model]
         if isinstance(module, nn.Linear):
-            layers = [modules[name] for modules in per_model]
-            new: nn.Module = _StackedLinear(layers) if linear == "bmm" else _LinearPerVariant(layers)
+            new: nn.Module = _StackedLinear(group) if linear == "bmm" else _LinearPerVariant(group)
+        elif type(module) is nn.Embedding and module.max_norm is None:
+            new = _StackedEmbedding(group)
         elif any(True for _ in module.parameters(recurse=False)):
-            new = _PerVariant([modules[name] for modules in per_model])
+            if next(module.children(), None) is None and linear == "bmm":
+                new = _elementwise_stack(group)
+            else:
+                new = _PerVariant(group)
         else:
             continue
         parent, _, attr = name.rpartition(".")
@@ -363,10 +429,13 @@ class DecodeState:
     Args:
         tokens (`list[list[int]]`): Per variant, the new token ids (an end-of-sequence token included).
         finished (`list[bool]`): Per variant, whether it has stopped (end-of-sequence or `max_new_tokens`).
+        nll (`list[list[list[float]]]`, *optional*): With `decode(..., cross_score=True)`: `nll[v][j]`, each new token
+            of variant `j`'s text so far, its negative log-likelihood under variant `v`'s model; `None` otherwise.
     """
 
     tokens: list[list[int]]
     finished: list[bool] = field(default_factory=list)
+    nll: list[list[list[float]]] | None = None
 
 
 def decode(
@@ -379,6 +448,7 @@ def decode(
     top_p: float = 1.0,
     seed: int = 0,
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    cross_score: bool = False,
 ) -> Iterator[DecodeState]:
     """Decode every variant of `batch` from the same prompt in lockstep: one batched forward pass per token.
 
@@ -395,6 +465,10 @@ def decode(
         top_p (`float`, *optional*, defaults to 1.0): Nucleus mass when sampling.
         seed (`int`, *optional*, defaults to 0): Seed of every variant's sampler.
         eos_token_ids (`set[int]`, *optional*): Tokens that end a variant's text.
+        cross_score (`bool`, *optional*, defaults to `False`): Also score every variant's text under every variant's
+            model while decoding (`DecodeState.nll`, what [`score_continuations`] gives for the texts): the batch
+            then holds `n` rows per variant, row `j` of variant `v` following variant `j`'s text, so the score
+            matrix costs no pass of its own (at this size a step's cost barely grows with the rows).
 
     Yields:
         `DecodeState`: after every token (the same object, updated).
@@ -413,10 +487,16 @@ def decode(
     input_ids = input_ids.to(batch.device)
     history = [input_ids for _ in range(n)]
     state = DecodeState(tokens=[[] for _ in range(n)], finished=[False] * n)
+    # Rows per variant: 1, or n with cross_score (row v * n + j: variant j's text under variant v's model).
+    per = n if cross_score else 1
+    if cross_score:
+        state.nll = [[[] for _ in range(n)] for _ in range(n)]
     cache = batch.new_cache()
-    step_input = input_ids.expand(n, -1)
+    step_input = input_ids.expand(n * per, -1)
     for step in range(max_new_tokens):
-        logits = batch.forward(step_input, cache, last_only=True)[:, -1, :].float()
+        all_logits = batch.forward(step_input, cache, last_only=True)[:, -1, :].float()
+        # Each variant's own text is decoded from its own row (v * n + v with cross_score).
+        logits = all_logits[:: per + 1] if cross_score else all_logits
         if greedy:
             chosen = logits.argmax(dim=-1).tolist()
         else:
@@ -440,12 +520,20 @@ def decode(
                 state.finished[v] = True
             elif not greedy:
                 history[v] = torch.cat([history[v], history[v].new_tensor([[token]])], dim=-1)
+        if cross_score:
+            # The same float32 NLL `score_continuations` takes from the full-sequence logits (cross-entropy).
+            fed = torch.tensor(feed, device=all_logits.device).repeat(n)
+            token_nll = F.cross_entropy(all_logits, fed, reduction="none").double().cpu().view(n, n).tolist()
+            for j in range(n):
+                if len(state.tokens[j]) == step + 1:  # text j got a token at this step
+                    for v in range(n):
+                        state.nll[v][j].append(token_nll[v][j])
         if step == max_new_tokens - 1:
             state.finished = [True] * n
         yield state
         if all(state.finished):
             return
-        step_input = torch.tensor(feed, device=batch.device).unsqueeze(1)
+        step_input = torch.tensor(feed * per, device=batch.device).unsqueeze(1)
 
 
 @torch.inference_mode()

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from hf_ema import ConfigError, ConfigTypeError, HfEmaError
 
 from .batching import decode, score_continuations
@@ -218,6 +220,7 @@ def stream_comparison(
         top_p=settings.top_p,
         seed=settings.seed,
         eos_token_ids=pair.eos_token_ids,
+        cross_score=True,  # the score matrix comes out of the decoding passes (see `decode`)
     ):
         for (i, _), tokens in zip(built, state.tokens):
             result.panes[i].tokens = list(tokens)
@@ -227,12 +230,12 @@ def stream_comparison(
 
     result.status = "scoring"
     texts = [result.panes[i].tokens for i, _ in built]
-    continuations = texts + ([reference_ids] if reference_ids else [])
-    nll, per_token = score_continuations(batch, prompt_ids, continuations)
+    per_token = state.nll  # per_token[a][b]: each token of pane b's text under pane a's model
     result.scored = [i for i, _ in built]
-    result.nll = [[float(nll[a, b]) for b in range(len(texts))] for a in range(len(built))]
+    result.nll = [[float(torch.tensor(row, dtype=torch.float64).mean()) for row in rows] for rows in per_token]
     if reference_ids:
-        result.reference_nll = [float(nll[a, len(texts)]) for a in range(len(built))]
+        reference_nll, _ = score_continuations(batch, prompt_ids, [reference_ids])
+        result.reference_nll = [float(reference_nll[a, 0]) for a in range(len(built))]
     for a, (i, _) in enumerate(built):
         pane = result.panes[i]
         pane.pieces = token_pieces(tokenizer, pane.tokens)

@@ -144,7 +144,7 @@ def test_page_greedy_panes_equal_direct_generation(full_run, full_app, browser):
 def test_page_checkpoint_picker_switches_models(full_run, full_app, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(full_app)
-    page.get_by_label("checkpoint").click()
+    page.get_by_label("checkpoint", exact=True).click()
     page.get_by_role("option", name="checkpoint-4").click()
     page.wait_for_function("document.querySelector('#ema-info').innerText.includes('EMA step 4')", timeout=30_000)
     pair = load_pair(find_checkpoints(full_run / "checkpoint-4")[0], device="cpu")
@@ -437,7 +437,7 @@ def test_page_variant_errors_show_in_their_panes_and_keep_serving(full_run, brow
         demo.close()
 
 
-def test_server_log_one_line_for_rejected_requests_and_no_deprecation(full_app, capfd):
+def test_server_log_one_line_for_rejected_requests_and_no_deprecation(full_app, capfd, caplog):
     """A request Gradio's own checks reject logs one line (no traceback); decoding logs no deprecation warning."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
@@ -446,8 +446,10 @@ def test_server_log_one_line_for_rejected_requests_and_no_deprecation(full_app, 
     capfd.readouterr()
     client.predict(prompt=PROMPT, max_new_tokens=4, greedy=True, api_name="/generate")
     with pytest.raises(AppError, match="not in the list of choices"):
-        client.predict("checkpoint-99", PROMPT, api_name="/compare")
+        pane = ["raw", 0.15, 3, "mean", "checkpoint-4"]
+        client.predict("checkpoint-99", PROMPT, "", 4, 0.8, 0.95, 0, True, *pane * 4, api_name="/compare")
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     assert "past_key_values" not in err and "FutureWarning" not in err, err
-    assert err.count("rejected a compare request") == 1, err
+    rejected = [r for r in caplog.records if "rejected a compare request" in r.getMessage()]
+    assert len(rejected) == 1 and "not in the list of choices" in rejected[0].getMessage()

@@ -10,6 +10,7 @@ from typing import Any
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
 from ..errors import CheckpointError, ConfigTypeError
 from ..utils.jsonio import read_json
+from ..utils.validation import is_number
 
 __all__ = [
     "CARD_NAME",
@@ -56,10 +57,6 @@ def locate_ema_folder(path: str | os.PathLike) -> tuple[Path, Path | None]:
     )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _split_key(key: str) -> tuple[str, str]:
     """`eval_loss` -> (`loss`, raw); `eval_ema_loss` -> (`loss`, ema); `eval_val_ema_loss` -> (`val_loss`, ema)."""
     rest = key[len("eval_") :]
@@ -76,7 +73,7 @@ def _pair_metrics(flat: dict[str, Any]) -> dict[str, dict[str, float]]:
     """`{"eval_loss": a, "eval_ema_loss": b}` -> `{"loss": {"raw": a, "ema": b}}`."""
     out: dict[str, dict[str, float]] = {}
     for key, value in flat.items():
-        if not key.startswith("eval_") or not _is_number(value):
+        if not key.startswith("eval_") or not is_number(value):
             continue
         name, kind = _split_key(key)
         if any(name == skip or name.endswith(f"_{skip}") for skip in _NOT_METRICS):
@@ -104,7 +101,7 @@ def eval_metrics_from_log_history(log_history: Iterable[dict[str, Any]], step: i
         entry_step = entry.get("step")
         if not isinstance(entry_step, int) or (step is not None and entry_step > step):
             continue
-        evals = {k: v for k, v in entry.items() if k.startswith("eval_") and _is_number(v)}
+        evals = {k: v for k, v in entry.items() if k.startswith("eval_") and is_number(v)}
         if evals:
             by_step.setdefault(entry_step, {}).update(evals)
     with_ema = [s for s, flat in by_step.items() if any(_split_key(k)[1] == "ema" for k in flat)]
