@@ -8,7 +8,8 @@ first. Every variant is built (reconstructed, merged, loaded, stacked) before ti
 interleaved rounds (1, 2, 4, 1, 2, 4...), so a slow spell of the machine hits every case alike.
 
 For full models the app runs the variants as one stacked model (`serve.batching.stack_models`, linear layers as
-one batched matmul); the alternatives measured in the same run, through the same request path, are: the stacked
+one batched matmul, q/k/v and gate/up fused, `weight @ x` at decoding steps), and takes the score matrix's diagonal
+from the decoding logits; the alternatives measured in the same run, through the same request path, are: the stacked
 model with each variant's own linear layer on its rows (`linear="per-variant"`, no weight copy), one forward pass
 per variant (`SequentialVariants`), and `torch.func.stack_module_state` + `functional_call` under `vmap` (which
 cannot grow a KV cache under `vmap`, so it recomputes the whole prefix at each token).
@@ -16,8 +17,8 @@ cannot grow a KV cache under `vmap`, so it recomputes the whole prefix at each t
 Reading the figures: LoRA variants share the base model, so a batch of them reads the base weights once per token
 and the extra variants cost little. Full-model variants each bring their own weights: at the demo model's size the
 decoding step is bound by reading the weights (the batched matmul reads four sets instead of one), and the score
-matrix grows as the square of the number of panes (4 texts under 4 models is 16 scored sequences), so four full
-variants cost more than twice one.
+matrix grows as the square of the number of panes (4 texts under 4 models: 12 scored sequences besides the
+diagonal the decoding already gave).
 
 Usage:
     python benchmarks/serve_latency.py [--output-dir runs/serve-latency] [--rounds 15] [--max-new-tokens 64]

@@ -23,7 +23,7 @@ from .errors import CheckpointError, ConfigError
 from .model_ema import ModelEMA
 from .selection import is_peft_model
 from .sharding.base import FlatPiece, ShardedLayoutBase, ShardLayout, comm_device, dist_ready
-from .sharding.rank_files import load_rank_shard
+from .sharding.rank_files import read_rank_shard
 from .utils.atomic import atomic_folder, recover_folder
 from .utils.jsonio import read_json, write_json
 from .utils.paths import EMA_DIRNAME, STATE_NAME, TENSORS_NAME
@@ -714,8 +714,9 @@ def _read_full_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_format1(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    if load_rank_shard(ema, folder, meta):
-        return None
+    own = read_rank_shard(ema, folder, meta)
+    if own is not None:
+        return own
     full = _read_full_tensors(folder)
     tensors: dict[str, torch.Tensor] = {}
     for name, local in zip(ema.names + ema.copied_names, ema.shadow + ema.copied):

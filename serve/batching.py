@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
+import math
+import threading
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,8 +200,8 @@ class _StackedLinear(nn.Module):
         self.n = len(layers)
         self.in_features = layers[0].in_features
         self.out_features = layers[0].out_features
-        # (n, in, out): the batched matmul needs each variant's weight transposed.
-        self.weight_t = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]), requires_grad=False)
+        # (n, out, in), each variant's weight as `nn.Linear` holds it.
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]), requires_grad=False)
         if layers[0].bias is None:
             self.bias = None
         else:
@@ -209,11 +211,85 @@ class _StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         blocks = x.reshape(self.n, -1, shape[-1])  # variant-major rows -> (n, rows * positions, in)
-        if self.bias is None:
-            out = torch.bmm(blocks, self.weight_t)
+        if blocks.shape[1] == 1:
+            # One row per variant (a decoding step): `weight @ x` reads each weight row by row, contiguously; with
+            # 2-4 variants this is 1.2-1.5x faster per decoding step than `x @ weight.T` (benchmarks/serve_latency.py).
+            col = blocks.transpose(1, 2)
+            if self.bias is None:
+                out = torch.bmm(self.weight, col)
+            else:
+                out = torch.baddbmm(self.bias.transpose(1, 2), self.weight, col)
+            out = out.transpose(1, 2)
+        elif self.bias is None:
+            out = torch.bmm(blocks, self.weight.transpose(1, 2))
         else:
-            out = torch.baddbmm(self.bias, blocks, self.weight_t)
+            out = torch.baddbmm(self.bias, blocks, self.weight.transpose(1, 2))
         return out.reshape(*shape[:-1], self.out_features)
+
+
+#: Sibling linear layers that read the same input in the usual decoder blocks (attention's q/k/v, the gated MLP's
+#: gate/up): a stacked model runs each group as one batched matmul.
+_FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _FusedLinears:
+    """Stacked linear layers that read the same input, run as one batched matmul on their concatenated weights.
+
+    The model calls each layer on its own ([`_FusedMember`]); the first call computes every layer's output for
+    that input and keeps the others until they are asked for. A call with another input (an architecture that
+    feeds them different tensors) just computes again, so the result is always each layer's own.
+    """
+
+    def __init__(self, layers: Sequence[_StackedLinear]) -> None:
+        self.linear = _StackedLinear.__new__(_StackedLinear)
+        nn.Module.__init__(self.linear)
+        self.linear.n = layers[0].n
+        self.linear.in_features = layers[0].in_features
+        self.linear.out_features = sum(layer.out_features for layer in layers)
+        self.linear.weight = nn.Parameter(torch.cat([layer.weight for layer in layers], dim=1), requires_grad=False)
+        self.linear.bias = None
+        if layers[0].bias is not None:
+            self.linear.bias = nn.Parameter(torch.cat([layer.bias for layer in layers], dim=2), requires_grad=False)
+        self.sizes = [layer.out_features for layer in layers]
+        self.local = threading.local()  # requests run in threads; each has its own pending outputs
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        pending = getattr(self.local, "pending", None)
+        if pending is None or pending[0] is not x or index not in pending[1]:
+            parts = self.linear(x).split(self.sizes, dim=-1)
+            pending = (x, dict(enumerate(parts)))
+        out = pending[1].pop(index)
+        self.local.pending = pending if pending[1] else None  # nothing kept once every layer has its output
+        return out
+
+
+class _FusedMember(nn.Module):
+    """One layer of a [`_FusedLinears`] group, where the model calls it."""
+
+    def __init__(self, group: _FusedLinears, index: int, layer: _StackedLinear) -> None:
+        super().__init__()
+        self.group = group
+        self.index = index
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        if index == 0:
+            self.fused = group.linear  # registered once, so `parameters()` and `.to()` see the fused weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x, self.index)
+
+
+def _fuse_siblings(model: nn.Module) -> None:
+    for parent in model.modules():
+        for names in _FUSE_GROUPS:
+            layers = [getattr(parent, name, None) for name in names]
+            if not all(type(layer) is _StackedLinear for layer in layers):
+                continue
+            if len({layer.in_features for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1:
+                continue
+            group = _FusedLinears(layers)
+            for index, (name, layer) in enumerate(zip(names, layers)):
+                setattr(parent, name, _FusedMember(group, index, layer))
 
 
 class _LinearPerVariant(nn.Module):
@@ -365,6 +441,8 @@ def stack_models(models: Sequence[nn.Module], linear: str = "bmm") -> nn.Module 
         parent, _, attr = name.rpartition(".")
         setattr(skeleton.get_submodule(parent) if parent else skeleton, attr, new)
         replaced.append(name)
+    if linear == "bmm":
+        _fuse_siblings(skeleton)
     skeleton.eval()
     if not _check_stack(skeleton, models):
         return None
@@ -429,13 +507,13 @@ class DecodeState:
     Args:
         tokens (`list[list[int]]`): Per variant, the new token ids (an end-of-sequence token included).
         finished (`list[bool]`): Per variant, whether it has stopped (end-of-sequence or `max_new_tokens`).
-        nll (`list[list[list[float]]]`, *optional*): With `decode(..., cross_score=True)`: `nll[v][j]`, each new token
-            of variant `j`'s text so far, its negative log-likelihood under variant `v`'s model; `None` otherwise.
+        own_nll (`list[list[float]]`, *optional*): With `decode(..., score_own=True)`: per variant, each new token's
+            negative log-likelihood under the variant's own model (temperature 1); `None` otherwise.
     """
 
     tokens: list[list[int]]
     finished: list[bool] = field(default_factory=list)
-    nll: list[list[list[float]]] | None = None
+    own_nll: list[list[float]] | None = None
 
 
 def decode(
@@ -448,7 +526,7 @@ def decode(
     top_p: float = 1.0,
     seed: int = 0,
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
-    cross_score: bool = False,
+    score_own: bool = False,
 ) -> Iterator[DecodeState]:
     """Decode every variant of `batch` from the same prompt in lockstep: one batched forward pass per token.
 
@@ -465,10 +543,9 @@ def decode(
         top_p (`float`, *optional*, defaults to 1.0): Nucleus mass when sampling.
         seed (`int`, *optional*, defaults to 0): Seed of every variant's sampler.
         eos_token_ids (`set[int]`, *optional*): Tokens that end a variant's text.
-        cross_score (`bool`, *optional*, defaults to `False`): Also score every variant's text under every variant's
-            model while decoding (`DecodeState.nll`, what [`score_continuations`] gives for the texts): the batch
-            then holds `n` rows per variant, row `j` of variant `v` following variant `j`'s text, so the score
-            matrix costs no pass of its own (at this size a step's cost barely grows with the rows).
+        score_own (`bool`, *optional*, defaults to `False`): Also keep each token's negative log-likelihood under its
+            own variant's model (`DecodeState.own_nll`), taken from the decoding logits: the diagonal of the score
+            matrix, which [`score_continuations`] can then skip.
 
     Yields:
         `DecodeState`: after every token (the same object, updated).
@@ -487,16 +564,12 @@ def decode(
     input_ids = input_ids.to(batch.device)
     history = [input_ids for _ in range(n)]
     state = DecodeState(tokens=[[] for _ in range(n)], finished=[False] * n)
-    # Rows per variant: 1, or n with cross_score (row v * n + j: variant j's text under variant v's model).
-    per = n if cross_score else 1
-    if cross_score:
-        state.nll = [[[] for _ in range(n)] for _ in range(n)]
+    if score_own:
+        state.own_nll = [[] for _ in range(n)]
     cache = batch.new_cache()
-    step_input = input_ids.expand(n * per, -1)
+    step_input = input_ids.expand(n, -1)
     for step in range(max_new_tokens):
-        all_logits = batch.forward(step_input, cache, last_only=True)[:, -1, :].float()
-        # Each variant's own text is decoded from its own row (v * n + v with cross_score).
-        logits = all_logits[:: per + 1] if cross_score else all_logits
+        logits = batch.forward(step_input, cache, last_only=True)[:, -1, :].float()
         if greedy:
             chosen = logits.argmax(dim=-1).tolist()
         else:
@@ -508,6 +581,13 @@ def decode(
                 scores = warpers(history[v], logits[v : v + 1])
                 probs = torch.softmax(scores, dim=-1).cpu()
                 chosen.append(int(torch.multinomial(probs, num_samples=1, generator=generators[v])))
+        if score_own:
+            # The float32 cross-entropy `score_continuations` takes, here from the decoding step's logits.
+            target = torch.tensor([0 if state.finished[v] else int(chosen[v]) for v in range(n)], device=logits.device)
+            own = F.cross_entropy(logits, target, reduction="none").double().cpu().tolist()
+            for v in range(n):
+                if not state.finished[v]:
+                    state.own_nll[v].append(own[v])
         feed = []
         for v in range(n):
             if state.finished[v]:
@@ -520,25 +600,21 @@ def decode(
                 state.finished[v] = True
             elif not greedy:
                 history[v] = torch.cat([history[v], history[v].new_tensor([[token]])], dim=-1)
-        if cross_score:
-            # The same float32 NLL `score_continuations` takes from the full-sequence logits (cross-entropy).
-            fed = torch.tensor(feed, device=all_logits.device).repeat(n)
-            token_nll = F.cross_entropy(all_logits, fed, reduction="none").double().cpu().view(n, n).tolist()
-            for j in range(n):
-                if len(state.tokens[j]) == step + 1:  # text j got a token at this step
-                    for v in range(n):
-                        state.nll[v][j].append(token_nll[v][j])
         if step == max_new_tokens - 1:
             state.finished = [True] * n
         yield state
         if all(state.finished):
             return
-        step_input = torch.tensor(feed * per, device=batch.device).unsqueeze(1)
+        step_input = torch.tensor(feed, device=batch.device).unsqueeze(1)
 
 
 @torch.inference_mode()
 def score_continuations(
-    batch: VariantBatch, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+    batch: VariantBatch,
+    prompt_ids: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    *,
+    skip: Collection[tuple[int, int]] = frozenset(),
 ) -> tuple[torch.Tensor, list[list[list[float]]]]:
     """Negative log-likelihood of each continuation of the prompt under each variant.
 
@@ -551,6 +627,9 @@ def score_continuations(
         batch (`VariantBatch`): The variants.
         prompt_ids (`Sequence[int]`): The prompt's token ids (at least one).
         continuations (`Sequence[Sequence[int]]`): Token ids to score, each non-empty.
+        skip (`Collection[tuple[int, int]]`, *optional*): `(variant, continuation)` pairs not to score (already known,
+            such as each variant's own text from [`decode`]`(..., score_own=True)`): their entry is NaN and their
+            token list empty.
 
     Returns:
         `tuple`: the mean NLL matrix `(variants, continuations)` (float64) and, per variant and continuation, each
@@ -559,7 +638,7 @@ def score_continuations(
     if not prompt_ids:
         raise ConfigError("`prompt_ids` must hold at least one token, got none")
     n = batch.n
-    nll = torch.zeros(n, len(continuations), dtype=torch.float64)
+    nll = torch.full((n, len(continuations)), math.nan, dtype=torch.float64)
     per_token: list[list[list[float]]] = [[[] for _ in continuations] for _ in range(n)]
     by_length: dict[int, list[int]] = {}
     for j, cont in enumerate(continuations):
@@ -571,19 +650,22 @@ def score_continuations(
     start = len(prompt_ids) - 1
     for length, members in by_length.items():
         total = len(prompt_ids) + length
+        wanted = [[j for j in members if (v, j) not in skip] for v in range(n)]
         per_pass = max(1, _SCORE_LOGITS_BUDGET // (n * total * vocab))
-        for first in range(0, len(members), per_pass):
-            chunk = members[first : first + per_pass]
-            rows = torch.tensor([list(prompt_ids) + list(continuations[j]) for j in chunk], device=batch.device)
-            ids = rows.repeat(n, 1)  # variant-major: the chunk's rows once per variant
+        for first in range(0, max(len(w) for w in wanted), per_pass):
+            chunks = [w[first : first + per_pass] for w in wanted]
+            k = max(len(c) for c in chunks)
+            # Variant-major, k rows per variant; a variant with fewer rows to score repeats one (output ignored).
+            rows = [list(prompt_ids) + list(continuations[j]) for c in chunks for j in c + [members[0]] * (k - len(c))]
+            ids = torch.tensor(rows, device=batch.device)
             logits = batch.forward(ids, None).float()
             pred = logits[:, start : total - 1, :]
             target = ids[:, len(prompt_ids) :]
             token_nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
             token_nll = token_nll.reshape(ids.shape[0], length).double().cpu()
-            for v in range(n):
+            for v, chunk in enumerate(chunks):
                 for a, j in enumerate(chunk):
-                    row = token_nll[v * len(chunk) + a]
+                    row = token_nll[v * k + a]
                     nll[v, j] = row.mean()
                     per_token[v][j] = row.tolist()
     return nll, per_token

@@ -220,7 +220,7 @@ def stream_comparison(
         top_p=settings.top_p,
         seed=settings.seed,
         eos_token_ids=pair.eos_token_ids,
-        cross_score=True,  # the score matrix comes out of the decoding passes (see `decode`)
+        score_own=True,  # the score matrix's diagonal, from the decoding logits
     ):
         for (i, _), tokens in zip(built, state.tokens):
             result.panes[i].tokens = list(tokens)
@@ -230,12 +230,17 @@ def stream_comparison(
 
     result.status = "scoring"
     texts = [result.panes[i].tokens for i, _ in built]
-    per_token = state.nll  # per_token[a][b]: each token of pane b's text under pane a's model
+    continuations = texts + ([reference_ids] if reference_ids else [])
+    own = {(a, a) for a in range(len(texts))}  # each text under its own model: already scored while decoding
+    nll, per_token = score_continuations(batch, prompt_ids, continuations, skip=own)
+    nll = nll.clone()  # scoring made an inference tensor, which cannot be written to here
+    for a, token_nll in enumerate(state.own_nll):
+        nll[a, a] = torch.tensor(token_nll, dtype=torch.float64).mean()
+        per_token[a][a] = token_nll
     result.scored = [i for i, _ in built]
-    result.nll = [[float(torch.tensor(row, dtype=torch.float64).mean()) for row in rows] for rows in per_token]
+    result.nll = [[float(nll[a, b]) for b in range(len(texts))] for a in range(len(built))]
     if reference_ids:
-        reference_nll, _ = score_continuations(batch, prompt_ids, [reference_ids])
-        result.reference_nll = [float(reference_nll[a, 0]) for a in range(len(built))]
+        result.reference_nll = [float(nll[a, len(texts)]) for a in range(len(built))]
     for a, (i, _) in enumerate(built):
         pane = result.panes[i]
         pane.pieces = token_pieces(tokenizer, pane.tokens)

@@ -61,3 +61,36 @@ def test_every_public_name_is_in_the_api_reference():
     page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "api.md").read_text()
     documented = set(re.findall(r"^::: hf_ema\.(\w+)$", page, re.M))
     assert set(hf_ema.__all__) - {"__version__"} <= documented, sorted(set(hf_ema.__all__) - documented)
+
+
+def test_wheel_installs_only_the_hf_ema_namespace(tmp_path):
+    """`pip install hf-ema` adds no top-level module but `hf_ema`: the app (`serve/` in the repository) ships as
+    `hf_ema.app`, found by the CLI through the `hf_ema.apps` entry point."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (wheel,) = tmp_path.glob("hf_ema-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level == {"hf_ema", f"hf_ema-{__version__}.dist-info"}, top_level
+    assert "hf_ema/app/launch.py" in names and "hf_ema/app/app.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(f"hf_ema-{__version__}.dist-info/entry_points.txt").decode()
+    assert "[hf_ema.apps]" in entry_points and "serve = hf_ema.app.launch" in entry_points

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SHARDS_DIRNAME",
-    "load_rank_shard",
+    "read_rank_shard",
     "rank_file_name",
     "rank_shard_path",
     "save_file_atomic",
@@ -77,8 +77,8 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return path
 
 
-def load_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> bool:
-    """Restore this rank's EMA shards from a format-1 `folder/shards/` when they fit; not a collective.
+def read_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """This rank's EMA shards from a format-1 `folder/shards/` file, when they fit this EMA; not a collective.
 
     Args:
         ema (`ModelEMA`): The EMA to restore.
@@ -86,44 +86,35 @@ def load_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, An
         meta (`dict`): The folder's `ema_state.json`.
 
     Returns:
-        `bool`: whether the shards were loaded (`False`: the caller re-shards the full weights).
+        `dict` or `None`: the tensors by name, or `None` when they do not fit (the caller re-shards the full weights).
     """
     layout = ema.layout
     if not layout.is_sharded:
-        return False
+        return None
     path = rank_shard_path(folder, layout.rank, layout.world_size)
     if not path.is_file():
         if meta.get("layout") == layout.kind and meta.get("world_size") == layout.world_size:
             logger.warning("EMA shard file %s is missing; re-sharding the full EMA weights instead", path)
-        return False
+        return None
     with safe_open(str(path), framework="pt") as f:
         info = f.metadata() or {}
         if info.get("layout") != layout.kind or info.get("world_size") != str(layout.world_size):
-            return False
+            return None
         if info.get("step") != str(meta.get("step")):
             logger.warning(
                 "EMA shard file %s is from step %s, not %s; ignoring it", path, info.get("step"), meta["step"]
             )
-            return False
+            return None
         keys = set(f.keys())
         names = ema.names + ema.copied_names
         if not set(names) <= keys:
-            return False
+            return None
         tensors: dict[str, torch.Tensor] = {}
         for name, dst in zip(names, ema.shadow + ema.copied):
             src = f.get_tensor(name)
             if tuple(src.shape) != tuple(dst.shape):
                 # Another wrapping of the model (e.g. another FSDP auto-wrap policy): shards do not line up.
                 logger.info("EMA shard %s has shape %s here, %s in %s; re-sharding", name, dst.shape, src.shape, path)
-                return False
+                return None
             tensors[name] = src
-    ema.load_state_dict(
-        {
-            "tensors": tensors,
-            "step": meta["step"],
-            "num_updates": meta["num_updates"],
-            "num_skipped": meta.get("num_skipped", 0),
-            "decay": meta.get("decay"),
-        }
-    )
-    return True
+    return tensors
