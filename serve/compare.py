@@ -214,13 +214,9 @@ def stream_comparison(
     for state in decode(
         batch,
         input_ids,
-        max_new_tokens=settings.max_new_tokens,
-        greedy=settings.greedy,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        seed=settings.seed,
         eos_token_ids=pair.eos_token_ids,
         score_own=True,  # the score matrix's diagonal, from the decoding logits
+        **settings.decode_kwargs(),
     ):
         for (i, _), tokens in zip(built, state.tokens):
             result.panes[i].tokens = list(tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,6 +89,16 @@ class GenerationSettings:
         self.temperature = _as_float("temperature", self.temperature, 0.0, 5.0, low_open=True)
         self.top_p = _as_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
 
+    def decode_kwargs(self) -> dict[str, Any]:
+        """The arguments of `serve.batching.decode` these settings fix."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "greedy": self.greedy,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
 
 def validate_prompt(prompt) -> str:
     """Check that `prompt` is a non-empty string and return it.
@@ -143,16 +154,7 @@ def stream_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | Non
     prompt = validate_prompt(prompt)
     input_ids = encode_prompt(pair, prompt, settings)
     batch = pair_batch(pair)
-    for state in decode(
-        batch,
-        input_ids,
-        max_new_tokens=settings.max_new_tokens,
-        greedy=settings.greedy,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        seed=settings.seed,
-        eos_token_ids=pair.eos_token_ids,
-    ):
+    for state in decode(batch, input_ids, eos_token_ids=pair.eos_token_ids, **settings.decode_kwargs()):
         yield tuple(pair.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in state.tokens)
 
 
