@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import shutil
 import struct
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .utils.jsonio import read_json
+from .utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step
 
 __all__ = [
     "WeightFolder",
@@ -148,7 +148,7 @@ class WeightFolder:
 
 
 def _infer_step(folder: Path) -> int | None:
-    for name, key in (("ema_state.json", "step"), ("trainer_state.json", "global_step")):
+    for name, key in ((STATE_NAME, "step"), (TRAINER_STATE_NAME, "global_step")):
         path = folder / name
         if path.is_file():
             try:
@@ -158,9 +158,9 @@ def _infer_step(folder: Path) -> int | None:
             if isinstance(value, int):
                 return value
     for candidate in (folder, folder.parent):
-        match = re.fullmatch(r"checkpoint-(\d+)", candidate.name)
-        if match:
-            return int(match.group(1))
+        step = checkpoint_step(candidate)
+        if step is not None:
+            return step
     return None
 
 

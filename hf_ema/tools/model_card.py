@@ -10,6 +10,7 @@ from typing import Any
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
 from ..errors import CheckpointError, ConfigTypeError
 from ..utils.jsonio import read_json
+from ..utils.paths import TRAINER_STATE_NAME, checkpoint_dir
 from ..utils.validation import is_number
 
 __all__ = [
@@ -47,8 +48,10 @@ def locate_ema_folder(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if (path / STATE_NAME).is_file():
         parent = path.parent
         step = read_ema_state(path).get("step")
-        state_files = ["trainer_state.json", f"checkpoint-{step}/trainer_state.json", *RESULT_FILES]
-        return path, (parent if any((parent / name).is_file() for name in state_files) else None)
+        state_files = [parent / TRAINER_STATE_NAME, *(parent / name for name in RESULT_FILES)]
+        if isinstance(step, int):
+            state_files.append(checkpoint_dir(parent, step) / TRAINER_STATE_NAME)
+        return path, (parent if any(f.is_file() for f in state_files) else None)
     if (path / EMA_DIRNAME / STATE_NAME).is_file():
         return path / EMA_DIRNAME, path
     raise CheckpointError(
@@ -154,7 +157,9 @@ def read_eval_metrics(ema_dir: str | os.PathLike, run_dir: str | os.PathLike | N
         found.append({"step": step, "metrics": _pair_metrics(flat), "source": f"`{EMA_DIRNAME}/{STATE_NAME}`"})
     if run_dir is not None:
         run_dir = Path(run_dir)
-        state_files = [run_dir / "trainer_state.json", run_dir / f"checkpoint-{step}" / "trainer_state.json"]
+        state_files = [run_dir / TRAINER_STATE_NAME]
+        if isinstance(step, int):
+            state_files.append(checkpoint_dir(run_dir, step) / TRAINER_STATE_NAME)
         for state_file in state_files:
             data = _read_json(state_file)
             if data is None:

@@ -12,13 +12,12 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.jsonio import read_json
+from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step
 
 __all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run"]
 
-TRAINER_STATE_NAME = "trainer_state.json"
 #: Keys `EMACallback(stability_metrics=...)` logs, plotted in the second panel.
 STABILITY_KEYS = ("ema_rel_distance", "ema_osc_frac", "ema_osc_freq_mean")
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _EMA_LOSS_RE = re.compile(r"^(eval(?:_.+)?)_ema_loss$")
 
 
@@ -50,10 +49,9 @@ def find_trainer_state(run_dir: str | os.PathLike) -> Path:
     if own.is_file():
         candidates.append((_global_step(own), 1, own))
     for child in run_dir.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and (child / TRAINER_STATE_NAME).is_file():
+        if checkpoint_step(child) is not None and (child / TRAINER_STATE_NAME).is_file():
             candidates.append((_global_step(child / TRAINER_STATE_NAME), 0, child / TRAINER_STATE_NAME))
-    if not candidates and (run_dir / "ema_state.json").is_file():
+    if not candidates and (run_dir / STATE_NAME).is_file():
         # An `ema/` folder: the history is its checkpoint's (or run's).
         return find_trainer_state(run_dir.parent)
     if not candidates:
@@ -159,8 +157,9 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
             label="eval_loss",
         )
     best = history["best_model_checkpoint"]
-    if best and _CHECKPOINT_RE.match(Path(best).name):
-        ax.axvline(int(Path(best).name.split("-")[1]), color="0.4", ls=":", lw=1, label="best checkpoint")
+    best_step = checkpoint_step(best) if best else None
+    if best_step is not None:
+        ax.axvline(best_step, color="0.4", ls=":", lw=1, label="best checkpoint")
     ax.set_ylabel("loss")
     ax.set_title(f"raw vs EMA: {Path(run_dir).resolve().name} (step {history['global_step']})")
     ax.grid(alpha=0.3)

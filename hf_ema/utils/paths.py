@@ -20,9 +20,7 @@ __all__ = [
     "checkpoint_step",
     "is_ema_folder",
     "is_run_folder",
-    "is_same_or_nested",
     "list_checkpoints",
-    "posthoc_step_dir",
     "posthoc_step",
 ]
 
@@ -74,11 +72,6 @@ def posthoc_step(path: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def posthoc_step_dir(root: str | os.PathLike, step: int) -> Path:
-    """`<root>/step-<step>`: the snapshots taken at `step`."""
-    return Path(root) / f"step-{step}"
-
-
 def is_ema_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is an `ema/` folder written by hf-ema (it holds `ema_state.json`)."""
     return (Path(path) / STATE_NAME).is_file()
@@ -95,9 +88,3 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     if (path / EMA_DIRNAME / STATE_NAME).is_file() and not (path / MARKER_NAME).is_file():
         return True
     return bool(list_checkpoints(path))
-
-
-def is_same_or_nested(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether `a` and `b` are the same folder or one lies inside the other (after resolving links)."""
-    ra, rb = Path(a).resolve(), Path(b).resolve()
-    return ra == rb or ra in rb.parents or rb in ra.parents
