@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import weakref
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ..model_ema import ModelEMA
 from ..posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
 from ..selection import select_tensors, unwrap_model
 from ..stability import StabilityConfig, StabilityMonitor
-from ..utils.atomic import leftover_folders, recover_folder
+from ..utils.atomic import clean_leftovers, recover_folder
 from ..utils.paths import (
     EMA_DIRNAME,
     STABILITY_DIRNAME,
@@ -65,9 +64,7 @@ def _complete_checkpoints_text(output_dir: str | os.PathLike) -> str:
 def _remove_leftover_ema_writes(output_dir: str | os.PathLike) -> None:
     # Temporary folders of EMA writes a crash interrupted (ours: `.ema.tmp-*`, `.ema.old-*`), in every checkpoint.
     for checkpoint in [Path(output_dir), *list_checkpoints(output_dir)]:
-        recover_folder(checkpoint / EMA_DIRNAME)
-        for leftover in leftover_folders(checkpoint / EMA_DIRNAME):
-            shutil.rmtree(leftover, ignore_errors=True)
+        clean_leftovers(checkpoint / EMA_DIRNAME)
 
 
 class EMACallback(TrainerCallback):

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_folder", "commit_folder", "leftover_folders", "recover_folder", "temporary_name"]
+__all__ = ["atomic_folder", "clean_leftovers", "commit_folder", "leftover_folders", "recover_folder", "temporary_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,14 @@ def recover_folder(path: str | os.PathLike) -> bool:
     return True
 
 
-def _clean_leftovers(path: Path, keep: Path | None = None) -> None:
+def clean_leftovers(path: str | os.PathLike, keep: Path | None = None) -> None:
+    """Recover an interrupted replace of `path`, then remove the temporary folders interrupted writes left beside it.
+
+    Args:
+        path (`str` or `os.PathLike`): The folder.
+        keep (`Path`, *optional*): A temporary folder in use, left alone.
+    """
+    path = Path(path)
     recover_folder(path)
     for leftover in leftover_folders(path):
         if leftover != keep:
@@ -90,7 +97,7 @@ class atomic_folder:  # noqa: N801 - used as a context manager, reads like a fun
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(self.path, keep=self.tmp)
+        clean_leftovers(self.path, keep=self.tmp)
         self.tmp.mkdir(exist_ok=True)
         return self.tmp
 
