@@ -1,11 +1,17 @@
 """Latency of one app request for 1, 2 and 4 weight variants (full model and LoRA), and the batching alternatives.
 
 One request is what the app's Generate button runs (`serve.compare.compare`): greedy decoding of every pane from
-the same prompt, then the score matrix (every text under every model) and the token views. The variants are the
-panes the issue asks for: 1 = raw; 2 = raw + EMA; 4 = raw + EMA + post-hoc EMA sigma_rel=0.15 + mean of the last 3
-checkpoints, on short real runs of the demo model (`hf_ema.demo.train_tiny_run`, post-hoc snapshots on) trained
-first. Every variant is built (reconstructed, merged, loaded, stacked) before timing; the figures are the p50 of
-interleaved rounds (1, 2, 4, 1, 2, 4...), so a slow spell of the machine hits every case alike.
+the same prompt (64 new tokens), then the score matrix (every text under every model) and the token views. The
+variants are the panes the issue asks for: 1 = raw; 2 = raw + EMA; 4 = raw + EMA + post-hoc EMA sigma_rel=0.15 +
+mean of the last 3 checkpoints, on the run `hf-ema demo` trains (`hf_ema.demo.train_tiny_run` with its defaults:
+600 steps, post-hoc snapshots on), full and LoRA, trained first. On runs this long the panes' texts differ,
+mostly from the first tokens on, so the score matrix is real work (panes whose texts agree are scored once).
+Every variant is built (reconstructed, merged, loaded, stacked) before timing; each round cycles through four
+prompts, and the figures are the p50 of interleaved rounds (1, 2, 4, 1, 2, 4...), so a slow spell of the machine
+hits every case alike.
+
+Threads: "default" is what the app runs with (torch's default, one per core; a request on an idle server uses them
+all); "1" pins torch to one thread, the cost per core.
 
 For full models the app runs the variants as one stacked model (`serve.batching.stack_models`, linear layers as
 one batched matmul, q/k/v and gate/up fused, `weight @ x` at decoding steps), and takes the score matrix's diagonal
@@ -15,14 +21,15 @@ per variant (`SequentialVariants`), and `torch.func.stack_module_state` + `funct
 cannot grow a KV cache under `vmap`, so it recomputes the whole prefix at each token).
 
 Reading the figures: LoRA variants share the base model, so a batch of them reads the base weights once per token
-and the extra variants cost little. Full-model variants each bring their own weights: at the demo model's size the
-decoding step is bound by reading the weights (the batched matmul reads four sets instead of one), and the score
-matrix grows as the square of the number of panes (4 texts under 4 models: 12 scored sequences besides the
-diagonal the decoding already gave).
+and the extra variants cost little. Full-model variants each bring their own weights: at the demo model's size one
+variant's decoding step is bound by Python and kernel-launch overhead, which the batch shares, while each extra
+variant adds its weights to read at every token; and the score matrix grows as the square of the number of panes
+(4 texts under 4 models: up to 12 scored sequences besides the diagonal the decoding already gave). That scoring
+pass is compute-bound, so it is the part a second core speeds up.
 
 Usage:
-    python benchmarks/serve_latency.py [--output-dir runs/serve-latency] [--rounds 15] [--max-new-tokens 64]
-        [--threads 1]
+    python benchmarks/serve_latency.py [--output-dir runs/serve-latency] [--rounds 16] [--max-new-tokens 64]
+        [--threads default,1] [--alternatives-threads default]
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the app's `serve` package
 from _docs_page import DocsPage, default_path  # noqa: E402
 
-PROMPT = "The for statement"
+PROMPTS = ["The for statement", "A class definition", "Exceptions are", "When a function"]
 VARIANTS = {
     1: ["raw"],
     2: ["raw", "ema"],
@@ -107,36 +114,47 @@ def timed_store(catalog, how: str):
 
 
 def measure(stores: dict, rounds: int, max_new_tokens: int) -> dict:
-    """p50 seconds per request for each (store name, number of variants)."""
+    """p50 seconds per request for each (store name, number of variants), each round on the next prompt."""
     from serve.compare import compare
     from serve.generation import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
     cases = [(name, n) for name in stores for n in VARIANTS if not (name != "app" and n == 1)]
-    texts = {}
-    for name, n in cases:  # build and warm up every case once
-        result = compare(stores[name], PROMPT, VARIANTS[n], settings)
-        texts[name, n] = [p.text for p in result.panes]
-        assert not any(p.error for p in result.panes), [p.error for p in result.panes]
-    for name, n in cases:  # every way of batching must give the same texts
-        assert texts[name, n] == texts["app", n], (name, n)
+    for prompt in PROMPTS:  # build and warm up every case once per prompt
+        texts = {}
+        for name, n in cases:
+            result = compare(stores[name], prompt, VARIANTS[n], settings)
+            texts[name, n] = [p.text for p in result.panes]
+            assert not any(p.error for p in result.panes), [p.error for p in result.panes]
+        for name, n in cases:  # every way of batching must give the same texts
+            assert texts[name, n] == texts["app", n], (name, n)
     times: dict = {case: [] for case in cases}
-    for _ in range(rounds):
+    for r in range(rounds):
         for case in cases:
             start = time.perf_counter()
-            compare(stores[case[0]], PROMPT, VARIANTS[case[1]], settings)
+            compare(stores[case[0]], PROMPTS[r % len(PROMPTS)], VARIANTS[case[1]], settings)
             times[case].append(time.perf_counter() - start)
     return {case: statistics.median(t) for case, t in times.items()}
 
 
+def thread_counts(text: str, default: int) -> list[tuple[str, int]]:
+    """`"default,1"` -> [("default", default), ("1", 1)]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        out.append((f"default ({default})", default) if item == "default" else (item, int(item)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="runs/serve-latency", help="where the two short runs are trained")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--output-dir", default="runs/serve-latency", help="where the two demo runs are trained")
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (the app serves requests in parallel, one each)"
+        "--threads", default="default,1", help="torch thread counts for the app's rows ('default' = one per core)"
     )
+    parser.add_argument("--alternatives-threads", default="default", help="thread counts for the alternatives' rows")
     parser.add_argument("--page", default=default_path("serve_latency"), help="results page to write ('' for none)")
     args = parser.parse_args()
 
@@ -145,11 +163,14 @@ def main() -> None:
     from hf_ema.demo.tiny_run import train_tiny_run
     from serve.loading import CheckpointCatalog
 
-    torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    app_threads = thread_counts(args.threads, default_threads)
+    alt_threads = thread_counts(args.alternatives_threads, default_threads)
     out = Path(args.output_dir)
     runs = {}
     for kind in ("full", "lora"):
-        results = train_tiny_run(out / kind, max_steps=12, save_steps=4, lora=kind == "lora", progress=False)
+        # The demo run exactly (its defaults), trained afresh: a finished run in the folder would be reused as is.
+        results = train_tiny_run(out / kind, lora=kind == "lora", progress=False, force=True)
         runs[kind] = Path(results["output_dir"])
 
     page = DocsPage(
@@ -157,37 +178,43 @@ def main() -> None:
         "App request latency: 1, 2 and 4 weight variants decoded together",
         intro=__doc__.split("\n\n", 1)[1].split("Usage:")[0],
     )
+    titles = {
+        "per-variant": "stacked, each variant's own linear layers",
+        "sequential": "one forward pass per variant",
+        "vmap": "`vmap` + `functional_call`, no KV cache",
+    }
     with page.capture():
         print(
-            f"Demo model (hidden 128, 4 layers); {args.max_new_tokens} new tokens, greedy; p50 of {args.rounds} rounds."
+            f"Demo model (hidden 128, 4 layers), the demo run's final checkpoint; {args.max_new_tokens} new tokens, "
+            f"greedy; p50 of {args.rounds} rounds over {len(PROMPTS)} prompts."
         )
         print()
         for kind, run in runs.items():
             catalog = CheckpointCatalog(run, device="cpu")
-            names = ["app"] if kind == "lora" else ["app", "per-variant", "sequential", "vmap"]
-            stores = {name: timed_store(catalog, name) for name in names}
-            p50 = measure(stores, args.rounds, args.max_new_tokens)
-            base = p50["app", 1]
             label = "LoRA (one base model, mixed-adapter batch)" if kind == "lora" else "full model"
+            app_title = "the app's (" + ("peft `adapter_names`" if kind == "lora" else "stacked, batched matmul") + ")"
             print(f"### {label}\n")
-            print("| batching | 1 variant | 2 variants | 4 variants | 2 / 1 | 4 / 1 |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for name in names:
-                two, four = p50[name, 2], p50[name, 4]
-                title = {
-                    "app": "the app's ("
-                    + ("peft `adapter_names`" if kind == "lora" else "stacked, batched matmul")
-                    + ")",
-                    "per-variant": "stacked, each variant's own linear layers",
-                    "sequential": "one forward pass per variant",
-                    "vmap": "`vmap` + `functional_call`, no KV cache",
-                }[name]
-                print(
-                    f"| {title} | {base * 1000:.0f} ms | {two * 1000:.0f} ms | {four * 1000:.0f} ms "
-                    f"| {two / base:.2f}x | {four / base:.2f}x |"
-                )
+            print("| batching | threads | 1 variant | 2 variants | 4 variants | 2 / 1 | 4 / 1 |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for threads_label, threads in dict.fromkeys(app_threads + ([] if kind == "lora" else alt_threads)):
+                torch.set_num_threads(threads)
+                names = ["app"]
+                if kind == "full" and (threads_label, threads) in alt_threads:
+                    names += list(titles)
+                stores = {name: timed_store(catalog, name) for name in names}
+                p50 = measure(stores, args.rounds, args.max_new_tokens)
+                base = p50["app", 1]
+                for name in names:
+                    if name == "app" and (threads_label, threads) not in app_threads:
+                        continue
+                    two, four = p50[name, 2], p50[name, 4]
+                    print(
+                        f"| {app_title if name == 'app' else titles[name]} | {threads_label} | {base * 1000:.0f} ms "
+                        f"| {two * 1000:.0f} ms | {four * 1000:.0f} ms | {two / base:.2f}x | {four / base:.2f}x |"
+                    )
             print()
-        print("Targets: 2 variants at most 1.3x one variant, 4 at most 2x (the app's row).")
+        print("Targets: 2 variants at most 1.3x one variant, 4 at most 2x (the app's rows).")
+    torch.set_num_threads(default_threads)
     page.write(args.page)
 
 

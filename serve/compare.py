@@ -20,7 +20,15 @@ from .batching import decode, score_continuations
 from .generation import GenerationSettings, encode_prompt, validate_prompt
 from .variants import MAX_PANES, Variant, VariantSpec, VariantStore
 
-__all__ = ["Comparison", "PaneResult", "compare", "first_divergence", "stream_comparison", "token_pieces"]
+__all__ = [
+    "Comparison",
+    "PaneResult",
+    "TokenPieces",
+    "compare",
+    "first_divergence",
+    "stream_comparison",
+    "token_pieces",
+]
 
 
 @dataclass
@@ -83,9 +91,21 @@ class Comparison:
         return math.exp(nll) if nll < 700 else math.inf
 
 
+def _piece(text: str, previous: str) -> str:
+    """What `text` adds to `previous` (the text before the token): the new tail when `text` extends `previous`; when
+    decoding the longer list rewrote the end (a multi-byte character completed), the part past `previous`'s length."""
+    common = 0
+    while common < min(len(text), len(previous)) and text[common] == previous[common]:
+        common += 1
+    return text[common:] if common == len(previous) else text[len(previous) :]
+
+
 def token_pieces(tokenizer, tokens: Sequence[int]) -> list[str]:
     """The text each token adds (they concatenate to `decode(tokens, skip_special_tokens=True)`); special tokens
     (end of sequence...) as their own name, so the token view shows them.
+
+    Decodes the growing prefix at every token (quadratic, but right for any tokenizer); [`TokenPieces`] gives the
+    same pieces as the tokens arrive, decoding only a short window at each.
 
     Args:
         tokenizer: The tokenizer.
@@ -103,12 +123,73 @@ def token_pieces(tokenizer, tokens: Sequence[int]) -> list[str]:
         if text.endswith("\ufffd") and i < len(tokens) - 1:
             pieces.append("")
             continue
-        common = 0
-        while common < min(len(text), len(previous)) and text[common] == previous[common]:
-            common += 1
-        pieces.append(text[common:] if common == len(previous) else text[len(previous) :])
+        pieces.append(_piece(text, previous))
         previous = text
     return pieces
+
+
+class TokenPieces:
+    """[`token_pieces`] and the decoded text of a token list that grows one token at a time, at a small cost per
+    token: each new token decodes only the tokens since the text last ended on a whole character (at most about
+    `window` of them), not the whole prefix.
+
+    That split is exact for byte-level tokenizers (GPT-2, Llama 3, Qwen, the demo's): their text is the UTF-8
+    decoding of the tokens' bytes, so a prefix that ends on a whole character decodes on its own. Tokenizers that
+    decode a window differently from the same tokens in context (SentencePiece drops a word-start space at the
+    start of a text; clean-up rules join across the split) can stream slightly different interim text;
+    [`TokenPieces.finish`] checks the pieces against one decode of all the tokens and, on any difference, takes
+    [`token_pieces`] instead, so the final pieces and text are always exact.
+
+    Args:
+        tokenizer: The tokenizer.
+        window (`int`, *optional*, defaults to 16): Tokens after which the decoded window restarts (when it ends
+            on a whole character).
+    """
+
+    def __init__(self, tokenizer, window: int = 16) -> None:
+        self.tokenizer = tokenizer
+        self.window = window
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.tokens: list[int] = []
+        self.pieces: list[str] = []
+        self.text = ""
+        self._window: list[int] = []
+        self._previous = ""  # the window's text up to the last token that got its piece
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Append tokens.
+
+        Args:
+            tokens (`Sequence[int]`): Token ids.
+        """
+        for token in tokens:
+            token = int(token)
+            self.tokens.append(token)
+            if token in self.special:
+                self.pieces.append(self.tokenizer.convert_ids_to_tokens(token))
+                continue
+            self._window.append(token)
+            text = self.tokenizer.decode(self._window, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                self.pieces.append("")  # inside a multi-byte character: shown with the token that completes it
+                continue
+            piece = _piece(text, self._previous)
+            self.pieces.append(piece)
+            self.text += piece
+            self._previous = text
+            if len(self._window) >= self.window:
+                self._window, self._previous = [], ""
+
+    def finish(self) -> None:
+        """Make `pieces` and `text` exactly [`token_pieces`] and `decode(tokens, skip_special_tokens=True)`."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.tokens and self.tokens[-1] not in self.special and self.pieces[-1] == "":
+            # The text ends inside a multi-byte character: the last token shows the replacement character.
+            self.pieces[-1] = _piece(self.tokenizer.decode(self._window, skip_special_tokens=True), self._previous)
+        kept = "".join(p for p, t in zip(self.pieces, self.tokens) if t not in self.special)
+        if kept != text:
+            self.pieces = token_pieces(self.tokenizer, self.tokens)
+        self.text = text
 
 
 def first_divergence(token_lists: Sequence[Sequence[int]]) -> int | None:
@@ -211,6 +292,7 @@ def stream_comparison(
 
     batch = store.batch(checkpoint, [v for _, v in built])
     result.status = "generating"
+    streams = [TokenPieces(tokenizer) for _ in built]
     for state in decode(
         batch,
         input_ids,
@@ -218,29 +300,39 @@ def stream_comparison(
         score_own=True,  # the score matrix's diagonal, from the decoding logits
         **settings.decode_kwargs(),
     ):
-        for (i, _), tokens in zip(built, state.tokens):
+        for (i, _), tokens, stream in zip(built, state.tokens, streams):
+            stream.extend(tokens[len(stream.tokens) :])
             result.panes[i].tokens = list(tokens)
-            result.panes[i].text = tokenizer.decode(tokens, skip_special_tokens=True)
+            result.panes[i].text = stream.text
         if not all(state.finished):
             yield result
 
     result.status = "scoring"
     texts = [result.panes[i].tokens for i, _ in built]
-    continuations = texts + ([reference_ids] if reference_ids else [])
-    own = {(a, a) for a in range(len(texts))}  # each text under its own model: already scored while decoding
-    nll, per_token = score_continuations(batch, prompt_ids, continuations, skip=own)
-    nll = nll.clone()  # scoring made an inference tensor, which cannot be written to here
-    for a, token_nll in enumerate(state.own_nll):
-        nll[a, a] = torch.tensor(token_nll, dtype=torch.float64).mean()
-        per_token[a][a] = token_nll
+    # Each distinct text is scored once per model, and not at all under a model whose own text it is: decoding
+    # already gave those scores (same tokens, same model), and greedy panes often agree.
+    distinct: list[list[int]] = []
+    which: list[int] = []  # pane a's text is distinct[which[a]]
+    for tokens in texts:
+        if tokens not in distinct:
+            distinct.append(tokens)
+        which.append(distinct.index(tokens))
+    continuations = distinct + ([reference_ids] if reference_ids else [])
+    own = {(a, which[a]) for a in range(len(texts))}
+    nll, _ = score_continuations(batch, prompt_ids, continuations, skip=own)
+    own_mean = [float(torch.tensor(t, dtype=torch.float64).mean()) for t in state.own_nll]
     result.scored = [i for i, _ in built]
-    result.nll = [[float(nll[a, b]) for b in range(len(texts))] for a in range(len(built))]
+    result.nll = [
+        [own_mean[a] if which[b] == which[a] else float(nll[a, which[b]]) for b in range(len(texts))]
+        for a in range(len(built))
+    ]
     if reference_ids:
-        result.reference_nll = [float(nll[a, len(texts)]) for a in range(len(built))]
-    for a, (i, _) in enumerate(built):
+        result.reference_nll = [float(nll[a, len(distinct)]) for a in range(len(built))]
+    for a, ((i, _), stream) in enumerate(zip(built, streams)):
+        stream.finish()
         pane = result.panes[i]
-        pane.pieces = token_pieces(tokenizer, pane.tokens)
-        pane.probs = [math.exp(-x) for x in per_token[a][a]]
+        pane.text, pane.pieces = stream.text, stream.pieces
+        pane.probs = [math.exp(-x) for x in state.own_nll[a]]
     result.divergence = first_divergence(texts)
     result.status = "done"
     result.done = True

@@ -11,7 +11,7 @@ import torch
 
 from hf_ema import CheckpointError, ConfigError
 from serve.batching import AdapterVariants, SequentialVariants, StackedVariants, decode, make_variant_batch
-from serve.compare import compare, first_divergence, stream_comparison, token_pieces
+from serve.compare import TokenPieces, compare, first_divergence, stream_comparison, token_pieces
 from serve.generation import GenerationSettings
 from serve.loading import CheckpointCatalog
 from serve.variants import VariantSpec, VariantStore
@@ -74,6 +74,67 @@ def test_first_divergence_and_token_pieces(tokenizer):
     assert first_divergence([[1, 2], [1, 2]]) is None and first_divergence([[1]]) is None
     ids = tokenizer("The for statement, élan", add_special_tokens=False)["input_ids"]
     assert "".join(token_pieces(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (word-start spaces as a marker the decoder turns back into spaces, and drops
+    at the start of a text): decoding a window of tokens on its own differs from decoding it in context."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_ema.demo.toy import corpus_texts
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"], show_progress=False)
+    tok.train_from_iterator(corpus_texts()[:40], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_token_pieces_as_tokens_arrive_equal_token_pieces(kind, tokenizer):
+    """`TokenPieces` (a short window decoded per token) ends with exactly `token_pieces` and the full decode: on
+    multi-byte characters split across tokens, end-of-sequence tokens inside and at the end, a text that ends inside
+    a character, and a tokenizer whose windows decode differently from the whole (where it falls back)."""
+    tok = tokenizer if kind == "byte-level" else metaspace_tokenizer()
+    text = "The for statement, élan, naïve café 東京 🙂 — " * 6 + "def f(x):\n    return x ** 2\n" * 4
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    cases = [ids, ids[:37] + [eos] + ids[37:90] + [eos], ids + [eos]]
+    if kind == "byte-level":
+        cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+        cases.append(ids[:cut])  # ends inside a multi-byte character
+    fell_back = 0
+    for tokens in cases:
+        stream = TokenPieces(tok)
+        for k in range(0, len(tokens), 3):  # a few tokens at a time, as decoding steps deliver them
+            stream.extend(tokens[k : k + 3])
+            whole = tok.decode(tokens[: k + 3], skip_special_tokens=True)
+            if kind == "byte-level":  # exact as it streams (a character split across tokens waits for its end)
+                assert stream.text == whole.rstrip("\ufffd")
+            fell_back += stream.text != whole
+        stream.finish()
+        assert stream.pieces == token_pieces(tok, tokens)
+        assert stream.text == tok.decode(tokens, skip_special_tokens=True)
+    if kind == "metaspace":
+        assert fell_back  # the windows did decode differently: the exact result came from the fallback
+
+
+def test_panes_with_the_same_text_share_their_scores(posthoc_run, tmp_path):
+    """Two panes of one variant (and any panes whose greedy texts agree) get the scores each model gives the text,
+    as `model(input_ids, labels=...)` gives them."""
+    from transformers import AutoModelForCausalLM
+
+    store = VariantStore(CheckpointCatalog(posthoc_run, device="cpu"), cache_dir=tmp_path / "cache")
+    settings = GenerationSettings(max_new_tokens=10, greedy=True)
+    result = compare(store, PROMPT, ["raw", "ema", "raw"], settings, reference=" the function")
+    assert result.panes[0].tokens == result.panes[2].tokens
+    models = [AutoModelForCausalLM.from_pretrained(f).eval() for f in (posthoc_run, posthoc_run / "ema", posthoc_run)]
+    prompt_ids = store.catalog.get().tokenizer(PROMPT)["input_ids"]
+    for i, model in enumerate(models):
+        for j, pane in enumerate(result.panes):
+            assert result.nll[i][j] == pytest.approx(own_scores(model, prompt_ids, pane.tokens)[0], abs=1e-5)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
