@@ -263,6 +263,14 @@ def test_demo_command_trains_then_serves_headless(tmp_path):
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "skipped training" in second.stdout and "app running at" in second.stdout
+    # A finished run moved elsewhere is found there, and served from where it is now.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    cmd[cmd.index(str(out))] = str(moved)
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "skipped training" in third.stdout and f": {moved}\n" in third.stdout, third.stdout
+    assert str(out) not in third.stdout
 
 
 # ---------------------------------------------------------------------------------------------- the four-pane page

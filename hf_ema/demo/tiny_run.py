@@ -74,6 +74,10 @@ def train_tiny_run(
         except (OSError, TypeError, ValueError):  # a garbled results file: the run is trained again
             finished = False
         else:
+            # The paths of where the run is now (the results file keeps those of where it was trained).
+            results["output_dir"] = str(output_dir)
+            results["ema_dir"] = str(output_dir / EMA_DIRNAME)
+            results["checkpoints"] = sorted(str(p) for p in output_dir.glob("checkpoint-*"))
             results["trained"] = False
             return results
     check_int("max_steps", max_steps, minimum=1)
@@ -147,7 +151,7 @@ def train_tiny_run(
         last = trainer.evaluate()
     results = {
         "output_dir": str(output_dir),
-        "ema_dir": str(output_dir / "ema"),
+        "ema_dir": str(output_dir / EMA_DIRNAME),
         "checkpoints": sorted(str(p) for p in output_dir.glob("checkpoint-*")),
         "eval_loss": last["eval_loss"],
         "eval_ema_loss": last["eval_ema_loss"],

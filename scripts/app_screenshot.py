@@ -1,0 +1,82 @@
+"""The app screenshot in the docs (`docs/images/app_four_panes.png`), taken from the run `hf-ema demo` trains.
+
+Trains the demo run when the folder holds none (`hf_ema.demo.train_tiny_run`, its defaults: 600 steps, post-hoc
+snapshots), starts the app on a free localhost port, opens four panes in headless Debian Chromium (Playwright,
+`/usr/bin/chromium`): raw weights, EMA, post-hoc EMA sigma_rel=0.15, mean of the last 3 checkpoints; generates
+greedily from one prompt and saves the whole page once the scores are in.
+
+Usage:
+    python scripts/app_screenshot.py [--run runs/tiny] [--prompt "The for statement"] [--max-new-tokens 40]
+        [--out docs/images/app_four_panes.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the app's `serve` package, from the clone
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_pane(page, index: int, kind: str, **fields) -> None:
+    """Pick pane `index`'s variant in its dropdown and fill its fields (`sigma`, `k`)."""
+    page.get_by_label(f"pane {index}", exact=True).click()
+    page.locator(f"#pane-{index}-kind").get_by_role("option", name=kind, exact=True).click()
+    for name, value in fields.items():
+        box = page.locator(f"#pane-{index}-{name} input")
+        box.wait_for(state="visible", timeout=30_000)
+        box.fill(str(value))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/tiny", help="the demo run (trained there when missing)")
+    parser.add_argument("--prompt", default="The for statement")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--out", default=str(REPO / "docs" / "images" / "app_four_panes.png"))
+    args = parser.parse_args()
+    if not os.path.exists(CHROMIUM):
+        parser.error(f"{CHROMIUM} is not installed (apt-get install chromium, as root)")
+
+    from playwright.sync_api import sync_playwright
+
+    from hf_ema.demo.tiny_run import train_tiny_run
+    from serve.launch import start_app
+
+    run = Path(train_tiny_run(args.run, progress=False)["output_dir"])
+    demo, url = start_app(run, port=free_port(), device="cpu")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(url)
+            choose_pane(page, 1, "raw weights")
+            choose_pane(page, 2, "EMA")
+            choose_pane(page, 3, "post-hoc EMA (any sigma_rel)", sigma="0.15")
+            choose_pane(page, 4, "merge of the last k checkpoints", k="3")
+            page.locator("#prompt textarea").fill(args.prompt)
+            page.locator("#max-new-tokens input").fill(str(args.max_new_tokens))
+            page.locator("#generate").click()
+            page.locator("#hfema-scores-table table").wait_for(timeout=180_000)
+            page.screenshot(path=args.out, full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
