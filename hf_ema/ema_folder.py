@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import CONFIG_NAME
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .model_ema import ModelEMA
 from .selection import is_peft_model
 from .sharding.base import FlatPiece, ShardedLayoutBase, ShardLayout, comm_device, dist_ready
@@ -33,13 +33,12 @@ from .utils.safetensors_files import (
     dtype_from_name,
     dtype_name,
     file_layout,
-    parse_size,
     read_elements,
     read_header,
     split_into_files,
     write_elements,
 )
-from .utils.validation import check_optional_bool
+from .utils.validation import check_optional_bool, check_size
 
 __all__ = [
     "EMA_DIRNAME",
@@ -601,13 +600,7 @@ def save_ema(
         `CheckpointError`: the model is sharded and its `save_pretrained` ignores `state_dict` (it would write
             the model's own weights), or another rank failed.
     """
-    if max_shard_size is not None:
-        try:
-            parse_size(max_shard_size)
-        except ValueError:
-            raise ConfigError(
-                f"`max_shard_size` must be a positive size such as '5GB' or a number of bytes, got {max_shard_size!r}"
-            ) from None
+    check_size("max_shard_size", max_shard_size, optional=True)
     check_optional_bool("shared_filesystem", shared_filesystem)
     output_dir = Path(output_dir)
     ema.wait()

@@ -11,7 +11,7 @@ from _trainer_args import cpu_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, pipeline
 
-from hf_ema import CheckpointError, ConfigError, EMACallback, EMAConfig
+from hf_ema import CheckpointError, ConfigError, EMACallback, EMAConfig, save_ema
 from hf_ema.demo.toy import tiny_causal_lm
 
 pytestmark = pytest.mark.trainer  # every test here trains with a real Trainer
@@ -110,6 +110,33 @@ def test_ema_folder_loads_and_generates(tmp_path, tiny_model, lm_data, tokenizer
     out = generator("The for statement", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("The for statement")
     assert len(out[0]["generated_text"]) > len("The for statement")
+
+
+def test_max_shard_size_splits_every_ema_folder(tmp_path, tiny_model, lm_data, tokenizer):
+    """`EMACallback(max_shard_size=...)`: every `ema/` is split into files of at most that size with an index, and
+    loads with `from_pretrained` to the same weights as an unsplit save of the same EMA."""
+    with pytest.raises(ConfigError, match=r"`max_shard_size` must be a positive size .*, got '5 parsecs'"):
+        EMACallback(decay=0.5, max_shard_size="5 parsecs")
+    callback = EMACallback(decay=0.5, max_shard_size="100KB")
+    trainer = Trainer(
+        model=tiny_model,
+        args=make_args(tmp_path / "run"),
+        train_dataset=lm_data[0],
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    whole = save_ema(callback.ema, tmp_path / "whole")
+    expected = AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    for folder in (tmp_path / "run" / "checkpoint-6" / "ema", tmp_path / "run" / "ema"):
+        files = sorted(folder.glob("model-*-of-*.safetensors"))
+        assert len(files) > 1 and (folder / "model.safetensors.index.json").is_file()
+        assert not (folder / "model.safetensors").exists()
+        # A file holds at most 100 KB of tensors (plus its header), unless it is one tensor bigger than that.
+        assert all(len(load_file(str(f))) == 1 or f.stat().st_size <= 100_000 + 4096 for f in files)
+        loaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
 
 
 def test_lora_averages_only_adapter(tmp_path, tiny_model, lm_data, tokenizer):

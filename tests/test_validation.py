@@ -8,7 +8,14 @@ import pytest
 
 from hf_ema import CheckpointError, ConfigError, ConfigTypeError, EMACallback, PostHocConfig, StabilityConfig
 from hf_ema.utils.jsonio import read_json, write_json
-from hf_ema.utils.validation import check_bool, check_int, check_number, check_optional_bool, coerce_config
+from hf_ema.utils.validation import (
+    check_bool,
+    check_int,
+    check_number,
+    check_optional_bool,
+    check_size,
+    coerce_config,
+)
 
 
 def test_bool_is_never_a_number():
@@ -17,6 +24,7 @@ def test_bool_is_never_a_number():
             check(True)
     assert check_int("steps", 3, minimum=1) == 3
     assert check_number("decay", 0.5, minimum=0.0, maximum=1.0, max_inclusive=False) == 0.5
+    assert check_size("max_shard_size", "5GB") == "5GB" and check_size("max_shard_size", None, optional=True) is None
 
 
 @pytest.mark.parametrize(
@@ -30,6 +38,10 @@ def test_bool_is_never_a_number():
         (lambda: check_number("m", 0.0, minimum=0, maximum=1, min_inclusive=False), ConfigError, "(0, 1]"),
         (lambda: check_bool("flag", 1), ConfigTypeError, "`flag` must be a bool, got 1 of type int"),
         (lambda: check_optional_bool("flag", "yes"), ConfigTypeError, "`flag` must be None or a bool, got 'yes'"),
+        (lambda: check_size("max_shard_size", "5 parsecs"), ConfigError, "a positive size such as '5GB'"),
+        (lambda: check_size("max_shard_size", 0), ConfigError, "`max_shard_size` must be a positive size"),
+        (lambda: check_size("max_shard_size", True), ConfigTypeError, "`max_shard_size` must be a size"),
+        (lambda: check_size("max_shard_size", 2.5), ConfigTypeError, "got 2.5"),
     ],
 )
 def test_checks_name_the_argument_and_the_value(call, error, message):

@@ -29,7 +29,7 @@ from ..utils.paths import (
     is_ema_folder,
     list_checkpoints,
 )
-from ..utils.validation import check_bool, check_path
+from ..utils.validation import check_bool, check_path, check_size
 from .evaluation import EMAEvaluator
 from .hub_push import (
     PushSteps,
@@ -102,6 +102,9 @@ class EMACallback(TrainerCallback):
             the EMA from the resumed weights with a warning instead of stopping with an error. With
             `resume_from_checkpoint=True` the Trainer first falls back to the newest checkpoint whose EMA is complete,
             so the EMA stays exact; this flag only matters when there is none.
+        max_shard_size (`int` or `str`, *optional*): Largest weights file of each `ema/` folder, e.g. `"2GB"` or a
+            number of bytes; a bigger EMA is split into `model-0000i-of-0000N.safetensors` files with an index, as
+            `save_pretrained(max_shard_size=...)` splits a model. Defaults to the model's `save_pretrained` default.
         **kwargs: Fields of [`EMAConfig`] (`decay`, `half_life`, `update_every`, ...).
     """
 
@@ -116,6 +119,7 @@ class EMACallback(TrainerCallback):
         swap_at_end: bool = False,
         posthoc: bool | dict | PostHocConfig | None = None,
         allow_ema_restart: bool = False,
+        max_shard_size: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         check_transformers()
@@ -128,6 +132,7 @@ class EMACallback(TrainerCallback):
         ):
             check_bool(name, flag)
         check_path("resume_from", resume_from, optional=True)
+        self.max_shard_size = check_size("max_shard_size", max_shard_size, optional=True)
         self.config = config
         self.resume_from = resume_from
         self.allow_ema_restart = allow_ema_restart
@@ -413,4 +418,10 @@ class EMACallback(TrainerCallback):
             state (`TrainerState`, *optional*): Used to record the global step.
         """
         extra = {"global_step": state.global_step} if state is not None else None
-        return save_ema(self._require_ema(), folder, processing_class=processing_class, extra_state=extra)
+        return save_ema(
+            self._require_ema(),
+            folder,
+            processing_class=processing_class,
+            extra_state=extra,
+            max_shard_size=self.max_shard_size,
+        )

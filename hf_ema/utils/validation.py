@@ -14,6 +14,7 @@ import os
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, ConfigTypeError
+from .safetensors_files import parse_size
 
 __all__ = [
     "check_bool",
@@ -21,6 +22,7 @@ __all__ = [
     "check_number",
     "check_optional_bool",
     "check_path",
+    "check_size",
     "coerce_config",
     "is_number",
 ]
@@ -179,3 +181,25 @@ def coerce_config(name: str, value: Any, cls: type[C]) -> C | None:
                 )
         return cls(**value)
     raise ConfigTypeError(f"`{name}` must be a bool, a dict or a {cls.__name__}, got {value!r}")
+
+
+def check_size(name: str, value: Any, optional: bool = False) -> int | str | None:
+    """Check a file size written as `save_pretrained`'s `max_shard_size` is: a positive number of bytes, or a
+    string such as `"5GB"` (powers of 1000) or `"500MiB"` (powers of 1024).
+
+    Args:
+        name (`str`): The argument's name.
+        value (`Any`): Its value.
+        optional (`bool`, *optional*, defaults to `False`): Accept `None`.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise ConfigTypeError(f"`{name}` must be a size such as '5GB' or a number of bytes, got {value!r}")
+    try:
+        parse_size(value)
+    except ValueError:
+        raise ConfigError(
+            f"`{name}` must be a positive size such as '5GB' or a number of bytes, got {value!r}"
+        ) from None
+    return value
