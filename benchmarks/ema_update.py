@@ -2,7 +2,7 @@
 
     python benchmarks/ema_update.py                       # 50M and 500M parameters, fp32 and bf16 weights
     python benchmarks/ema_update.py --sizes 50M --reps 9  # quicker
-    python benchmarks/ema_update.py --sizes 50M --only nan_check --docs docs/guides/nan_guarantee.md  # the NaN check
+    python benchmarks/ema_update.py --sizes 50M --only nan_check --reps 31 --rounds 5 --docs docs/guides/nan_guarantee.md
 
 For each (size, weight dtype) the script builds a Llama from a config, builds every EMA implementation on it, and
 times `update()`: the median of `--rounds` x `--reps` calls after two warm-up calls. When every EMA fits in memory
