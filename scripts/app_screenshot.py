@@ -14,29 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the app's `serve` package, from the clone
-CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def choose_pane(page, index: int, kind: str, **fields) -> None:
-    """Pick pane `index`'s variant in its dropdown and fill its fields (`sigma`, `k`)."""
-    page.get_by_label(f"pane {index}", exact=True).click()
-    page.locator(f"#pane-{index}-kind").get_by_role("option", name=kind, exact=True).click()
-    for name, value in fields.items():
-        box = page.locator(f"#pane-{index}-{name} input")
-        box.wait_for(state="visible", timeout=30_000)
-        box.fill(str(value))
+sys.path.insert(0, str(REPO / "tests"))  # the page helpers the browser tests use
+from _app_page import CHROMIUM, CHROMIUM_ARGS, choose_pane, free_port, generate_and_wait  # noqa: E402
 
 
 def main() -> None:
@@ -58,19 +42,14 @@ def main() -> None:
     demo, url = start_app(run, port=free_port(), device="cpu")
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
-            )
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
             page.goto(url)
             choose_pane(page, 1, "raw weights")
             choose_pane(page, 2, "EMA")
             choose_pane(page, 3, "post-hoc EMA (any sigma_rel)", sigma="0.15")
             choose_pane(page, 4, "merge of the last k checkpoints", k="3")
-            page.locator("#prompt textarea").fill(args.prompt)
-            page.locator("#max-new-tokens input").fill(str(args.max_new_tokens))
-            page.locator("#generate").click()
-            page.locator("#hfema-scores-table table").wait_for(timeout=180_000)
+            generate_and_wait(page, args.prompt, args.max_new_tokens)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _app_page import free_port
 
 from hf_ema.utils.paths import MARKER_NAME
 
@@ -249,7 +250,7 @@ def test_serve_corrupt_safetensors(run_copy):
     pytest.importorskip("gradio")
     bad = run_copy / "ema" / "model.safetensors"
     _garbage(bad)
-    proc = hf_ema("serve", str(run_copy), "--port", str(_free_port()))
+    proc = hf_ema("serve", str(run_copy), "--port", str(free_port()))
     assert_one_line_error(proc, "serve", f"`{bad}`")
 
 
@@ -314,12 +315,6 @@ class SilentServer:
         self.sock.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def hub_env(tmp_path):
     """Online mode, no token anywhere (an empty HF_HOME, no token variable)."""
@@ -350,7 +345,7 @@ def test_push_to_a_silent_endpoint_ends_with_a_clear_error(posthoc_run, hub_env)
 
 
 def test_push_unreachable_or_offline(posthoc_run, hub_env):
-    port = _free_port()  # nothing listens there: the connection is refused
+    port = free_port()  # nothing listens there: the connection is refused
     proc = hf_ema(
         "push",
         str(posthoc_run),

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from _app_page import CHROMIUM, CHROMIUM_ARGS, choose_pane, free_port, generate_and_wait
 
 from serve.generation import GenerationSettings, generate_pair
 from serve.launch import start_app
@@ -23,15 +23,8 @@ from serve.loading import find_checkpoints, load_pair
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 PROMPT = "The for statement"
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +44,7 @@ def browser():
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-                "--disable-sync",
-            ],
+            args=CHROMIUM_ARGS,
         )
         yield browser
         browser.close()
@@ -318,24 +304,6 @@ def loss_and_probs(model, prompt_ids: list[int], tokens: list[int]) -> tuple[flo
         out = model(input_ids=ids, labels=labels)
     logp = torch.log_softmax(out.logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
     return out.loss.item(), logp.gather(1, torch.tensor(tokens).unsqueeze(1)).exp().squeeze(1).tolist()
-
-
-def choose_pane(page, index: int, kind: str, **fields) -> None:
-    """Pick pane `index`'s variant in its dropdown and fill its fields (`sigma`, `k`)."""
-    page.get_by_label(f"pane {index}", exact=True).click()
-    page.locator(f"#pane-{index}-kind").get_by_role("option", name=kind, exact=True).click()
-    for name, value in fields.items():
-        box = page.locator(f"#pane-{index}-{name} input")
-        box.wait_for(state="visible", timeout=30_000)
-        box.fill(str(value))
-
-
-def generate_and_wait(page, prompt: str, max_new_tokens: int) -> None:
-    page.locator("#prompt textarea").fill(prompt)
-    page.locator("#max-new-tokens input").fill(str(max_new_tokens))
-    assert page.locator("#greedy input").is_checked()  # greedy is the page's default
-    page.locator("#generate").click()
-    page.locator("#hfema-scores-table table").wait_for(timeout=180_000)
 
 
 @pytest.mark.browser
