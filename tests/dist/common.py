@@ -19,6 +19,24 @@ STEPS = 6
 SAVE_STEP = 4
 LR = 0.5
 DECAY = 0.8
+#: The `TrainingArguments` the Trainer workers share (`trainer_ddp_worker.py`, `trainer_engine_worker.py`): 4 optimizer
+#: steps of 2 rows per rank (16 training rows over 2 ranks), a checkpoint and an evaluation every 2 steps.
+TRAINER_ARGS = dict(
+    max_steps=4,
+    per_device_train_batch_size=2,
+    learning_rate=0.05,
+    lr_scheduler_type="constant",
+    save_strategy="steps",
+    save_steps=2,
+    eval_strategy="steps",
+    eval_steps=2,
+    per_device_eval_batch_size=2,
+    logging_steps=1,
+    report_to=[],
+    seed=0,
+    dataloader_num_workers=0,
+    disable_tqdm=True,
+)
 
 
 def build_model(seed: int = 0):

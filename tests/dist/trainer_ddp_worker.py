@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DECAY, SEQ, VOCAB, build_model  # noqa: E402
+from common import DECAY, SEQ, TRAINER_ARGS, VOCAB, build_model  # noqa: E402
 
 from hf_ema import EMACallback  # noqa: E402
 
@@ -34,25 +34,7 @@ def training_args(out: Path, **overrides):
     """4 steps of DDP over gloo on CPU, saving every 2 steps (the arguments shared by the Trainer workers)."""
     from transformers import TrainingArguments
 
-    kwargs = dict(
-        output_dir=str(out),
-        use_cpu=True,
-        ddp_backend="gloo",
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=0.05,
-        lr_scheduler_type="constant",
-        save_steps=2,
-        save_strategy="steps",
-        eval_strategy="steps",
-        eval_steps=2,
-        per_device_eval_batch_size=2,
-        logging_steps=1,
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    kwargs = dict(output_dir=str(out), use_cpu=True, ddp_backend="gloo", **TRAINER_ARGS)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 

@@ -30,29 +30,10 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accelerate_cpu_workaround as workaround  # noqa: E402
-from common import DECAY, LR, build  # noqa: E402
+from common import DECAY, LR, TRAINER_ARGS, build  # noqa: E402
 from trainer_ddp_worker import dataset  # noqa: E402
 
 from hf_ema import EMACallback  # noqa: E402
-
-STEPS = 4
-#: The `TrainingArguments` every run shares (16 training rows: 4 per optimizer step over 2 ranks).
-COMMON = dict(
-    max_steps=STEPS,
-    per_device_train_batch_size=2,
-    learning_rate=0.05,
-    lr_scheduler_type="constant",
-    save_strategy="steps",
-    save_steps=2,
-    eval_strategy="steps",
-    eval_steps=2,
-    per_device_eval_batch_size=2,
-    logging_steps=1,
-    report_to=[],
-    seed=0,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
-)
 
 
 def eval_dataset():
@@ -107,7 +88,7 @@ def train(engine: str, name: str, out: Path, resume: str | None = None) -> None:
 
     folder = out / name
     base = name.removesuffix("_resume")
-    overrides = dict(COMMON)
+    overrides = dict(TRAINER_ARGS)
     if name == "accum":
         overrides.update(gradient_accumulation_steps=2, per_device_train_batch_size=1)
     if engine == "zero3":
