@@ -31,6 +31,15 @@ DEFAULT_LR = 3e-3
 DEFAULT_BATCH_SIZE = 8
 
 
+def _run_paths(output_dir: Path) -> dict[str, Any]:
+    """The run's folder, its final EMA folder and its checkpoints, as `train_tiny_run` reports them."""
+    return {
+        "output_dir": str(output_dir),
+        "ema_dir": str(output_dir / EMA_DIRNAME),
+        "checkpoints": sorted(str(p) for p in output_dir.glob("checkpoint-*")),
+    }
+
+
 def train_tiny_run(
     output_dir: str | os.PathLike = "runs/tiny",
     max_steps: int = DEFAULT_MAX_STEPS,
@@ -75,10 +84,7 @@ def train_tiny_run(
             finished = False
         else:
             # The paths of where the run is now (the results file keeps those of where it was trained).
-            results["output_dir"] = str(output_dir)
-            results["ema_dir"] = str(output_dir / EMA_DIRNAME)
-            results["checkpoints"] = sorted(str(p) for p in output_dir.glob("checkpoint-*"))
-            results["trained"] = False
+            results.update(_run_paths(output_dir), trained=False)
             return results
     check_int("max_steps", max_steps, minimum=1)
     if save_steps is None:
@@ -150,9 +156,7 @@ def train_tiny_run(
     if last is None or last.get("step") != trainer.state.global_step:
         last = trainer.evaluate()
     results = {
-        "output_dir": str(output_dir),
-        "ema_dir": str(output_dir / EMA_DIRNAME),
-        "checkpoints": sorted(str(p) for p in output_dir.glob("checkpoint-*")),
+        **_run_paths(output_dir),
         "eval_loss": last["eval_loss"],
         "eval_ema_loss": last["eval_ema_loss"],
         "max_steps": max_steps,
