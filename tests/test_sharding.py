@@ -48,19 +48,6 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return _safetensors_file(folder / "model.safetensors")
 
 
-def _saved_ema(folder: Path) -> dict[str, torch.Tensor]:
-    """The EMA tensors of an `ema/` folder under their EMA names, read with safetensors from the file and key that
-    its `ema_state.json` names for each (the weights file, or `ema_state.safetensors` for a bf16 model)."""
-    from safetensors import safe_open
-
-    meta = json.loads((folder / "ema_state.json").read_text())
-    out = {}
-    for name, where in meta["tensors"].items():
-        with safe_open(str(folder / where["file"]), framework="pt") as f:
-            out[name] = f.get_tensor(where["key"])
-    return out
-
-
 def _single_process_save(mode: str, folder: Path, out: Path, **kwargs) -> Path:
     """What one process writes for the EMA saved in `folder`: the same model, its EMA set to the saved tensors."""
     from hf_ema import save_ema
@@ -68,7 +55,9 @@ def _single_process_save(mode: str, folder: Path, out: Path, **kwargs) -> Path:
     model = common.build(mode.replace("zero3sim", "fsdp2"), seed=0)
     ema = ModelEMA(model, decay=common.DECAY)
     meta = json.loads((folder / "ema_state.json").read_text())
-    ema.load_state_dict({"tensors": _saved_ema(folder), "step": meta["step"], "num_updates": meta["num_updates"]})
+    ema.load_state_dict(
+        {"tensors": common.saved_ema(folder), "step": meta["step"], "num_updates": meta["num_updates"]}
+    )
     save_ema(ema, out, **kwargs)
     return out
 
@@ -187,7 +176,7 @@ def test_saved_ema_matches_single_process(loop_runs, reference, mode):
     ranks = _read_ranks(loop_runs / mode)
     assert [r["layout"] for r in ranks] == [LAYOUT_KIND[mode]] * 2
     folder = loop_runs / mode / "final" / "ema"
-    saved = _saved_ema(folder)
+    saved = common.saved_ema(folder)
     expected = reference["ema_final"]
     assert set(expected) <= set(saved)
     assert _max_diff(expected, {k: saved[k] for k in expected}) < 1e-6
@@ -243,7 +232,7 @@ def test_folder_is_what_one_process_writes(loop_runs, tmp_path, mode):
         single = _single_process_save(mode, folder, tmp_path / sub / "ema", **kwargs)
         assert _weights_files(folder) == _weights_files(single)
         assert _json_files(folder) == _json_files(single)
-        saved = _saved_ema(folder)
+        saved = common.saved_ema(folder)
         if mode.startswith("lora_"):
             model = PeftModel.from_pretrained(common.build_model(seed=0), folder)
             state = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -270,7 +259,7 @@ def test_one_copy_on_disk(loop_runs, mode, limit):
 
     folder = loop_runs / mode / "final" / "ema"
     data = sum(p.stat().st_size - read_header(p)[0] for p in folder.glob("*.safetensors"))
-    numel = sum(v.numel() for k, v in _saved_ema(folder).items())
+    numel = sum(v.numel() for k, v in common.saved_ema(folder).items())
     assert data == limit * numel
     assert not (folder / "shards").exists() and not (loop_runs / mode / "ckpt" / "ema" / "shards").exists()
 
@@ -288,7 +277,7 @@ def test_resume_at_the_same_world_size_and_from_format_1(loop_runs, mode):
     # The resumed run ends where the uninterrupted one does.
     resumed, final = loop_runs / mode / "resumed" / "ema", loop_runs / mode / "final" / "ema"
     if (resumed / "ema_state.json").exists():
-        assert _max_diff(_saved_ema(resumed), _saved_ema(final)) < 1e-6
+        assert _max_diff(common.saved_ema(resumed), common.saved_ema(final)) < 1e-6
 
 
 @PEFT_READS_DEPRECATED
@@ -302,7 +291,7 @@ def test_resume_in_one_process(loop_runs, reference, mode):
     assert meta["world_size"] == 2 and meta["layout"] == LAYOUT_KIND[mode]
     assert ema.step == common.SAVE_STEP
     restored = ema.full_state_dict(dtype="ema")
-    saved = _saved_ema(ckpt)
+    saved = common.saved_ema(ckpt)
     assert all(torch.equal(restored[k], saved[k]) for k in restored) and set(restored) == set(saved)
     assert _max_diff(restored, reference["ema_at_save"]) < 1e-6
 
@@ -312,7 +301,7 @@ def test_resume_in_one_process(loop_runs, reference, mode):
 def test_resume_at_another_world_size(loop_runs, cross_world, mode):
     """2 -> 4 -> 2 ranks: each rank restores its part of the saved EMA bit for bit, and saving it again at the new
     world size writes the same bytes; 4 -> 1 in this process."""
-    saved = _saved_ema(loop_runs / mode / "ckpt" / "ema")
+    saved = common.saved_ema(loop_runs / mode / "ckpt" / "ema")
     for world, src in ((4, 2), (2, 4)):
         ranks = [json.loads((cross_world[world] / mode / f"rank{r}.json").read_text()) for r in range(world)]
         assert all(r["equal"] is True and r["step"] == common.SAVE_STEP for r in ranks)

@@ -8,7 +8,9 @@ number of tokens on every rank, so averaging the ranks' gradients gives the full
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -157,3 +159,16 @@ def wrap(model, mode: str):
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     raise ValueError(mode)
+
+
+def saved_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA tensors of an `ema/` folder under their EMA names, read with safetensors from the file and key that
+    its `ema_state.json` names for each (the weights file, or `ema_state.safetensors` for a bf16 model)."""
+    from safetensors import safe_open
+
+    meta = json.loads((Path(folder) / "ema_state.json").read_text())
+    out = {}
+    for name, where in meta["tensors"].items():
+        with safe_open(str(Path(folder) / where["file"]), framework="pt") as f:
+            out[name] = f.get_tensor(where["key"])
+    return out

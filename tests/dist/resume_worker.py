@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DECAY, build, build_model, wrap  # noqa: E402
+from common import DECAY, build, build_model, saved_ema, wrap  # noqa: E402
 from ema_worker import simulate_zero3  # noqa: E402
 
 from hf_ema import ModelEMA, load_ema, save_ema  # noqa: E402
@@ -33,16 +33,6 @@ def build_ema(mode: str) -> ModelEMA:
         simulate_zero3(model)
         return ModelEMA(model, decay=DECAY)
     return ModelEMA(wrap(build(mode, seed=3), mode), decay=DECAY)
-
-
-def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """The EMA tensors of a folder, read with safetensors from where its `ema_state.json` says they are."""
-    meta = json.loads((folder / "ema_state.json").read_text())
-    out = {}
-    for name, where in meta["tensors"].items():
-        with safe_open(str(folder / where["file"]), framework="pt") as f:
-            out[name] = f.get_tensor(where["key"])
-    return out
 
 
 def main() -> None:
@@ -58,7 +48,7 @@ def main() -> None:
         dist.barrier()
         ema = build_ema(mode)
         meta = load_ema(ema, src)
-        saved = saved_tensors(src)
+        saved = saved_ema(src)
         expected = [
             ema.layout.shard_full_tensor(name, saved[name], local)
             for name, local in zip(ema.names + ema.copied_names, ema.shadow + ema.copied)
