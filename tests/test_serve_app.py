@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _app_page import CHROMIUM, CHROMIUM_ARGS, choose_pane, free_port, generate_and_wait
+from test_serve_compare import broken_run, independent_models, own_scores
 
 from serve.generation import GenerationSettings, generate_pair
 from serve.launch import start_app
@@ -271,41 +272,6 @@ def first_difference(token_lists: list[list[int]]) -> int | None:
     return None
 
 
-def four_variant_models(run: Path, lora: bool, tmp_path: Path) -> list:
-    """Raw, EMA, post-hoc EMA sigma_rel=0.15 and the mean of checkpoints 4, 8, 12: built with the public hf_ema API
-    into `tmp_path` and loaded the plain transformers / peft way."""
-    from transformers import AutoModelForCausalLM
-
-    from hf_ema import merge_checkpoints, reconstruct
-
-    folders = [
-        run,
-        run / "ema",
-        reconstruct(run, sigma_rel=0.15, out_dir=tmp_path / "posthoc", progress=False),
-        merge_checkpoints([run / f"checkpoint-{s}" for s in (4, 8, 12)], tmp_path / "merged", progress=False),
-    ]
-    if not lora:
-        return [AutoModelForCausalLM.from_pretrained(f).eval() for f in folders]
-    from peft import PeftModel
-
-    return [
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model"), f).eval() for f in folders
-    ]
-
-
-def loss_and_probs(model, prompt_ids: list[int], tokens: list[int]) -> tuple[float, list[float]]:
-    """`model(input_ids, labels=...)`'s loss on the continuation `tokens`, and each token's probability."""
-    import torch
-
-    ids = torch.tensor([prompt_ids + tokens])
-    labels = ids.clone()
-    labels[0, : len(prompt_ids)] = -100
-    with torch.no_grad():
-        out = model(input_ids=ids, labels=labels)
-    logp = torch.log_softmax(out.logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
-    return out.loss.item(), logp.gather(1, torch.tensor(tokens).unsqueeze(1)).exp().squeeze(1).tolist()
-
-
 @pytest.mark.browser
 @needs_chromium
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -317,7 +283,7 @@ def test_page_four_panes_scores_and_divergence(lora, posthoc_run, posthoc_lora_r
 
     run = posthoc_lora_run if lora else posthoc_run
     tokenizer = AutoTokenizer.from_pretrained(run)
-    models = four_variant_models(run, lora, tmp_path)
+    models = independent_models(run, lora, tmp_path)
     # The candidate prompt whose four greedy texts agree longest before they differ: a non-trivial marker position.
     best = None
     for prompt in FOUR_PROMPTS:
@@ -350,11 +316,11 @@ def test_page_four_panes_scores_and_divergence(lora, posthoc_run, posthoc_lora_r
         assert len(cells) == 16
         for cell in cells:
             row, col = int(cell.get_attribute("data-row")), int(cell.get_attribute("data-col"))
-            loss, _ = loss_and_probs(models[row], prompt_ids, expected[col])
+            loss, _ = own_scores(models[row], prompt_ids, expected[col])
             assert float(cell.get_attribute("data-nll")) == pytest.approx(loss, abs=1e-5)
         # Each token shaded by its probability under its own pane's model.
         for i, model in enumerate(models, start=1):
-            _, probs = loss_and_probs(model, prompt_ids, expected[i - 1])
+            _, probs = own_scores(model, prompt_ids, expected[i - 1])
             shown = [float(s.get_attribute("data-p")) for s in page.locator(f"#hfema-tokens-{i} .tok").all()]
             assert shown == pytest.approx(probs, abs=1e-5)
         # The divergence marker: at the first differing token in every pane that has a token there.
@@ -382,8 +348,6 @@ def test_page_four_panes_scores_and_divergence(lora, posthoc_run, posthoc_lora_r
 def test_page_variant_errors_show_in_their_panes_and_keep_serving(full_run, browser, tmp_path, tokenizer):
     """A run without post-hoc snapshots, a sigma_rel outside the valid range and a merge of checkpoints that do
     not hold the same model: each pane says why; the raw pane still generates, and so does the next request."""
-    from test_serve_compare import broken_run
-
     run = broken_run(full_run, tmp_path, tokenizer)
     demo, url = start_app(run, port=free_port(), device="cpu")
     try:
