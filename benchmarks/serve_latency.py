@@ -6,9 +6,9 @@ variants are the panes the issue asks for: 1 = raw; 2 = raw + EMA; 4 = raw + EMA
 mean of the last 3 checkpoints, on the run `hf-ema demo` trains (`hf_ema.demo.train_tiny_run` with its defaults:
 600 steps, post-hoc snapshots on), full and LoRA, trained first. On runs this long the panes' texts differ,
 mostly from the first tokens on, so the score matrix is real work (panes whose texts agree are scored once).
-Every variant is built (reconstructed, merged, loaded, stacked) before timing; each round cycles through four
-prompts, and the figures are the p50 of interleaved rounds (1, 2, 4, 1, 2, 4...), so a slow spell of the machine
-hits every case alike.
+Every variant is built (reconstructed, merged, loaded, stacked) before timing; each round takes the next of four
+prompts and runs every case once (1, 2 and 4 variants, every way of batching, at every thread count in turn), and
+the figures are the p50 of the rounds, so a slow spell of the machine hits every case and thread count alike.
 
 Threads: "default" is what the app runs with (torch's default, one per core; a request on an idle server uses them
 all); "1" pins torch to one thread, the cost per core.
@@ -113,28 +113,46 @@ def timed_store(catalog, how: str):
     return Store(catalog)
 
 
-def measure(stores: dict, rounds: int, max_new_tokens: int) -> dict:
-    """p50 seconds per request for each (store name, number of variants), each round on the next prompt."""
+def measure(configs: dict, rounds: int, max_new_tokens: int) -> dict:
+    """p50 seconds per request for each thread count, store name and number of variants.
+
+    `configs` maps `(label, threads)` to `{store name: store}`. Each round runs every case once, on the next prompt,
+    every thread count in turn (torch's thread count is switched between cases), so a slow spell of the machine hits
+    every case and every thread count alike: comparing cases measured in separate blocks of time would mostly
+    compare the machine's speed at those times.
+    """
+    import torch
+
     from serve.compare import compare
     from serve.generation import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
-    cases = [(name, n) for name in stores for n in VARIANTS if not (name != "app" and n == 1)]
-    for prompt in PROMPTS:  # build and warm up every case once per prompt
-        texts = {}
-        for name, n in cases:
-            result = compare(stores[name], prompt, VARIANTS[n], settings)
-            texts[name, n] = [p.text for p in result.panes]
-            assert not any(p.error for p in result.panes), [p.error for p in result.panes]
-        for name, n in cases:  # every way of batching must give the same texts
-            assert texts[name, n] == texts["app", n], (name, n)
-    times: dict = {case: [] for case in cases}
+    cases = {
+        config: [(name, n) for name in stores for n in VARIANTS if not (name != "app" and n == 1)]
+        for config, stores in configs.items()
+    }
+    for config, stores in configs.items():  # build and warm up every case once per prompt
+        torch.set_num_threads(config[1])
+        for prompt in PROMPTS:
+            texts = {}
+            for name, n in cases[config]:
+                result = compare(stores[name], prompt, VARIANTS[n], settings)
+                texts[name, n] = [p.text for p in result.panes]
+                assert not any(p.error for p in result.panes), [p.error for p in result.panes]
+            for name, n in cases[config]:  # every way of batching must give the same texts
+                assert texts[name, n] == texts["app", n], (name, n)
+    times: dict = {(config, case): [] for config in configs for case in cases[config]}
     for r in range(rounds):
-        for case in cases:
-            start = time.perf_counter()
-            compare(stores[case[0]], PROMPTS[r % len(PROMPTS)], VARIANTS[case[1]], settings)
-            times[case].append(time.perf_counter() - start)
-    return {case: statistics.median(t) for case, t in times.items()}
+        for config, stores in configs.items():
+            torch.set_num_threads(config[1])
+            for case in cases[config]:
+                start = time.perf_counter()
+                compare(stores[case[0]], PROMPTS[r % len(PROMPTS)], VARIANTS[case[1]], settings)
+                times[config, case].append(time.perf_counter() - start)
+    p50: dict = {config: {} for config in configs}
+    for (config, case), t in times.items():
+        p50[config][case] = statistics.median(t)
+    return p50
 
 
 def thread_counts(text: str, default: int) -> list[tuple[str, int]]:
@@ -197,19 +215,21 @@ def main() -> None:
             print("| batching | threads | 1 variant | 2 variants | 4 variants | 2 / 1 | 4 / 1 |")
             print("|---|---:|---:|---:|---:|---:|---:|")
             best: dict[int, float] = {}  # the app's fastest time per number of variants, over the thread counts
-            for threads_label, threads in dict.fromkeys(app_threads + ([] if kind == "lora" else alt_threads)):
-                torch.set_num_threads(threads)
+            configs = {}
+            for config in dict.fromkeys(app_threads + ([] if kind == "lora" else alt_threads)):
                 names = ["app"]
-                if kind == "full" and (threads_label, threads) in alt_threads:
+                if kind == "full" and config in alt_threads:
                     names += list(titles)
-                stores = {name: timed_store(catalog, name) for name in names}
-                p50 = measure(stores, args.rounds, args.max_new_tokens)
+                configs[config] = {name: timed_store(catalog, name) for name in names}
+            p50s = measure(configs, args.rounds, args.max_new_tokens)
+            for config, p50 in p50s.items():
+                threads_label = config[0]
                 base = p50["app", 1]
-                if (threads_label, threads) in app_threads:
+                if config in app_threads:
                     for n in VARIANTS:
                         best[n] = min(best.get(n, float("inf")), p50["app", n])
-                for name in names:
-                    if name == "app" and (threads_label, threads) not in app_threads:
+                for name in configs[config]:
+                    if name == "app" and config not in app_threads:
                         continue
                     two, four = p50[name, 2], p50[name, 4]
                     print(
@@ -218,8 +238,8 @@ def main() -> None:
                     )
             print()
             if len(app_threads) > 1:
-                # More threads can slow the one-variant request (its small steps gain nothing from a second
-                # thread) while they speed up the batched ones: compare each with the fastest one-variant time.
+                # A second thread does little for the one-variant request (its decoding steps are small) and
+                # speeds up the batched ones: compare each with the fastest one-variant time.
                 print(
                     f"The app's fastest request at any of these thread counts: 1 variant {best[1] * 1000:.0f} ms, "
                     f"2 variants {best[2] * 1000:.0f} ms ({best[2] / best[1]:.2f}x), 4 variants "

@@ -190,6 +190,37 @@ def test_models_that_cannot_be_stacked_run_one_by_one(tokenizer):
         assert tokens == model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
 
 
+def test_stacked_model_runs_no_variant_module_and_equals_each_alone(tokenizer):
+    """The stacked model's norms and embeddings take every variant's rows in one call (no variant's own module runs,
+    on decoding steps with one row per variant or on scoring passes with several), and its logits equal each model
+    run alone."""
+    from hf_ema.demo.toy import tiny_causal_lm
+    from serve.batching import stack_models
+
+    models = [tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=s).eval() for s in (0, 1, 2)]
+    for model in models[1:]:  # distinct norm weights, so a mix-up between variants shows
+        with torch.no_grad():
+            for module in model.modules():
+                if "RMSNorm" in type(module).__name__:
+                    module.weight.uniform_(0.5, 1.5)
+    stacked = stack_models(models)
+    assert stacked is not None
+    calls = []
+    for model in models:
+        for module in model.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_hook(lambda *_: calls.append(1))
+    ids = tokenizer([PROMPT, " def f(x): return"], return_tensors="pt", padding="longest")["input_ids"][:, :4]
+    with torch.inference_mode():
+        for rows in (ids[:1], ids):  # one row per variant, and two
+            batch = rows.repeat(len(models), 1)
+            together = stacked(input_ids=batch, use_cache=False).logits
+            assert not calls
+            alone = torch.cat([m(input_ids=rows, use_cache=False).logits for m in models])
+            torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+            calls.clear()
+
+
 def test_batched_forward_passes_warn_nothing(full_run):
     """No `past_key_values` deprecation (or any other warning) on the decoding and scoring passes."""
     store = VariantStore(CheckpointCatalog(full_run, device="cpu"))
