@@ -20,6 +20,13 @@ model with each variant's own linear layer on its rows (`linear="per-variant"`, 
 per variant (`SequentialVariants`), and `torch.func.stack_module_state` + `functional_call` under `vmap` (which
 cannot grow a KV cache under `vmap`, so it recomputes the whole prefix at each token).
 
+For LoRA runs the app runs a structural copy of the base model that shares its weights
+(`serve.batching.stack_adapters`): each LoRA layer's base weights once for the whole batch, then every adapter's
+low-rank update on its own rows by two batched matmuls. The alternatives are peft's mixed-adapter batch
+(`adapter_names=`, which indexes out each adapter's rows and registers forward hooks on every layer for each call)
+and one pass per adapter with the adapter active, which for one variant is peft's own forward: the reference a
+one-variant request is compared with.
+
 Reading the figures: LoRA variants share the base model, so a batch of them reads the base weights once per token
 and the extra variants cost little. Full-model variants each bring their own weights: at the demo model's size one
 variant's decoding step is bound by Python and kernel-launch overhead, which the batch shares, while each extra
@@ -28,7 +35,7 @@ variant adds its weights to read at every token; and the score matrix grows as t
 pass is compute-bound, so it is the part a second core speeds up.
 
 Usage:
-    python benchmarks/serve_latency.py [--output-dir runs/serve-latency] [--rounds 16] [--max-new-tokens 64]
+    python benchmarks/serve_latency.py [--output-dir runs/serve-latency] [--rounds 24] [--max-new-tokens 64]
         [--threads default,1] [--alternatives-threads default]
 """
 
@@ -87,8 +94,11 @@ def vmap_batch_class():
 
 
 def timed_store(catalog, how: str):
-    """A VariantStore whose batches are built the way `how` says (`app`, `per-variant`, `sequential`, `vmap`)."""
-    from serve.batching import SequentialVariants, make_variant_batch
+    """A VariantStore whose batches are built the way `how` says: `app`; for full models `per-variant`,
+    `sequential`, `vmap`; for LoRA runs `peft-mixed` (peft's `adapter_names=` batches) or `peft-sequential` (one
+    pass per adapter, the adapter active: peft's own forward)."""
+    from serve.batching import AdapterVariants, SequentialAdapters, SequentialVariants, make_variant_batch
+    from serve.loading import RAW
     from serve.variants import VariantStore
 
     class Store(VariantStore):
@@ -97,10 +107,16 @@ def timed_store(catalog, how: str):
             self.built: dict = {}
 
         def batch(self, checkpoint, variants):
-            if how == "app" or len(variants) == 1 or catalog.get(checkpoint).is_peft:
+            pair = catalog.get(checkpoint)
+            if how == "app" or (len(variants) == 1 and not pair.is_peft):
                 return super().batch(checkpoint, variants)
-            key = (how, tuple(id(v.model) for v in variants))
+            key = (how, tuple(v.adapter if pair.is_peft else id(v.model) for v in variants))
             if key not in self.built:
+                if pair.is_peft:
+                    names = [v.adapter for v in variants]
+                    peft_batch = AdapterVariants if how == "peft-mixed" else SequentialAdapters
+                    self.built[key] = peft_batch(pair.models[RAW], names, lock=pair.lock)
+                    return self.built[key]
                 models = [v.model for v in variants]
                 if how == "per-variant":
                     self.built[key] = make_variant_batch(models, linear="per-variant")
@@ -111,6 +127,10 @@ def timed_store(catalog, how: str):
             return self.built[key]
 
     return Store(catalog)
+
+
+#: Ways of batching measured for one variant as well (the others run one variant as the app does).
+ONE_VARIANT = ("app", "peft-sequential")
 
 
 def measure(configs: dict, rounds: int, max_new_tokens: int) -> dict:
@@ -128,7 +148,7 @@ def measure(configs: dict, rounds: int, max_new_tokens: int) -> dict:
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
     cases = {
-        config: [(name, n) for name in stores for n in VARIANTS if not (name != "app" and n == 1)]
+        config: [(name, n) for name in stores for n in VARIANTS if n > 1 or name in ONE_VARIANT]
         for config, stores in configs.items()
     }
     for config, stores in configs.items():  # build and warm up every case once per prompt
@@ -167,7 +187,7 @@ def thread_counts(text: str, default: int) -> list[tuple[str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/serve-latency", help="where the two demo runs are trained")
-    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
         "--threads", default="default,1", help="torch thread counts for the app's rows ('default' = one per core)"
@@ -200,7 +220,10 @@ def main() -> None:
         "per-variant": "stacked, each variant's own linear layers",
         "sequential": "one forward pass per variant",
         "vmap": "`vmap` + `functional_call`, no KV cache",
+        "peft-mixed": "peft's mixed-adapter batch (`adapter_names`)",
+        "peft-sequential": "one pass per adapter (peft's forward, the adapter active)",
     }
+    alternatives = {"full": ["per-variant", "sequential", "vmap"], "lora": ["peft-mixed", "peft-sequential"]}
     with page.capture():
         print(
             f"Demo model (hidden 128, 4 layers), the demo run's final checkpoint; {args.max_new_tokens} new tokens, "
@@ -209,17 +232,17 @@ def main() -> None:
         print()
         for kind, run in runs.items():
             catalog = CheckpointCatalog(run, device="cpu")
-            label = "LoRA (one base model, mixed-adapter batch)" if kind == "lora" else "full model"
-            app_title = "the app's (" + ("peft `adapter_names`" if kind == "lora" else "stacked, batched matmul") + ")"
+            label = "LoRA (one base model)" if kind == "lora" else "full model"
+            app_title = "the app's (" + ("stacked LoRA updates" if kind == "lora" else "stacked, batched matmul") + ")"
             print(f"### {label}\n")
             print("| batching | threads | 1 variant | 2 variants | 4 variants | 2 / 1 | 4 / 1 |")
             print("|---|---:|---:|---:|---:|---:|---:|")
             best: dict[int, float] = {}  # the app's fastest time per number of variants, over the thread counts
             configs = {}
-            for config in dict.fromkeys(app_threads + ([] if kind == "lora" else alt_threads)):
+            for config in dict.fromkeys(app_threads + alt_threads):
                 names = ["app"]
-                if kind == "full" and config in alt_threads:
-                    names += list(titles)
+                if config in alt_threads:
+                    names += alternatives[kind]
                 configs[config] = {name: timed_store(catalog, name) for name in names}
             p50s = measure(configs, args.rounds, args.max_new_tokens)
             for config, p50 in p50s.items():
@@ -237,6 +260,12 @@ def main() -> None:
                         f"| {two * 1000:.0f} ms | {four * 1000:.0f} ms | {two / base:.2f}x | {four / base:.2f}x |"
                     )
             print()
+            for config, p50 in p50s.items():
+                if ("peft-sequential", 1) in p50:
+                    print(
+                        f"One variant through peft's own forward (the adapter active), {config[0]} threads: "
+                        f"{p50['peft-sequential', 1] * 1000:.0f} ms; the app's: {p50['app', 1] * 1000:.0f} ms.\n"
+                    )
             if len(app_threads) > 1:
                 # A second thread does little for the one-variant request (its decoding steps are small) and
                 # speeds up the batched ones: compare each with the fastest one-variant time.

@@ -3,11 +3,15 @@
 A request compares up to four variants (raw, EMA, post-hoc EMA, merges...). Decoding them one after the other costs
 one forward pass per variant and token; here the variants share each pass instead:
 
-- PEFT adapters on one base model ([`AdapterVariants`]): one batch with one row per variant, each row routed through
-  its own adapter by peft's mixed-adapter batches (`adapter_names=`); the base weights are read once.
+- LoRA adapters on one base model ([`stack_adapters`]): a structural copy of the base model sharing all its weights,
+  whose LoRA layers run the base weights once for the whole batch and add each adapter's low-rank update to its own
+  rows by two batched matmuls. Adapters it does not cover run through peft: its mixed-adapter batches
+  ([`AdapterVariants`], `adapter_names=`), or one pass per adapter where peft cannot mix them
+  ([`SequentialAdapters`], DoRA).
 - Full models with the same architecture ([`StackedVariants`]): one model whose `nn.Linear` layers hold the variants'
   weights stacked, `(n, out, in)`, and apply them with one batched matmul (`torch.baddbmm`) to the variant-major
-  batch; other layers with weights (norms, embeddings) run each variant's own module on its rows. Everything else
+  batch; norms and embeddings run stacked as well where a probe shows they match each variant's own module (else
+  that module on its rows). Everything else
   (attention, rotary embeddings, the KV cache, masks) runs once for the whole batch. This beats `torch.func`'s
   `stack_module_state` + `functional_call` under `vmap` here: `vmap` has no batching rule for CPU SDPA attention
   (it falls back to a per-variant loop) and cannot grow a `DynamicCache` in place; see
@@ -15,9 +19,9 @@ one forward pass per variant and token; here the variants share each pass instea
 - Anything else ([`SequentialVariants`]): one forward per variant, each with its own cache (still correct).
 
 Rows are variant-major: with `b` rows per variant, rows `v * b ... v * b + b - 1` belong to variant `v`. Each
-variant's rows see exactly the computation the variant alone would do (same kernels per row), so greedy decoding
-gives what `model.generate(do_sample=False)` gives and seeded sampling what `generate(do_sample=True)` gives after
-`torch.manual_seed(seed)`.
+variant's rows see the computation the variant alone would do (the batched kernels may round differently in the last
+bits), so greedy decoding gives what `model.generate(do_sample=False)` gives and seeded sampling what
+`generate(do_sample=True)` gives after `torch.manual_seed(seed)`; the tests check both against models run alone.
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ from hf_ema import ConfigError
 __all__ = [
     "AdapterVariants",
     "DecodeState",
+    "SequentialAdapters",
     "SequentialVariants",
     "StackedVariants",
     "VariantBatch",
     "decode",
+    "make_adapter_batch",
     "make_variant_batch",
     "score_continuations",
+    "stack_adapters",
     "stack_models",
 ]
 
@@ -160,6 +167,36 @@ class AdapterVariants(VariantBatch):
         names = [name for name in self.adapter_names for _ in range(rows)]
         with self.lock or nullcontext():
             return self.model(input_ids=input_ids, adapter_names=names, **self._kwargs(cache, last_only)).logits
+
+
+class SequentialAdapters(VariantBatch):
+    """Fallback for adapters peft cannot mix in one batch (DoRA and other LoRA variants): one forward pass per
+    adapter, each with its own cache and made the active adapter for that pass.
+
+    Args:
+        model (`peft.PeftModel`): The model holding every adapter.
+        adapter_names (`Sequence[str]`): One adapter per variant.
+        lock (`threading.Lock`, *optional*): Held during each pass: the active adapter is the shared model's state.
+    """
+
+    def __init__(self, model: nn.Module, adapter_names: Sequence[str], lock: Any = None) -> None:
+        super().__init__(len(adapter_names), model)
+        self.adapter_names = list(adapter_names)
+        self.lock = lock
+
+    def new_cache(self):
+        return [new_cache(self.model) for _ in self.adapter_names]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache=None, *, last_only=False):
+        outs = []
+        for v, (name, rows) in enumerate(zip(self.adapter_names, input_ids.chunk(self.n, dim=0))):
+            kwargs = self._kwargs(None if cache is None else cache[v], last_only)
+            with self.lock or nullcontext():
+                self.model.set_adapter(name)
+                logits = self.model(input_ids=rows, **kwargs).logits
+            outs.append(logits[:, -1:] if last_only else logits)
+        return torch.cat(outs, dim=0)
 
 
 class SequentialVariants(VariantBatch):
@@ -482,6 +519,148 @@ def _check_stack(stacked: nn.Module, models: Sequence[nn.Module]) -> bool:
     return together.shape == alone.shape and torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-4)
 
 
+# ------------------------------------------------------------------------------------------- stacked LoRA adapters
+class _StackedLoRALinear(nn.Module):
+    """A peft LoRA layer for `n` adapters at once, on a variant-major batch.
+
+    Its base layer runs once on the whole batch (the shared base weights are read once per step), then each
+    adapter's low-rank update is added to its own variant block by two batched matmuls. That is peft's vanilla LoRA
+    forward, `base_layer(x) + lora_B(lora_A(x)) * scaling` (LoRA, Hu et al. 2021, eq. 3: h = W0 x + (alpha / r) B A x),
+    computed in the same order and dtypes, without peft's per-adapter loop: peft's mixed-adapter batches
+    (`adapter_names=`) index out each adapter's rows and register forward hooks on every layer for each call.
+    Adapters of different ranks are zero-padded to the largest (the padding adds exact zeros); an adapter that does
+    not target this layer gets a zero update, as peft skips it.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None], scaling
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.n = len(a)
+        known = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        rank = max(x.shape[0] for x, _ in known)
+        in_features, out_features = known[0][0].shape[1], known[0][1].shape[0]
+        dtype, device = known[0][0].dtype, known[0][0].device
+        lora_a = torch.zeros(self.n, rank, in_features, dtype=dtype, device=device)
+        lora_b = torch.zeros(self.n, out_features, rank, dtype=dtype, device=device)
+        for v, (x, y) in enumerate(zip(a, b)):
+            if x is not None and y is not None:
+                lora_a[v, : x.shape[0]] = x
+                lora_b[v, :, : y.shape[1]] = y
+        # Stored transposed, (n, in, r) and (n, r, out): each block multiplies as `x @ A.T`, then `@ B.T`, as
+        # `nn.Linear` does.
+        self.lora_a = nn.Parameter(lora_a.transpose(1, 2), requires_grad=False)
+        self.lora_b = nn.Parameter(lora_b.transpose(1, 2), requires_grad=False)
+        self.scaling = nn.Parameter(
+            torch.tensor(scaling, dtype=dtype, device=device).view(-1, 1, 1), requires_grad=False
+        )
+        self.lora_dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        shape = x.shape
+        blocks = x.reshape(self.n, -1, shape[-1])  # variant-major rows -> (n, rows * positions, in)
+        if blocks.dtype != self.lora_dtype:
+            blocks = blocks.to(self.lora_dtype)  # peft runs the update in the adapter's dtype ...
+        update = torch.bmm(torch.bmm(blocks, self.lora_a), self.lora_b) * self.scaling
+        out = result + update.reshape(*shape[:-1], update.shape[-1])
+        return out if out.dtype == result.dtype else out.to(result.dtype)  # ... and returns the base layer's
+
+
+def _stack_lora_layer(layer: nn.Module, adapter_names: Sequence[str]) -> _StackedLoRALinear | None:
+    """`layer` (a peft LoRA `Linear`) as a [`_StackedLoRALinear`] for `adapter_names`, or `None` where it holds
+    anything but vanilla LoRA for them (DoRA and the other LoRA variants, biases on the LoRA weights, a merged
+    adapter, active dropout)."""
+    try:
+        lora_a, lora_b, scaling = layer.lora_A, layer.lora_B, layer.scaling
+        dropouts, variants = layer.lora_dropout, getattr(layer, "lora_variant", {})
+        base_layer = layer.get_base_layer()
+    except AttributeError:
+        return None
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    a: list[torch.Tensor | None] = []
+    b: list[torch.Tensor | None] = []
+    factors: list[float] = []
+    for name in adapter_names:
+        if name not in lora_a:
+            a.append(None)
+            b.append(None)
+            factors.append(0.0)
+            continue
+        down, up, dropout = lora_a[name], lora_b[name], dropouts[name]
+        if name in variants or type(down) is not nn.Linear or type(up) is not nn.Linear:
+            return None
+        if down.bias is not None or up.bias is not None or (dropout.training and not isinstance(dropout, nn.Identity)):
+            return None
+        if not isinstance(scaling.get(name), (int, float)):
+            return None
+        a.append(down.weight.detach())
+        b.append(up.weight.detach())
+        factors.append(float(scaling[name]))
+    weights = [w for w in a + b if w is not None]
+    if not weights or len({(w.dtype, w.device) for w in weights}) != 1:
+        return None
+    return _StackedLoRALinear(base_layer, a, b, factors)
+
+
+def stack_adapters(model: nn.Module, adapter_names: Sequence[str]) -> nn.Module | None:
+    """One model running the LoRA adapters `adapter_names` of a `PeftModel` side by side on a variant-major batch,
+    or `None` where it holds layers this does not cover (the caller then uses peft's mixed-adapter batches).
+
+    The result shares every weight of `model` and holds only the adapters' low-rank weights stacked (see
+    [`_StackedLoRALinear`]); it changes nothing in `model` (no active adapter, no hooks), so requests can run it at
+    the same time. It is checked against peft's own mixed-adapter forward on a short input before it is returned.
+    Call it while nothing else changes `model` (its lock held: adapters being loaded, peft's hooks during a
+    mixed-adapter forward).
+
+    Args:
+        model (`peft.PeftModel`): The model holding every adapter, in eval mode.
+        adapter_names (`Sequence[str]`): One adapter per variant (repeats allowed).
+    """
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return None
+    if not hasattr(model, "get_base_model") or not adapter_names:
+        return None
+    base = model.get_base_model()
+    replaced: dict[str, nn.Module] = {}
+    for name, module in base.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        if not type(module).__module__.startswith("peft."):
+            continue
+        stacked = _stack_lora_layer(module, adapter_names) if type(module) is LoraLinear else None
+        if stacked is None:  # another peft layer (embedding LoRA, modules_to_save, DoRA...): peft's batches run it
+            return None
+        replaced[name] = stacked
+    if not replaced:
+        return None
+    # A structural copy of the base model that shares its tensors and takes the stacked layers in place of peft's.
+    memo: dict[int, Any] = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+    memo.update({id(base.get_submodule(name)): new for name, new in replaced.items()})
+    skeleton = copy.deepcopy(base, memo)
+    skeleton.eval()
+    if not _check_adapters(skeleton, model, adapter_names):
+        return None
+    return skeleton
+
+
+@torch.inference_mode()
+def _check_adapters(stacked: nn.Module, model: nn.Module, adapter_names: Sequence[str]) -> bool:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    device = next(model.parameters()).device
+    probe = torch.arange(5, device=device).remainder(vocab).unsqueeze(0).expand(len(adapter_names), -1)
+    try:
+        together = stacked(input_ids=probe, use_cache=False).logits
+        alone = model(input_ids=probe, adapter_names=list(adapter_names), use_cache=False).logits
+    except Exception:  # an architecture this stacking does not fit: peft's mixed-adapter batches run it
+        return False
+    return together.shape == alone.shape and torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-4)
+
+
 class StackedVariants(VariantBatch):
     """Full models with the same architecture, run as one stacked model (see [`stack_models`]).
 
@@ -496,6 +675,41 @@ class StackedVariants(VariantBatch):
     @torch.inference_mode()
     def forward(self, input_ids, cache=None, *, last_only=False):
         return self.model(input_ids=input_ids, **self._kwargs(cache, last_only)).logits
+
+
+def make_adapter_batch(model: nn.Module, adapter_names: Sequence[str], lock: Any = None) -> VariantBatch:
+    """The fastest [`VariantBatch`] for adapters of one `PeftModel`: the stacked LoRA model of [`stack_adapters`],
+    else peft's mixed-adapter batch ([`AdapterVariants`]), else one pass per adapter ([`SequentialAdapters`]).
+
+    Args:
+        model (`peft.PeftModel`): The model holding every adapter.
+        adapter_names (`Sequence[str]`): One adapter per variant.
+        lock (`threading.Lock`, *optional*): Held while the stacked model is built and during peft's mixed-adapter
+            forward passes.
+    """
+    with lock or nullcontext():
+        stacked = stack_adapters(model, adapter_names)
+    if stacked is not None:
+        return StackedVariants(stacked, len(adapter_names))
+    if not _peft_mixes(model, adapter_names):
+        return SequentialAdapters(model, adapter_names, lock=lock)
+    return AdapterVariants(model, adapter_names, lock=lock)
+
+
+def _peft_mixes(model: nn.Module, adapter_names: Sequence[str]) -> bool:
+    """Whether peft takes these adapters in one mixed-adapter batch: it refuses DoRA adapters and merged layers.
+
+    Checked here rather than by trying: a refused call raises inside peft's forward, after peft has registered its
+    forward hooks on the model, and leaves them there (they would break every later call)."""
+    for module in model.modules():
+        if not type(module).__module__.startswith("peft."):
+            continue
+        use_dora = getattr(module, "use_dora", None)
+        if getattr(module, "merged", False) is True:
+            return False
+        if isinstance(use_dora, dict) and any(use_dora.get(name, False) for name in adapter_names):
+            return False
+    return True
 
 
 def make_variant_batch(models: Sequence[nn.Module], lock: Any = None, linear: str = "bmm") -> VariantBatch:

@@ -16,7 +16,7 @@ import torch
 
 from hf_ema.errors import ConfigError, ConfigTypeError
 
-from .batching import AdapterVariants, VariantBatch, decode, make_variant_batch
+from .batching import VariantBatch, decode, make_adapter_batch, make_variant_batch
 from .loading import EMA, RAW, ModelPair
 
 __all__ = [
@@ -164,14 +164,14 @@ def pair_batch(pair: ModelPair) -> VariantBatch:
     Args:
         pair (`ModelPair`): The loaded models.
     """
-    with pair.lock:
-        batch = pair.runtime.get("batch")
-        if batch is None:
-            if pair.is_peft:
-                batch = AdapterVariants(pair.models[RAW], [RAW, EMA], lock=pair.lock)
-            else:
-                batch = make_variant_batch([pair.models[RAW], pair.models[EMA]])
-            pair.runtime["batch"] = batch
+    batch = pair.runtime.get("batch")
+    if batch is None:
+        if pair.is_peft:  # built under the pair's lock (the adapters must not change meanwhile)
+            batch = make_adapter_batch(pair.models[RAW], [RAW, EMA], lock=pair.lock)
+        else:
+            batch = make_variant_batch([pair.models[RAW], pair.models[EMA]])
+        # Two first requests at once may both build one; the first kept is the one every request uses.
+        batch = pair.runtime.setdefault("batch", batch)
     return batch
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from hf_ema import CheckpointError, ConfigError, ConfigTypeError, merge_checkpoints, reconstruct
 
-from .batching import AdapterVariants, SingleVariant, VariantBatch, make_variant_batch
+from .batching import SingleVariant, VariantBatch, make_adapter_batch, make_variant_batch
 from .loading import EMA, RAW, CheckpointCatalog, CheckpointRef, ModelPair, has_raw_weights
 
 __all__ = [
@@ -57,6 +57,8 @@ MAX_PANES = 4
 #: Where `EMACallback(posthoc=True)` writes the post-hoc snapshots, inside the run folder.
 POSTHOC_DIRNAME = "ema_posthoc"
 _RECIPE_NAME = "posthoc_recipe.json"
+#: Adapter batches kept per store (each holds only its adapters' stacked low-rank weights; the base is shared).
+_MAX_ADAPTER_BATCHES = 16
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _SPEC_RE = re.compile(
     r"^(?:posthoc:(?P<sigma>[^:]+)|merge:(?P<method>[a-z]+):(?P<k>[^:]+)|ema@(?P<ckpt>.+)|(?P<kind>raw|ema))$"
@@ -261,6 +263,7 @@ class VariantStore:
         self.max_batches = max_batches
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
         self._batches: OrderedDict[tuple, VariantBatch] = OrderedDict()
+        self._adapter_batches: OrderedDict[tuple, VariantBatch] = OrderedDict()
         self._lock = threading.Lock()
         self._build_locks: dict[str, threading.Lock] = {}
 
@@ -454,19 +457,33 @@ class VariantStore:
         if not variants:
             raise ConfigError("`variants` must hold at least one variant, got none")
         if pair.is_peft:
-            return AdapterVariants(pair.models[RAW], [v.adapter for v in variants], lock=pair.lock)
+            # Adapters are never unloaded and their names stand for their files, so the names key the batch. A
+            # stacked adapter batch holds only the adapters' low-rank weights: many are kept.
+            names = [v.adapter for v in variants]
+            key = ("adapters", id(pair.models[RAW]), *names)
+            return self._cached_batch(
+                self._adapter_batches,
+                _MAX_ADAPTER_BATCHES,
+                key,
+                lambda: make_adapter_batch(pair.models[RAW], names, lock=pair.lock),
+            )
         models = [v.model for v in variants]
         if len(models) == 1:
             return SingleVariant(models[0])
         key = tuple(id(m) for m in models)
+        return self._cached_batch(self._batches, self.max_batches, key, lambda: make_variant_batch(models))
+
+    def _cached_batch(
+        self, cache: OrderedDict[tuple, VariantBatch], limit: int, key: tuple, build: Callable[[], VariantBatch]
+    ) -> VariantBatch:
         with self._lock:
-            batch = self._batches.get(key)
+            batch = cache.get(key)
             if batch is not None:
-                self._batches.move_to_end(key)
+                cache.move_to_end(key)
                 return batch
-        batch = make_variant_batch(models)
+        batch = build()
         with self._lock:
-            self._batches[key] = batch
-            while len(self._batches) > self.max_batches:
-                self._batches.popitem(last=False)
+            cache[key] = batch
+            while len(cache) > limit:
+                cache.popitem(last=False)
         return batch

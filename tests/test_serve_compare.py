@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from hf_ema import CheckpointError, ConfigError
-from serve.batching import AdapterVariants, SequentialVariants, StackedVariants, decode, make_variant_batch
+from serve.batching import (
+    AdapterVariants,
+    SequentialAdapters,
+    SequentialVariants,
+    StackedVariants,
+    decode,
+    make_variant_batch,
+)
 from serve.compare import TokenPieces, compare, first_divergence, stream_comparison, token_pieces
 from serve.generation import GenerationSettings
 from serve.loading import CheckpointCatalog
@@ -146,9 +153,15 @@ def test_four_variants_sampled_together_equal_each_alone(lora, posthoc_run, post
     settings = GenerationSettings(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=1234)
     result = compare(store, PROMPT, FOUR, settings, reference=" the function")
     assert result.done and not any(p.error for p in result.panes)
-    # One batched forward per token: a mixed-adapter batch for LoRA, one stacked model for full weights.
+    # One batched forward per token, by one stacked model; for LoRA it runs the PEFT model's own base weights (not a
+    # copy per variant) and adds only the adapters' stacked low-rank weights.
     batch = store.batch(None, [store.resolve(None, VariantSpec.parse(s)) for s in FOUR])
-    assert isinstance(batch, AdapterVariants if lora else StackedVariants)
+    assert isinstance(batch, StackedVariants)
+    if lora:
+        base = store.catalog.get().models["raw"].get_base_model()
+        shared = {p.data_ptr() for p in base.parameters()}
+        added = sum(p.numel() for p in batch.model.parameters() if p.data_ptr() not in shared)
+        assert 0 < added < 0.1 * sum(p.numel() for p in base.parameters())
 
     models = independent_models(run, lora, tmp_path)
     tokenizer = store.catalog.get().tokenizer
@@ -219,6 +232,94 @@ def test_stacked_model_runs_no_variant_module_and_equals_each_alone(tokenizer):
             alone = torch.cat([m(input_ids=rows, use_cache=False).logits for m in models])
             torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
             calls.clear()
+
+
+def lora_model(tokenizer, configs: dict):
+    """A tiny Llama with one LoRA adapter per `configs` entry (name -> LoraConfig), each with random, distinct
+    weights (a fresh adapter's B is zero, which would hide a mix-up), in eval mode."""
+    from peft import get_peft_model
+
+    from hf_ema.demo.toy import tiny_causal_lm
+
+    base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    names = list(configs)
+    model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, configs[name])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_" in param_name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def test_stacked_adapters_equal_each_adapter_alone(tokenizer):
+    """LoRA adapters of different ranks, one of them not on every layer, run as one stacked model: each variant's
+    rows equal what peft gives with that adapter active alone, with one row per variant and with two, and the peft
+    model is left as it was (same active adapter, no hooks)."""
+    from peft import LoraConfig
+
+    from serve.batching import make_adapter_batch, stack_adapters
+
+    configs = {
+        "first": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "second": LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "third": LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj"], use_rslora=True),
+    }
+    model = lora_model(tokenizer, configs)
+    names = ["second", "first", "third", "second"]
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    stacked = stack_adapters(model, names)
+    assert stacked is not None
+    assert model.active_adapter == "first"
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    ids = tokenizer([PROMPT, " def f(x): return"], return_tensors="pt", padding="longest")["input_ids"][:, :4]
+    with torch.inference_mode():
+        for rows in (ids[:1], ids):
+            together = stacked(input_ids=rows.repeat(len(names), 1), use_cache=False).logits
+            alone = []
+            for name in names:
+                model.set_adapter(name)
+                alone.append(model(input_ids=rows, use_cache=False).logits)
+            torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    # Decoding through the batch gives each adapter's own greedy text.
+    batch = make_adapter_batch(model, names)
+    assert isinstance(batch, StackedVariants)
+    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    *_, state = decode(batch, prompt, max_new_tokens=8, greedy=True)
+    for name, tokens in zip(names, state.tokens):
+        model.set_adapter(name)
+        expected = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
+        assert tokens == expected.tolist()
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # the tiny model ties them
+@pytest.mark.parametrize("kind", ["embedding", "dora"])
+def test_adapters_stacking_does_not_cover_run_through_peft(tokenizer, kind):
+    """Adapters that are not plain LoRA on linear layers run through peft: LoRA on the embedding as peft's
+    mixed-adapter batch, DoRA (which peft refuses in mixed batches) one pass per adapter. Each gives the adapter's
+    own text."""
+    from peft import LoraConfig
+
+    from serve.batching import make_adapter_batch, stack_adapters
+
+    other = {"embedding": {"target_modules": ["q_proj", "embed_tokens"]}, "dora": {"use_dora": True}}[kind]
+    configs = {
+        "plain": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        kind: LoraConfig(r=4, lora_alpha=8, **{"target_modules": ["q_proj", "v_proj"], **other}),
+    }
+    model = lora_model(tokenizer, configs)
+    names = ["plain", kind]
+    assert stack_adapters(model, names) is None
+    batch = make_adapter_batch(model, names)
+    assert isinstance(batch, AdapterVariants if kind == "embedding" else SequentialAdapters)
+    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    *_, state = decode(batch, prompt, max_new_tokens=8, greedy=True)
+    for name, tokens in zip(names, state.tokens):
+        model.set_adapter(name)
+        expected = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
+        assert tokens == expected.tolist()
 
 
 def test_batched_forward_passes_warn_nothing(full_run):
