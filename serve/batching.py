@@ -193,7 +193,8 @@ class SequentialAdapters(VariantBatch):
         for v, (name, rows) in enumerate(zip(self.adapter_names, input_ids.chunk(self.n, dim=0))):
             kwargs = self._kwargs(None if cache is None else cache[v], last_only)
             with self.lock or nullcontext():
-                self.model.set_adapter(name)
+                if getattr(self.model, "active_adapter", None) != name:  # switching walks every layer: only if needed
+                    self.model.set_adapter(name)
                 logits = self.model(input_ids=rows, **kwargs).logits
             outs.append(logits[:, -1:] if last_only else logits)
         return torch.cat(outs, dim=0)
