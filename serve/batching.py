@@ -569,10 +569,10 @@ class _StackedLoRALinear(nn.Module):
         return out if out.dtype == result.dtype else out.to(result.dtype)  # ... and returns the base layer's
 
 
-def _stack_lora_layer(layer: nn.Module, adapter_names: Sequence[str]) -> _StackedLoRALinear | None:
-    """`layer` (a peft LoRA `Linear`) as a [`_StackedLoRALinear`] for `adapter_names`, or `None` where it holds
-    anything but vanilla LoRA for them (DoRA and the other LoRA variants, biases on the LoRA weights, a merged
-    adapter, active dropout)."""
+def _stack_lora_layer(layer: nn.Module, adapter_names: Sequence[str]) -> nn.Module | None:
+    """`layer` (a peft LoRA `Linear`) as a [`_StackedLoRALinear`] for `adapter_names` (its base layer alone when none
+    of them targets it), or `None` where it holds anything but vanilla LoRA for them (DoRA and the other LoRA
+    variants, biases on the LoRA weights, a merged adapter, active dropout)."""
     try:
         lora_a, lora_b, scaling = layer.lora_A, layer.lora_B, layer.scaling
         dropouts, variants = layer.lora_dropout, getattr(layer, "lora_variant", {})
@@ -601,14 +601,16 @@ def _stack_lora_layer(layer: nn.Module, adapter_names: Sequence[str]) -> _Stacke
         b.append(up.weight.detach())
         factors.append(float(scaling[name]))
     weights = [w for w in a + b if w is not None]
-    if not weights or len({(w.dtype, w.device) for w in weights}) != 1:
+    if not weights:
+        return base_layer
+    if len({(w.dtype, w.device) for w in weights}) != 1:
         return None
     return _StackedLoRALinear(base_layer, a, b, factors)
 
 
 def stack_adapters(model: nn.Module, adapter_names: Sequence[str]) -> nn.Module | None:
     """One model running the LoRA adapters `adapter_names` of a `PeftModel` side by side on a variant-major batch,
-    or `None` where it holds layers this does not cover (the caller then uses peft's mixed-adapter batches).
+    or `None` where it holds layers this does not cover (the caller then runs the adapters through peft).
 
     The result shares every weight of `model` and holds only the adapters' low-rank weights stacked (see
     [`_StackedLoRALinear`]); it changes nothing in `model` (no active adapter, no hooks), so requests can run it at

@@ -262,8 +262,9 @@ class VariantStore:
         self.max_models = max_models
         self.max_batches = max_batches
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
-        self._batches: OrderedDict[tuple, VariantBatch] = OrderedDict()
-        self._adapter_batches: OrderedDict[tuple, VariantBatch] = OrderedDict()
+        # Built batches (see `_cached_batch`): stacked full models, and batches of adapters.
+        self._batches: OrderedDict[tuple, tuple[tuple, VariantBatch]] = OrderedDict()
+        self._adapter_batches: OrderedDict[tuple, tuple[tuple, VariantBatch]] = OrderedDict()
         self._lock = threading.Lock()
         self._build_locks: dict[str, threading.Lock] = {}
 
@@ -457,33 +458,39 @@ class VariantStore:
         if not variants:
             raise ConfigError("`variants` must hold at least one variant, got none")
         if pair.is_peft:
-            # Adapters are never unloaded and their names stand for their files, so the names key the batch. A
-            # stacked adapter batch holds only the adapters' low-rank weights: many are kept.
-            names = [v.adapter for v in variants]
-            key = ("adapters", id(pair.models[RAW]), *names)
-            return self._cached_batch(
-                self._adapter_batches,
-                _MAX_ADAPTER_BATCHES,
-                key,
-                lambda: make_adapter_batch(pair.models[RAW], names, lock=pair.lock),
-            )
+            # Adapters are never unloaded and their names stand for their files, so the model and the names key the
+            # batch. A stacked adapter batch holds only the adapters' low-rank weights: many are kept.
+            peft_model, names = pair.models[RAW], [v.adapter for v in variants]
+            build = lambda: make_adapter_batch(peft_model, names, lock=pair.lock)  # noqa: E731
+            return self._cached_batch(self._adapter_batches, _MAX_ADAPTER_BATCHES, (peft_model,), names, build)
         models = [v.model for v in variants]
         if len(models) == 1:
             return SingleVariant(models[0])
-        key = tuple(id(m) for m in models)
-        return self._cached_batch(self._batches, self.max_batches, key, lambda: make_variant_batch(models))
+        build = lambda: make_variant_batch(models)  # noqa: E731
+        return self._cached_batch(self._batches, self.max_batches, tuple(models), [], build)
 
     def _cached_batch(
-        self, cache: OrderedDict[tuple, VariantBatch], limit: int, key: tuple, build: Callable[[], VariantBatch]
+        self,
+        cache: OrderedDict[tuple, Any],
+        limit: int,
+        models: tuple[nn.Module, ...],
+        names: Sequence[str],
+        build: Callable[[], VariantBatch],
     ) -> VariantBatch:
+        """The batch of `models` (and adapter `names`), from `cache` or built and kept there.
+
+        Keyed by the models' ids; an entry keeps its models alive, so no other model can take one of those ids while
+        it is cached.
+        """
+        key = (tuple(id(m) for m in models), tuple(names))
         with self._lock:
-            batch = cache.get(key)
-            if batch is not None:
+            entry = cache.get(key)
+            if entry is not None:
                 cache.move_to_end(key)
-                return batch
+                return entry[1]
         batch = build()
         with self._lock:
-            cache[key] = batch
+            cache[key] = (models, batch)
             while len(cache) > limit:
                 cache.popitem(last=False)
         return batch

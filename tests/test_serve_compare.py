@@ -157,6 +157,7 @@ def test_four_variants_sampled_together_equal_each_alone(lora, posthoc_run, post
     # copy per variant) and adds only the adapters' stacked low-rank weights.
     batch = store.batch(None, [store.resolve(None, VariantSpec.parse(s)) for s in FOUR])
     assert isinstance(batch, StackedVariants)
+    assert store.batch(None, [store.resolve(None, VariantSpec.parse(s)) for s in FOUR]) is batch  # built once
     if lora:
         base = store.catalog.get().models["raw"].get_base_model()
         shared = {p.data_ptr() for p in base.parameters()}
@@ -268,21 +269,24 @@ def test_stacked_adapters_equal_each_adapter_alone(tokenizer):
         "third": LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj"], use_rslora=True),
     }
     model = lora_model(tokenizer, configs)
-    names = ["second", "first", "third", "second"]
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    stacked = stack_adapters(model, names)
-    assert stacked is not None
-    assert model.active_adapter == "first"
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
     ids = tokenizer([PROMPT, " def f(x): return"], return_tensors="pt", padding="longest")["input_ids"][:, :4]
-    with torch.inference_mode():
-        for rows in (ids[:1], ids):
-            together = stacked(input_ids=rows.repeat(len(names), 1), use_cache=False).logits
-            alone = []
-            for name in names:
-                model.set_adapter(name)
-                alone.append(model(input_ids=rows, use_cache=False).logits)
-            torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    # The second list leaves down_proj's LoRA layer (only "second" targets it) to its base layer alone.
+    for names in (["second", "first", "third", "second"], ["first", "third"]):
+        model.set_adapter("first")
+        stacked = stack_adapters(model, names)
+        assert stacked is not None
+        assert model.active_adapter == "first"
+        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+        with torch.inference_mode():
+            for rows in (ids[:1], ids):
+                together = stacked(input_ids=rows.repeat(len(names), 1), use_cache=False).logits
+                alone = []
+                for name in names:
+                    model.set_adapter(name)
+                    alone.append(model(input_ids=rows, use_cache=False).logits)
+                torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    names = ["second", "first", "third", "second"]
     # Decoding through the batch gives each adapter's own greedy text.
     batch = make_adapter_batch(model, names)
     assert isinstance(batch, StackedVariants)
