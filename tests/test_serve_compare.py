@@ -255,6 +255,16 @@ def lora_model(tokenizer, configs: dict):
     return model.eval()
 
 
+def assert_each_adapter_decodes(batch, model, names: list[str], tokenizer) -> None:
+    """Greedy decoding through `batch` gives, for each adapter, what `generate` gives with that adapter active."""
+    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    *_, state = decode(batch, prompt, max_new_tokens=8, greedy=True)
+    for name, tokens in zip(names, state.tokens):
+        model.set_adapter(name)
+        expected = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
+        assert tokens == expected.tolist()
+
+
 def test_stacked_adapters_equal_each_adapter_alone(tokenizer):
     """LoRA adapters of different ranks, one of them not on every layer, run as one stacked model: each variant's
     rows equal what peft gives with that adapter active alone, with one row per variant and with two, and the peft
@@ -290,12 +300,7 @@ def test_stacked_adapters_equal_each_adapter_alone(tokenizer):
     # Decoding through the batch gives each adapter's own greedy text.
     batch = make_adapter_batch(model, names)
     assert isinstance(batch, StackedVariants)
-    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    *_, state = decode(batch, prompt, max_new_tokens=8, greedy=True)
-    for name, tokens in zip(names, state.tokens):
-        model.set_adapter(name)
-        expected = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
-        assert tokens == expected.tolist()
+    assert_each_adapter_decodes(batch, model, names, tokenizer)
 
 
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # the tiny model ties them
@@ -318,12 +323,7 @@ def test_adapters_stacking_does_not_cover_run_through_peft(tokenizer, kind):
     assert stack_adapters(model, names) is None
     batch = make_adapter_batch(model, names)
     assert isinstance(batch, AdapterVariants if kind == "embedding" else SequentialAdapters)
-    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    *_, state = decode(batch, prompt, max_new_tokens=8, greedy=True)
-    for name, tokens in zip(names, state.tokens):
-        model.set_adapter(name)
-        expected = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
-        assert tokens == expected.tolist()
+    assert_each_adapter_decodes(batch, model, names, tokenizer)
 
 
 def test_batched_forward_passes_warn_nothing(full_run):
