@@ -30,7 +30,7 @@ import copy
 import inspect
 import math
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -496,20 +496,35 @@ def stack_models(models: Sequence[nn.Module], linear: str = "bmm") -> nn.Module 
     if linear == "bmm":
         _fuse_siblings(skeleton)
     skeleton.eval()
-    if not _check_stack(skeleton, models):
+    if not _matches(
+        skeleton,
+        first,
+        len(models),
+        lambda probe: torch.cat([m(input_ids=probe, use_cache=False).logits for m in models]),
+    ):
         return None
     return skeleton
 
 
 @torch.inference_mode()
-def _check_stack(stacked: nn.Module, models: Sequence[nn.Module]) -> bool:
-    vocab = getattr(getattr(models[0], "config", None), "vocab_size", None) or 2
-    device = next(models[0].parameters()).device
+def _matches(stacked: nn.Module, model: nn.Module, n: int, reference: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether `stacked` gives, on a short probe repeated for its `n` variants, the logits `reference(probe)` gives
+    (the same variant-major rows, computed the reference way); `False` when either raises (an architecture the
+    stacking does not fit: the caller runs the variants another way).
+
+    Args:
+        stacked (`nn.Module`): The stacked model.
+        model (`nn.Module`): A variant's model (for the vocabulary size and the device).
+        n (`int`): Number of variants.
+        reference (`Callable`): Maps the probe `(1, length)` to the reference logits `(n, length, vocab)`.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    device = next(model.parameters()).device
     probe = torch.arange(5, device=device).remainder(vocab).unsqueeze(0)
     try:
-        together = stacked(input_ids=probe.expand(len(models), -1), use_cache=False).logits
-        alone = torch.cat([m(input_ids=probe, use_cache=False).logits for m in models])
-    except Exception:  # an architecture this stacking does not fit: run the variants one by one
+        together = stacked(input_ids=probe.expand(n, -1), use_cache=False).logits
+        alone = reference(probe)
+    except Exception:
         return False
     return together.shape == alone.shape and torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-4)
 
@@ -640,22 +655,16 @@ def stack_adapters(model: nn.Module, adapter_names: Sequence[str]) -> nn.Module 
     memo.update({id(base.get_submodule(name)): new for name, new in replaced.items()})
     skeleton = copy.deepcopy(base, memo)
     skeleton.eval()
-    if not _check_adapters(skeleton, model, adapter_names):
+    names = list(adapter_names)
+    rows = len(names)
+    if not _matches(
+        skeleton,
+        model,
+        rows,
+        lambda probe: model(input_ids=probe.expand(rows, -1), adapter_names=names, use_cache=False).logits,
+    ):
         return None
     return skeleton
-
-
-@torch.inference_mode()
-def _check_adapters(stacked: nn.Module, model: nn.Module, adapter_names: Sequence[str]) -> bool:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
-    device = next(model.parameters()).device
-    probe = torch.arange(5, device=device).remainder(vocab).unsqueeze(0).expand(len(adapter_names), -1)
-    try:
-        together = stacked(input_ids=probe, use_cache=False).logits
-        alone = model(input_ids=probe, adapter_names=list(adapter_names), use_cache=False).logits
-    except Exception:  # an architecture this stacking does not fit: peft's mixed-adapter batches run it
-        return False
-    return together.shape == alone.shape and torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-4)
 
 
 class StackedVariants(VariantBatch):
