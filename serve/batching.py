@@ -565,14 +565,13 @@ class _StackedLoRALinear(nn.Module):
         self.scaling = nn.Parameter(
             torch.tensor(scaling, dtype=dtype, device=device).view(-1, 1, 1), requires_grad=False
         )
-        self.lora_dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         shape = x.shape
         blocks = x.reshape(self.n, -1, shape[-1])  # variant-major rows -> (n, rows * positions, in)
-        if blocks.dtype != self.lora_dtype:
-            blocks = blocks.to(self.lora_dtype)  # peft runs the update in the adapter's dtype ...
+        if blocks.dtype != self.lora_a.dtype:
+            blocks = blocks.to(self.lora_a.dtype)  # peft runs the update in the adapter's dtype ...
         update = torch.bmm(torch.bmm(blocks, self.lora_a), self.lora_b) * self.scaling
         out = result + update.reshape(*shape[:-1], update.shape[-1])
         return out if out.dtype == result.dtype else out.to(result.dtype)  # ... and returns the base layer's
