@@ -101,6 +101,13 @@ def timed_store(catalog, how: str):
     from serve.loading import RAW
     from serve.variants import VariantStore
 
+    full = {  # from the variants' models
+        "per-variant": lambda models: make_variant_batch(models, linear="per-variant"),
+        "sequential": SequentialVariants,
+        "vmap": lambda models: vmap_batch_class()(models),
+    }
+    peft = {"peft-mixed": AdapterVariants, "peft-sequential": SequentialAdapters}  # from the adapters' names
+
     class Store(VariantStore):
         def __init__(self, catalog) -> None:
             super().__init__(catalog)
@@ -114,16 +121,9 @@ def timed_store(catalog, how: str):
             if key not in self.built:
                 if pair.is_peft:
                     names = [v.adapter for v in variants]
-                    peft_batch = AdapterVariants if how == "peft-mixed" else SequentialAdapters
-                    self.built[key] = peft_batch(pair.models[RAW], names, lock=pair.lock)
-                    return self.built[key]
-                models = [v.model for v in variants]
-                if how == "per-variant":
-                    self.built[key] = make_variant_batch(models, linear="per-variant")
-                elif how == "sequential":
-                    self.built[key] = SequentialVariants(models)
+                    self.built[key] = peft[how](pair.models[RAW], names, lock=pair.lock)
                 else:
-                    self.built[key] = vmap_batch_class()(models)
+                    self.built[key] = full[how]([v.model for v in variants])
             return self.built[key]
 
     return Store(catalog)
