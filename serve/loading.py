@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 
 from hf_ema.ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
 from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
+from hf_ema.utils.paths import checkpoint_step, list_checkpoints
 from hf_ema.weighted_sum import check_safetensors_file
 
 __all__ = [
@@ -40,7 +40,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: Adapter names of the two PEFT adapters loaded on the one base model.
 RAW, EMA = "raw", "ema"
 
@@ -133,22 +132,16 @@ def find_checkpoints(path: str | os.PathLike) -> list[CheckpointRef]:
         raise CheckpointError(f"`path` {text!r} is a file; pass a checkpoint folder or a training output folder")
     folder = folder.resolve()
 
-    children = []
-    for child in folder.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir():
-            children.append((int(match.group(1)), child))
-    children.sort()
-
+    children = list_checkpoints(folder)
     refs = []
-    for step, child in children:
+    for child in children:
         if _has_raw_weights(child) and _has_ema(child):
-            refs.append(CheckpointRef(label=child.name, location=str(child), step=step))
+            refs.append(CheckpointRef(label=child.name, location=str(child), step=checkpoint_step(child)))
     if _has_raw_weights(folder) and _has_ema(folder):
         # The run folder itself, when `trainer.save_model()` wrote the final raw weights there.
-        match = _CHECKPOINT_RE.match(folder.name)
-        step = int(match.group(1)) if match else _ema_step(folder)
-        label = folder.name if match or not refs else "final"
+        own_step = checkpoint_step(folder)
+        step = own_step if own_step is not None else _ema_step(folder)
+        label = folder.name if own_step is not None or not refs else "final"
         refs.append(CheckpointRef(label=label, location=str(folder), step=step))
     if refs:
         return refs

@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from hf_ema import CheckpointError, ConfigError, ConfigTypeError, merge_checkpoints, reconstruct
+from hf_ema.utils.paths import checkpoint_step, list_checkpoints
 
 from .batching import SingleVariant, VariantBatch, make_adapter_batch, make_variant_batch
 from .loading import EMA, RAW, CheckpointCatalog, CheckpointRef, ModelPair, has_raw_weights
@@ -59,7 +60,6 @@ POSTHOC_DIRNAME = "ema_posthoc"
 _RECIPE_NAME = "posthoc_recipe.json"
 #: Adapter batches kept per store (each holds only its adapters' stacked low-rank weights; the base is shared).
 _MAX_ADAPTER_BATCHES = 16
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _SPEC_RE = re.compile(
     r"^(?:posthoc:(?P<sigma>[^:]+)|merge:(?P<method>[a-z]+):(?P<k>[^:]+)|ema@(?P<ckpt>.+)|(?P<kind>raw|ema))$"
 )
@@ -181,7 +181,7 @@ def run_folder(ref: CheckpointRef) -> Path | None:
     if not ref.is_local:
         return None
     folder = Path(ref.location)
-    return folder.parent if _CHECKPOINT_RE.match(folder.name) else folder
+    return folder.parent if checkpoint_step(folder) is not None else folder
 
 
 def snapshot_steps(run: Path | None) -> list[int]:
@@ -225,14 +225,8 @@ def _quote(path: str | Path) -> str:
 
 
 def _checkpoint_folders(run: Path, up_to: int | None) -> list[tuple[int, Path]]:
-    found = []
-    for child in run.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and has_raw_weights(child):
-            step = int(match.group(1))
-            if up_to is None or step <= up_to:
-                found.append((step, child))
-    return sorted(found)
+    found = [(checkpoint_step(child), child) for child in list_checkpoints(run) if has_raw_weights(child)]
+    return [(step, child) for step, child in found if step is not None and (up_to is None or step <= up_to)]
 
 
 class VariantStore:
@@ -375,7 +369,7 @@ class VariantStore:
 
     def _posthoc(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:
         run = self._local_run(ref, "a post-hoc EMA")
-        step = ref.step if _CHECKPOINT_RE.match(Path(ref.location).name) else None
+        step = ref.step if checkpoint_step(ref.location) is not None else None
         key = f"posthoc::{run}::{spec.sigma_rel!r}::{step}"
 
         def build(folder: Path) -> None:
@@ -403,7 +397,7 @@ class VariantStore:
 
     def _merge(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:
         run = self._local_run(ref, "a merge of checkpoints")
-        step = ref.step if _CHECKPOINT_RE.match(Path(ref.location).name) else None
+        step = ref.step if checkpoint_step(ref.location) is not None else None
         available = _checkpoint_folders(run, step)
         if spec.k > len(available):
             upto = f" up to step {step}" if step is not None else ""
