@@ -38,6 +38,8 @@ def hf_ema(model: nn.Module, **kwargs) -> Impl:
 
     ema = ModelEMA(model, decay=DECAY, **kwargs)
     backends = sorted({k.backend for k in ema._updater.kernels})
+    if ema._updater.device_update is not None:
+        backends.append("triton")
     suffix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     name = "hf-ema ModelEMA" + (f" ({suffix})" if suffix else "")
     return Impl(name, ema.update, ema.shadow[0].dtype, ema, note="kernel: " + "+".join(backends))
@@ -117,7 +119,13 @@ def timm_ema(model: nn.Module, dtype: torch.dtype | None = None) -> Impl | None:
     cls = load_timm_model_ema_v3()
     if cls is None:
         return None
-    ema = cls(model, decay=DECAY, dtype=dtype)
+    if dtype is None:
+        ema = cls(model, decay=DECAY)
+    else:
+        try:
+            ema = cls(model, decay=DECAY, dtype=dtype)
+        except TypeError:  # timm releases whose ModelEmaV3 has no `dtype` (e.g. 1.0.x)
+            return None
     name = "timm ModelEmaV3 (foreach" + (f", dtype={str(dtype).removeprefix('torch.')})" if dtype else ")")
     return Impl(name, lambda: ema.update(model), _first_float_dtype(ema.module.parameters()), ema)
 
@@ -154,6 +162,7 @@ def safe_build(builder, model):
 #: Llama shapes for the benchmark sizes (vocab 32000, tied embeddings).
 LLAMA_SIZES = {
     "50M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=10, num_attention_heads=8),
+    "200M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16),
     "500M": dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=23, num_attention_heads=20),
     "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32),
 }

@@ -85,6 +85,13 @@ class EMAConfig:
         update_every (`int`, *optional*, defaults to 1):
             Update only every `update_every` optimizer steps, using `beta ** update_every` so that the horizon in
             optimizer steps does not change.
+        max_update_interval (`int`, *optional*, defaults to 32):
+            For an offloaded EMA folded in the background (`device="cpu"`): when the fold of the previous update is
+            still running, an update is coalesced into the next one instead of waited for, which folds the newest
+            weights with `beta ** k` for the `k` steps since the last fold (the `update_every` rule, exact for the
+            intervals taken). Once `k` would reach this many optimizer steps the update waits for the fold
+            instead. 32 is far inside the usual horizons (0.999: about 1,000 steps); lower it for short ones. Must
+            be at least `update_every`.
         start_step (`int`, *optional*, defaults to 0):
             Up to and including this optimizer step the EMA copies the weights instead of averaging them.
         dtype (`str` or `torch.dtype`, *optional*, defaults to `"float32"`):
@@ -134,6 +141,7 @@ class EMAConfig:
     power: float = 2.0 / 3.0
     min_decay: float = 0.0
     update_every: int = 1
+    max_update_interval: int = 32
     start_step: int = 0
     dtype: str = "float32"
     device: str | None = None
@@ -180,6 +188,12 @@ class EMAConfig:
         if not 0.0 <= self.min_decay <= self.base_decay:
             raise ConfigError(f"`min_decay` must be in [0, decay={self.base_decay!r}], got {self.min_decay!r}")
         check_int("update_every", self.update_every, minimum=1)
+        check_int("max_update_interval", self.max_update_interval, minimum=1)
+        if self.max_update_interval < self.update_every:
+            raise ConfigError(
+                f"`max_update_interval` must be at least `update_every` ({self.update_every}), got "
+                f"{self.max_update_interval!r}"
+            )
         check_int("start_step", self.start_step, minimum=0)
         if isinstance(self.dtype, torch.dtype):
             self.dtype = str(self.dtype).removeprefix("torch.")
@@ -247,15 +261,17 @@ class EMAConfig:
         """The EMA dtype as a `torch.dtype`."""
         return _DTYPES[self.dtype]
 
-    def decay_at(self, t: int) -> float:
+    def decay_at(self, t: int, interval: int | None = None) -> float:
         """The `beta` of the update made `t` optimizer steps after the EMA started (`t >= 1`).
 
-        It already accounts for `update_every`: the returned value is the decay over the whole interval.
+        It covers the whole interval since the previous update: `update_every` steps, or `interval` (coalesced
+        updates of an offloaded EMA).
 
         Args:
             t (`int`): Optimizer steps since `start_step`, including the current one.
+            interval (`int`, *optional*): Optimizer steps since the previous update; defaults to `update_every`.
         """
-        k = self.update_every
+        k = self.update_every if interval is None else int(interval)
         if self.gamma is not None:  # set exactly when `sigma_rel` is
             return power_function_beta(t, self.gamma, interval=k)
         beta = self.base_decay

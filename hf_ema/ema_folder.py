@@ -545,9 +545,7 @@ def _write_state(ema: ModelEMA, folder: Path, plan: dict, extra_state: dict[str,
         "format_version": FORMAT_VERSION,
         "hf_ema_version": __version__,
         "step": ema.step,
-        "num_updates": ema.num_updates,
-        "num_skipped": ema.num_skipped,
-        "decay": ema.last_decay,
+        **ema.counter_state(),
         "config": ema.config.to_dict(),
         "layout": ema.layout.kind,
         "world_size": ema.layout.world_size,
@@ -798,6 +796,8 @@ def load_ema(ema: ModelEMA, folder: str | os.PathLike) -> dict[str, Any]:
                 "num_updates": meta["num_updates"],
                 "num_skipped": meta.get("num_skipped", 0),
                 "decay": meta.get("decay"),
+                "update_intervals": meta.get("update_intervals"),
+                "last_interval": meta.get("last_interval"),
             }
         )
     return meta

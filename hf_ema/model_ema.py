@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,18 @@ class _Group:
         self.ema: list[torch.Tensor] = []
         self.live: list[torch.Tensor] = []
         self.indices: list[int] = []
+
+
+@dataclass
+class _Counters:
+    """What the EMA has done so far, as known on the host (see the properties of the same names on `ModelEMA`)."""
+
+    num_updates: int = 0
+    num_skipped: int = 0
+    last_decay: float | None = None
+    last_skipped_step: int | None = None
+    last_interval: int | None = None
+    intervals: dict[int, int] = field(default_factory=dict)
 
 
 class ModelEMA:
@@ -82,16 +95,14 @@ class ModelEMA:
         self.shadow: list[torch.Tensor] = [self._new_ema_tensor(t) for t in self._live]
         self.copied: list[torch.Tensor] = [t.detach().clone() for t in self._copied_live]
         self.step = 0
-        self.num_updates = 0
-        self.last_decay: float | None = None
-        #: Updates skipped because the weights held NaN or inf (saved in `ema_state.json`).
-        self.num_skipped = 0
-        #: The step of the last skipped update, or `None`.
-        self.last_skipped_step: int | None = None
+        self._counters = _Counters()
+        # Updates queued whose outcome (made or skipped for a NaN/inf) is not known yet: step -> (beta, is_copy).
+        # Their outcomes arrive in order through `_record_outcome` (`EMAUpdater.defers_outcomes`).
+        self._pending: dict[int, tuple[float, bool]] = {}
+        # Steps whose update was coalesced into the next one (the background fold of an offloaded EMA was busy).
+        self._coalesced_steps = 0
         self._last_warning: float | None = None
         self._unwarned = 0
-        # (step, decay before it) of the update running in the background, undone in the counters if it is skipped.
-        self._in_flight: tuple[int, float | None] | None = None
         #: True while `swapped()` has the EMA weights in the model.
         self.is_swapped = False
         self._groups = self._build_groups()
@@ -99,6 +110,8 @@ class ModelEMA:
         self._updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
         self._updater.on_outcome = self._record_outcome
         self._updater.set_agreement(self._agreement())
+        self._updater.set_device_reduce(self._device_reduce())
+        self._any_busy = self._busy_agreement()
 
     @property
     def live_tensors(self) -> list[torch.Tensor]:
@@ -148,18 +161,96 @@ class ModelEMA:
 
         return agree
 
+    def _device_reduce(self) -> Callable[[torch.Tensor], None] | None:
+        # The same agreement for the Triton update, whose flags stay on the device: an all-reduce queued on the
+        # stream (NCCL never makes the host wait for it).
+        layout = self.layout
+        if self._updater.device_update is None or not self._updater.check:
+            return None
+        if not layout.is_sharded or layout.world_size <= 1:
+            return None
+        dist = torch.distributed
+
+        def reduce(flags: torch.Tensor) -> None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+
+        return reduce
+
+    def _busy_agreement(self) -> Agreement | None:
+        # Coalescing must be decided alike on every rank of a sharded EMA: each shard must average the same steps,
+        # and the background folds' collectives must pair up. An update is coalesced when any rank's fold is busy
+        # (a MAX over a CPU process group of its own: the update thread has the other one).
+        layout = self.layout
+        if not self._updater.in_background or not layout.is_sharded or layout.world_size <= 1:
+            return None
+        dist = torch.distributed
+        group = dist.new_group(backend="gloo")
+
+        def any_busy(busy: bool) -> bool:
+            flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            return bool(flag.item())
+
+        return any_busy
+
+    # ------------------------------------------------------------------ counters
+    def _settled(self) -> _Counters:
+        # Outcomes still on their way (decided on the device, or folded in the background) are fetched when a
+        # counter is read: a host synchronisation only then (logging, saving), never in `update()`.
+        if self._pending:
+            self._updater.wait()
+        return self._counters
+
+    @property
+    def num_updates(self) -> int:
+        """EMA updates made (copies before `start_step` and skipped updates not counted)."""
+        return self._settled().num_updates
+
+    @property
+    def num_skipped(self) -> int:
+        """Updates (and copies) skipped because the weights held NaN or inf (saved in `ema_state.json`)."""
+        return self._settled().num_skipped
+
+    @property
+    def last_decay(self) -> float | None:
+        """The `beta` of the last update made (over its whole interval; 0.0 after a copy), or `None`."""
+        return self._settled().last_decay
+
+    @property
+    def last_skipped_step(self) -> int | None:
+        """The step of the last skipped update, or `None`."""
+        return self._settled().last_skipped_step
+
+    @property
+    def last_interval(self) -> int | None:
+        """Optimizer steps covered by the last update: `update_every`, or more when updates of an offloaded EMA were
+        coalesced while its background fold was busy (logged as `ema_update_interval`). `None` before the first."""
+        return self._counters.last_interval
+
+    @property
+    def coalesces(self) -> bool:
+        """Whether updates may be coalesced: the EMA is offloaded and folded in the background (`device="cpu"`)."""
+        return self._updater.in_background
+
+    @property
+    def update_intervals(self) -> dict[int, int]:
+        """How many updates covered each interval, in optimizer steps (`{update_every: n}` unless updates were
+        coalesced; saved in `ema_state.json`)."""
+        return dict(self._counters.intervals)
+
     # ------------------------------------------------------------------ non-finite weights
     def _record_outcome(self, outcome: FoldOutcome) -> None:
         """Count a checked update or copy; on a skip warn (rate-limited) or raise, as the config says."""
-        if outcome.in_background and self._in_flight is not None and self._in_flight[0] == outcome.step:
-            if not outcome.folded:  # `update()` counted it when it was queued
-                self.num_updates -= 1
-                self.last_decay = self._in_flight[1]
-            self._in_flight = None
+        counters = self._counters
+        queued = self._pending.pop(outcome.step, None) if outcome.deferred else None
         if outcome.folded:
+            if queued is not None:  # counted now that it is known to be made
+                beta, is_copy = queued
+                counters.last_decay = 0.0 if is_copy else beta
+                counters.num_updates += 0 if is_copy else 1
             return
-        self.num_skipped += 1
-        self.last_skipped_step = outcome.step
+        counters.num_skipped += 1
+        counters.last_skipped_step = outcome.step
         if outcome.bad is not None:
             gid, index = outcome.bad
             where = f"first non-finite tensor: {self.names[self._groups[gid].indices[index]]!r}"
@@ -180,7 +271,7 @@ class ModelEMA:
             "the finite steps (%d skipped so far%s)",
             outcome.step,
             where,
-            self.num_skipped,
+            counters.num_skipped,
             more,
         )
         self._last_warning, self._unwarned = now, 0
@@ -190,50 +281,85 @@ class ModelEMA:
     def update(self, step: int | None = None) -> bool:
         """Fold the current weights into the EMA. Call once per optimizer step.
 
+        On a GPU with Triton the update is one fused pass per group and never synchronises the host: the check for
+        NaN/inf and the decision to skip are made on the device, and a skip is counted (or raised, with
+        `on_nonfinite="raise"`) once its outcome has reached the host: at a later `update()`, or when the EMA or a
+        counter is read. For an offloaded EMA (`device="cpu"`) whose background fold is still busy, the update is
+        coalesced into the next one, which folds the newest weights with `beta ** k` for the `k` steps since the
+        last fold (at most `max_update_interval`; then it waits).
+
         Args:
             step (`int`, *optional*): The optimizer step just completed (1 after the first step). Defaults to one
                 more than the last step seen.
 
         Returns:
-            `bool`: whether the EMA changed: False on the steps skipped by `update_every` and on updates skipped
-            for non-finite weights (an update running in the background returns True; a skip is counted when it
-            finishes).
+            `bool`: whether the EMA changed: False on the steps skipped by `update_every`, on coalesced steps, and
+            on updates skipped for non-finite weights when that is known at once (an update whose outcome comes
+            later returns True; a skip is counted when it is known).
 
         Raises:
             `NonFiniteWeightsError`: with `on_nonfinite="raise"`, when the weights hold NaN or inf (for an update
-            in the background: at the next `update()` or read of the EMA). The EMA is left as it was.
+            decided on the device or in the background: at the next `update()` or read of the EMA). The EMA is
+            left as it was.
         """
         if self.is_swapped:
             raise StateError("`update()` called while the EMA is swapped into the model (inside `swapped()`)")
+        self._updater.poll()  # outcomes that have reached the host since the last call, without waiting
         self.step = self.step + 1 if step is None else int(step)
         cfg = self.config
         if self.step <= cfg.start_step:
-            outcome = self._updater.copy_now(step=self.step)
-            if outcome is not None and not outcome.folded:
-                return False
-            copy_(self.copied, self._copied_live)
-            self.last_decay = 0.0
-            return True
+            return self._copy_weights()
         t = self.step - cfg.start_step
         if t % cfg.update_every != 0:
             return False
-        beta = cfg.decay_at(t)
-        background = self._updater.check and self._updater.in_background
-        if background:
-            self._updater.wait()  # settle the counters of the update in flight before queuing this one
-            self._in_flight = (self.step, self.last_decay)
-        outcome = self._updater.fold(1.0 - beta, step=self.step)
-        if outcome is not None and not outcome.folded:
+        interval = cfg.update_every + self._coalesced_steps
+        if interval < cfg.max_update_interval and self._is_busy():
+            self._coalesced_steps = interval  # the background fold still runs: take this step with the next one
             return False
+        return self._fold(t, interval)
+
+    def _is_busy(self) -> bool:
+        busy = self._updater.busy
+        return self._any_busy(busy) if self._any_busy is not None else busy
+
+    def _copy_weights(self) -> bool:
+        outcome = self._updater.copy_now(step=self.step)
+        if self._updater.defers_outcomes:
+            self._pending[self.step] = (0.0, True)
+        elif outcome is not None and not outcome.folded:
+            return False
+        else:
+            self._counters.last_decay = 0.0
         copy_(self.copied, self._copied_live)
-        self.num_updates += 1
-        self.last_decay = beta
+        return True
+
+    def _fold(self, t: int, interval: int) -> bool:
+        """The update at `t` steps after `start_step`, covering the last `interval` optimizer steps."""
+        self._coalesced_steps = 0
+        beta = self.config.decay_at(t, interval=interval)
+        counters = self._counters
+        counters.last_interval = interval
+        counters.intervals[interval] = counters.intervals.get(interval, 0) + 1
+        outcome = self._updater.fold(1.0 - beta, step=self.step)
+        if self._updater.defers_outcomes:
+            self._pending[self.step] = (beta, False)
+        elif outcome is not None and not outcome.folded:
+            return False
+        else:
+            counters.num_updates += 1
+            counters.last_decay = beta
+        copy_(self.copied, self._copied_live)
         return True
 
     def wait(self) -> None:
-        """Block until the in-flight update (background thread of an offloaded EMA, CUDA side stream) has written
-        the EMA. Every method that reads the EMA calls it; call it yourself before reading `shadow` directly."""
+        """Block until every queued update (background thread of an offloaded EMA, CUDA side stream, GPU kernel)
+        has written the EMA, and fold in the steps coalesced since the last fold (an offloaded EMA whose fold was
+        busy). Every method that reads the EMA calls it; call it yourself before reading `shadow` directly."""
         self._updater.wait()
+        if self._coalesced_steps:
+            t = self.step - self.config.start_step
+            self._fold(t - t % self.config.update_every, self._coalesced_steps)
+            self._updater.wait()
 
     def close(self) -> None:
         """Finish the in-flight update and release the background thread and the optimizer hook."""
@@ -338,7 +464,7 @@ class ModelEMA:
 
         Returns:
             `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "num_skipped": int,
-            "decay": float | None, "config": dict, "format_version": int}`.
+            "decay": float | None, "update_intervals": {str: int}, "config": dict, "format_version": int}`.
         """
         self.wait()
         tensors = dict(zip(self.names, self.shadow))
@@ -346,11 +472,21 @@ class ModelEMA:
         return {
             "tensors": tensors,
             "step": self.step,
-            "num_updates": self.num_updates,
-            "num_skipped": self.num_skipped,
-            "decay": self.last_decay,
+            **self.counter_state(),
             "config": self.config.to_dict(),
             "format_version": STATE_FORMAT_VERSION,
+        }
+
+    def counter_state(self) -> dict[str, Any]:
+        """The counters an exact resume restores, as JSON-ready values: `num_updates`, `num_skipped`, `decay` (the
+        last update's beta), `update_intervals` (`{interval in steps (as str): updates}`) and `last_interval`."""
+        counters = self._settled()
+        return {
+            "num_updates": counters.num_updates,
+            "num_skipped": counters.num_skipped,
+            "decay": counters.last_decay,
+            "update_intervals": {str(k): v for k, v in sorted(counters.intervals.items())},
+            "last_interval": counters.last_interval,
         }
 
     @torch.no_grad()
@@ -379,14 +515,21 @@ class ModelEMA:
                 )
             dst.copy_(src)
         self.step = int(state.get("step", self.step))
-        self.num_updates = int(state.get("num_updates", self.num_updates))
-        self.num_skipped = int(state.get("num_skipped", self.num_skipped))
-        self.last_decay = state.get("decay", self.last_decay)
+        counters = self._counters
+        counters.num_updates = int(state.get("num_updates", counters.num_updates))
+        counters.num_skipped = int(state.get("num_skipped", counters.num_skipped))
+        counters.last_decay = state.get("decay", counters.last_decay)
+        intervals = state.get("update_intervals")
+        if intervals is not None:
+            counters.intervals = {int(k): int(v) for k, v in intervals.items()}
+        counters.last_interval = state.get("last_interval", counters.last_interval)
+        self._coalesced_steps = 0
 
     def reset(self) -> None:
         """Restart the EMA from the model's current weights (keeps the step counter). Weights holding NaN or inf
         are not copied (see `EMAConfig.on_nonfinite`); for a sharded EMA on several ranks that check is a
         collective call."""
+        self._coalesced_steps = 0
         with torch.no_grad():
             outcome = self._updater.copy_now(step=self.step)
             if outcome is None or outcome.folded:

@@ -58,7 +58,8 @@ def test_async_update_requires_cpu_device():
 @pytest.mark.parametrize("async_update", [True, False])
 def test_offloaded_matches_formula(dtype, async_update):
     model = make_model(dtype)
-    ema = ModelEMA(model, decay=0.9, device="cpu", async_update=async_update)
+    # max_update_interval=1: every update waits for the fold before it (no coalescing, see tests/test_coalescing.py).
+    ema = ModelEMA(model, decay=0.9, device="cpu", async_update=async_update, max_update_interval=1)
     assert (ema._updater.offload is not None) == async_update
     ref = reference_run(model, ema, steps=6, decay=0.9)
     state = ema.state_dict()["tensors"]
@@ -73,7 +74,7 @@ def test_offloaded_equals_on_device_bitwise(dtype):
     # The background fold runs the same kernel on a snapshot of the same weights: identical bits.
     a, b = make_model(dtype), make_model(dtype)
     on_device = ModelEMA(a, decay=0.95)
-    offloaded = ModelEMA(b, decay=0.95, device="cpu", async_update=True)
+    offloaded = ModelEMA(b, decay=0.95, device="cpu", async_update=True, max_update_interval=1)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     for _ in range(5):
         perturb(a, g1)

@@ -38,14 +38,14 @@ class FoldOutcome:
         folded (`bool`): Whether it was made (all weights finite on every rank).
         bad (`tuple[int, int]`, *optional*): `(group, tensor)` position of the first non-finite tensor found on
             this rank, or `None` (folded, or the non-finite weight is on another rank).
-        in_background (`bool`, *optional*, defaults to `False`): Whether the update ran in the background thread
-            (its outcome is delivered at the next `wait()`).
+        deferred (`bool`, *optional*, defaults to `False`): Whether the outcome reached the owner after the update
+            was queued (an update in the background thread, or decided on the device): the owner counts it then.
     """
 
     step: int
     folded: bool
     bad: tuple[int, int] | None = None
-    in_background: bool = False
+    deferred: bool = False
 
 
 class NonFiniteGuard:

@@ -26,7 +26,10 @@ from .kernels import LerpKernel
 from .nonfinite import FoldOutcome, NonFiniteGuard
 from .streams import SideStream
 
-__all__ = ["OffloadedUpdate"]
+__all__ = ["MAX_FOLD_THREADS", "OffloadedUpdate"]
+
+#: Upper bound of the background fold's threads for weights on an accelerator.
+MAX_FOLD_THREADS = 8
 
 
 class OffloadedUpdate:
@@ -41,7 +44,9 @@ class OffloadedUpdate:
         backend (`str`, *optional*, defaults to `"auto"`): Kernel choice, see [`LerpKernel`].
         fold_threads (`int`, *optional*): Intra-op threads of the background fold. Defaults to 1 when the weights
             are on the CPU (the fold shares the cores with training: two OpenMP teams spinning on the same cores
-            slowed a 2-core Trainer run by a quarter), else torch's default.
+            slowed a 2-core Trainer run by a quarter); for weights on an accelerator, torch's thread count less two
+            (the training thread must keep a core to launch kernels while the fold runs), at most 8 (a few cores
+            already saturate host memory bandwidth).
         check_finite (`bool`, *optional*, defaults to `False`): Build the kernels for checked updates (see
             [`LerpKernel`]); the checks run when `guard` is set.
     """
@@ -57,8 +62,9 @@ class OffloadedUpdate:
     ) -> None:
         self.async_update = async_update
         self.side_stream = side_stream
-        if fold_threads is None and any(live and live[0].device.type == "cpu" for _, live in groups):
-            fold_threads = 1
+        if fold_threads is None:
+            on_cpu = any(live and live[0].device.type == "cpu" for _, live in groups)
+            fold_threads = 1 if on_cpu else min(MAX_FOLD_THREADS, max(1, torch.get_num_threads() - 2))
         self.fold_threads = fold_threads
         self.live: list[list[torch.Tensor]] = []
         self.staging: list[list[torch.Tensor]] = []
@@ -84,6 +90,17 @@ class OffloadedUpdate:
     def in_flight(self) -> bool:
         """Whether an update is still running in the background."""
         return self._future is not None and not self._future.done()
+
+    def poll(self) -> list[FoldOutcome]:
+        """The outcome of the background update if it has finished (never blocks); re-raise its error if it failed.
+
+        Returns:
+            `list[FoldOutcome]`: empty while it runs, or when it was not checked.
+        """
+        if self._future is None or not self._future.done():
+            return []
+        outcome = self.wait()
+        return [outcome] if outcome is not None else []
 
     def wait(self) -> FoldOutcome | None:
         """Block until the in-flight update (if any) is folded in; re-raise its error if it failed.
@@ -132,7 +149,7 @@ class OffloadedUpdate:
         with torch.no_grad():
             if self.guard is not None:
                 outcome = self.guard.fold(weight, step)
-                return FoldOutcome(outcome.step, outcome.folded, outcome.bad, in_background=self.async_update)
+                return FoldOutcome(outcome.step, outcome.folded, outcome.bad, deferred=self.async_update)
             for kernel in self.kernels:
                 kernel(weight)
         return None

@@ -1,23 +1,33 @@
-"""Routes each group of EMA tensors to its update path: on-device kernel (optionally on a CUDA side stream) or
-offloaded to the CPU (optionally in a background thread). `ModelEMA` owns one [`EMAUpdater`].
+"""Routes each group of EMA tensors to its update path: the Triton kernel on the GPU ([`DeviceUpdate`]), an eager
+on-device kernel (optionally on a CUDA side stream) or offloaded to the CPU (optionally in a background thread).
+`ModelEMA` owns one [`EMAUpdater`].
 
-With `EMAConfig(on_nonfinite="skip" | "raise")` every update and every copy goes through a [`NonFiniteGuard`]: it
-is made only when every weight it reads is finite (on every rank, given an agreement), and its [`FoldOutcome`]
-goes to `on_outcome` (at once, or at the next `wait()` for an update running in the background)."""
+With `EMAConfig(on_nonfinite="skip" | "raise")` every update and every copy is made only when every weight it reads
+is finite (on every rank, given an agreement): decided on the device by [`DeviceUpdate`], or on the host by a
+[`NonFiniteGuard`]. Its [`FoldOutcome`] goes to `on_outcome`: at once for a host-checked update; for an update
+decided on the device or running in the background (`defers_outcomes`), at a later `poll()` (once it is known,
+without blocking) or `wait()`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..config import EMAConfig
-from .kernels import LerpKernel, copy_
+from .device import DeviceUpdate, kernel_choice, launch_context, triton_eligible
+from .kernels import MAX_UNDO_WEIGHT, LerpKernel, copy_
 from .nonfinite import Agreement, FoldOutcome, NonFiniteGuard
 from .offload import OffloadedUpdate
 from .streams import SideStream, register_pre_step_guard
 
 __all__ = ["EMAUpdater"]
+
+logger = logging.getLogger(__name__)
+
+#: In-place MAX all-reduce of a small device int32 tensor over the ranks of a sharded EMA (never read on the host).
+DeviceReduce = Callable[[torch.Tensor], None]
 
 
 class EMAUpdater:
@@ -55,19 +65,28 @@ class EMAUpdater:
             return live[0].device.type != "cpu" or bool(async_update)
 
         self.sides: dict[torch.device, SideStream] = {}
-        if config.cuda_stream:
-            for _, live in groups:
-                if live[0].is_cuda and live[0].device not in self.sides:
-                    self.sides[live[0].device] = SideStream(live[0].device)
+        for ema, live in groups:
+            # The device-to-host copy of an offloaded EMA always runs on a side stream: on the current stream the
+            # next forward would wait for it.
+            wants_side = config.cuda_stream or is_offloaded(ema, live)
+            if wants_side and live[0].is_cuda and live[0].device not in self.sides:
+                self.sides[live[0].device] = SideStream(live[0].device)
         self.on_device: list[tuple[LerpKernel, SideStream | None]] = []
         offloaded, on_device_ids, offloaded_ids = [], [], []
         side_for_offload = None
+        device_groups = []
         for gid, ema, live in indexed:
             if is_offloaded(ema, live):
                 offloaded.append((ema, live))
                 offloaded_ids.append(gid)
                 side_for_offload = side_for_offload or self.sides.get(live[0].device)
             else:
+                device_groups.append((gid, ema, live))
+        #: The GPU update of every on-device group (Triton), or None (eager kernels, below).
+        self.device_update = self._device_update(device_groups, backend, bool(offloaded))
+        self._device_side = self.sides.get(self.device_update.device) if self.device_update is not None else None
+        if self.device_update is None:
+            for gid, ema, live in device_groups:
                 kernel = LerpKernel(ema, live, backend=backend, check_finite=self.check)
                 self.on_device.append((kernel, self.sides.get(live[0].device)))
                 on_device_ids.append(gid)
@@ -87,13 +106,38 @@ class EMAUpdater:
         self.in_background = self.offload is not None and self.offload.async_update
         self._side_of = {id(kernel): side for kernel, side in self.on_device}
         self._guard: NonFiniteGuard | None = None
-        if self.check:
+        if self.check and self.device_update is None:
             kernels = [kernel for kernel, _ in self.on_device] + (self.offload.kernels if self.offload else [])
             self._guard = NonFiniteGuard(kernels, on_device_ids + offloaded_ids, agree)
             if self.in_background and self.offload is not None:  # in the background means offloaded
                 self.offload.guard = self._guard
         # With a side stream, the next optimizer step must not overwrite weights the update still reads.
         self._remove_guard = register_pre_step_guard(self) if self.sides else None
+
+    def _device_update(self, device_groups: list, backend: str, has_offload: bool) -> DeviceUpdate | None:
+        """The Triton update of the on-device groups when they can take it (`HF_EMA_KERNEL`: `auto` for CUDA
+        groups, `triton` also for CPU tensors under `TRITON_INTERPRET=1`), else None."""
+        choice = kernel_choice()
+        if not device_groups or backend != "auto" or choice == "eager":
+            return None
+        groups = [(ema, live) for _, ema, live in device_groups]
+        why = "an offloaded group beside it" if has_offload else triton_eligible(groups)
+        if why is None and (choice == "triton" or groups[0][0][0].is_cuda):
+            return DeviceUpdate(groups, [gid for gid, _, _ in device_groups], check=self.check)
+        if choice == "triton" or (why == "triton is not installed" and groups[0][0][0].is_cuda):
+            logger.info("hf-ema: the Triton update is not used (%s); using the eager kernels", why)
+        return None
+
+    @property
+    def defers_outcomes(self) -> bool:
+        """Whether the outcome of a checked update arrives after `fold()` returns (decided on the device, or folded
+        in the background): it then comes through `on_outcome` at a later `poll()` or `wait()`."""
+        return self.check and (self.device_update is not None or self.in_background)
+
+    @property
+    def busy(self) -> bool:
+        """Whether an offloaded update is still being folded in the background (a new one would have to wait)."""
+        return self.in_background and self.offload is not None and self.offload.in_flight
 
     @property
     def kernels(self) -> list[LerpKernel]:
@@ -113,6 +157,16 @@ class EMAUpdater:
         """
         if self._guard is not None:
             self._guard.agree = agree
+
+    def set_device_reduce(self, reduce: DeviceReduce | None) -> None:
+        """Set the cross-rank agreement of the device-side check (the Triton update of a sharded EMA): an in-place
+        MAX all-reduce of the device flags, queued on the stream, never read on the host.
+
+        Args:
+            reduce (`Callable[[torch.Tensor], None]`, *optional*): The all-reduce, or `None`.
+        """
+        if self.device_update is not None:
+            self.device_update.reduce = reduce
 
     def _deliver(self, outcome: FoldOutcome | None) -> None:
         if outcome is not None and self.on_outcome is not None:
@@ -138,6 +192,10 @@ class EMAUpdater:
             `None` without the check, or when the update runs in the background (its outcome is delivered at the
             next `wait()`).
         """
+        if self.device_update is not None:
+            with launch_context(self._device_side):
+                self.device_update.fold(weight, step, force_check=weight > MAX_UNDO_WEIGHT)
+            return None
         if self._guard is None:
             if self.offload is not None:
                 self.offload.submit(weight)
@@ -163,8 +221,13 @@ class EMAUpdater:
             step (`int`, *optional*, defaults to 0): The optimizer step, reported in the outcome.
 
         Returns:
-            `FoldOutcome` or `None`: whether the copy was made (also passed to `on_outcome`); `None` without the check.
+            `FoldOutcome` or `None`: whether the copy was made (also passed to `on_outcome`); `None` without the check
+            or when the outcome is decided on the device (`defers_outcomes`).
         """
+        if self.device_update is not None:
+            with launch_context(self._device_side):
+                self.device_update.copy(step)
+            return None
         self.wait()
         outcome = None
         if self._guard is not None:
@@ -188,14 +251,26 @@ class EMAUpdater:
         for side in self.sides.values():
             side.before_weights_change()
 
+    def poll(self) -> None:
+        """Deliver the outcomes that have become known since the last call (never blocks)."""
+        if self.device_update is not None:
+            for outcome in self.device_update.poll():
+                self._deliver(outcome)
+        if self.in_background and self.offload is not None:
+            for outcome in self.offload.poll():
+                self._deliver(outcome)
+
     def wait(self) -> None:
-        """Block until every queued update (background thread, side stream) has written the EMA, and deliver the
-        outcome of a checked update that ran in the background."""
+        """Block until every queued update (background thread, side stream, device) has written the EMA, and deliver
+        the outcomes still on their way."""
         outcome = self.offload.wait() if self.offload is not None else None
         for side in self.sides.values():
             if side.pending:
                 side.synchronize()
         self._deliver(outcome)
+        if self.device_update is not None:
+            for device_outcome in self.device_update.wait():
+                self._deliver(device_outcome)
 
     def close(self) -> None:
         """Finish the in-flight update, stop the background thread and remove the optimizer hook."""

@@ -359,6 +359,10 @@ class EMACallback(TrainerCallback):
         if self.config.on_nonfinite != "ignore":
             # Updates skipped because the weights held NaN/inf (an update in the background counts once it is done).
             extra["ema_skipped_updates"] = self.ema.num_skipped
+        if self.ema.coalesces and self.ema.last_interval is not None:
+            # Steps the last update covered: more than `update_every` when updates were coalesced while the
+            # background fold of the offloaded EMA was busy.
+            extra["ema_update_interval"] = self.ema.last_interval
         if not extra:
             return
         logs.update(extra)

@@ -2,7 +2,7 @@
 
 Usage: `torchrun --nproc_per_node 2 tests/dist/nonfinite_worker.py OUT_DIR ddp,ddp_background,fsdp2` (gloo, CPU).
 
-Modes: `ddp` (DDP model, the EMA sharded across the ranks: the weights are replicated, each rank averages its chunk
+Modes (a `_triton` suffix: the same with the GPU update, run by Triton's interpreter): `ddp` (DDP model, the EMA sharded across the ranks: the weights are replicated, each rank averages its chunk
 of each flattened tensor), `ddp_background` (the same, offloaded to the CPU and updated in the background thread:
 the ranks agree from that thread, over a process group of their own) and `fsdp2` (`fully_shard`: each rank holds
 its rows). After the optimizer step of each step in `INJECT`, the last element of `TARGET`, which only rank 1's
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -55,10 +56,17 @@ def local_target(model, sharded: bool) -> torch.Tensor:
 def run(mode: str, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     inner = build_model(seed=0)
-    wrapped = wrap(inner, mode.removesuffix("_background"))
-    sharded = mode == "fsdp2"
-    kwargs = {"device": "cpu", "async_update": True} if mode.endswith("_background") else {}
+    engine = mode.removesuffix("_background").removesuffix("_triton")
+    wrapped = wrap(inner, engine)
+    sharded = engine == "fsdp2"
+    # Background: every update waits for the fold before it (no coalescing), so that the reference is every step.
+    kwargs = {"device": "cpu", "async_update": True, "max_update_interval": 1} if mode.endswith("_background") else {}
+    # `_triton`: the GPU update, run by Triton's interpreter on the CPU; the ranks agree through the device flags.
+    os.environ["HF_EMA_KERNEL"] = "triton" if mode.endswith("_triton") else "auto"
+    os.environ["TRITON_INTERPRET"] = "1" if mode.endswith("_triton") else "0"
     ema = ModelEMA(wrapped, decay=DECAY, **kwargs)
+    if mode.endswith("_triton") and ema._updater.device_update is None:
+        raise RuntimeError("the Triton update was not chosen")
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
     data = batches()
     records = {f"0/{n}": t for n, t in full_weights(inner, ema.names, sharded).items()}
