@@ -208,18 +208,18 @@ class TritonGroup:
             weight (`float`): The interpolation weight `1 - beta`.
             checked (`bool`): Whether `UPDATE` / `COPY` test the weights (and are gated on `PRE`).
         """
-        from . import triton_kernels as TK
+        from .triton_kernels import CHECK, UNDO, kernel, tl
 
         if self._current_ptrs() != self._ptrs:
             self._plan()  # a tensor's storage moved (e.g. `model.to()`): never write through a stale pointer
-        kernel = TK.kernel()
-        bits = getattr(TK.tl, self._bits_name)
+        jitted = kernel()
+        bits = getattr(tl, self._bits_name)
         for part in self._parts:
             if part.n_blocks == 0:
                 continue
-            gated = mode in (TK.CHECK, TK.UNDO)
+            gated = mode in (CHECK, UNDO)
             grid = (min(part.n_blocks, GATED_PROGRAMS) if gated else part.n_blocks,)
-            kernel[grid](
+            jitted[grid](
                 part.ema_base,
                 part.live_base,
                 *part.tables,
@@ -283,9 +283,9 @@ class DeviceUpdate:
         reduce: Callable[[torch.Tensor], None] | None = None,
         block: int | None = None,
     ) -> None:
-        from . import triton_kernels as TK
+        from .triton_kernels import CHECK, COPY, UNDO, UPDATE
 
-        self._tk = TK
+        self._modes = (UPDATE, CHECK, COPY, UNDO)
         self.check = check
         self.reduce = reduce
         self.parts: list[TritonGroup] = []
@@ -320,16 +320,16 @@ class DeviceUpdate:
             force_check (`bool`, *optional*, defaults to `False`): Check the weights before writing (an update
                 that cannot be undone precisely: `weight > MAX_UNDO_WEIGHT`).
         """
-        TK = self._tk
+        update, check, _, undo = self._modes
         if not self.check:
-            self._each(TK.UPDATE, 0, weight, checked=False)
+            self._each(update, 0, weight, checked=False)
             return
         self.flags.copy_(self._init)
-        self._each(TK.CHECK, int(force_check), weight, checked=True)
+        self._each(check, int(force_check), weight, checked=True)
         self._agree()
-        self._each(TK.UPDATE, 0, weight, checked=True)
+        self._each(update, 0, weight, checked=True)
         self._agree()
-        self._each(TK.UNDO, 0, weight, checked=True)
+        self._each(undo, 0, weight, checked=True)
         torch.maximum(self.flags[0:1], self.flags[1:2], out=self.prev)  # the next update checks first after a skip
         self._queue(step)
 
@@ -339,14 +339,14 @@ class DeviceUpdate:
         Args:
             step (`int`): The optimizer step (reported in the outcome).
         """
-        TK = self._tk
+        _, check, copy, _ = self._modes
         if not self.check:
-            self._each(TK.COPY, 0, 1.0, checked=False)
+            self._each(copy, 0, 1.0, checked=False)
             return
         self.flags.copy_(self._init)
-        self._each(TK.CHECK, 1, 1.0, checked=True)
+        self._each(check, 1, 1.0, checked=True)
         self._agree()
-        self._each(TK.COPY, 0, 1.0, checked=True)
+        self._each(copy, 0, 1.0, checked=True)
         self.prev.copy_(self.flags[0:1])
         self._queue(step)
 

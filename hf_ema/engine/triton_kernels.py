@@ -30,7 +30,7 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["CHECK", "COPY", "FIRST", "FUSED", "PRE", "UNDO", "UPDATE", "interpreting", "kernel"]
+__all__ = ["CHECK", "COPY", "FIRST", "FUSED", "PRE", "UNDO", "UPDATE", "interpreting", "kernel", "tl"]
 
 #: Modes of the kernel.
 UPDATE, CHECK, COPY, UNDO = 0, 1, 2, 3
