@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from .decay import (
+    bema_alpha,
+    bema_weight,
     decay_from_half_life,
     gamma_from_sigma_rel,
     power_function_beta,
@@ -19,9 +21,9 @@ from .decay import (
 )
 from .errors import ConfigError, ConfigTypeError
 from .utils.jsonio import read_json, write_json
-from .utils.validation import check_bool, check_int, check_number, check_optional_bool
+from .utils.validation import check_bool, check_int, check_number, check_optional_bool, coerce_config
 
-__all__ = ["EMAConfig", "CONFIG_NAME"]
+__all__ = ["BEMAConfig", "EMAConfig", "CONFIG_NAME"]
 
 CONFIG_NAME = "ema_config.json"
 
@@ -58,6 +60,99 @@ def _check_patterns(name: str, value: Any) -> list[str] | None:
 
 
 @dataclass
+class BEMAConfig:
+    """Bias-corrected EMA (BEMA; Block & Zhang 2025, "EMA Without the Lag", arXiv 2508.00180): the EMA lags the
+    weights, and BEMA adds back a decaying share of the distance they travelled since the burn-in:
+
+    `bema_t = ema_t + alpha_t * (theta_t - theta_0)`, `alpha_t = (rho + gamma * t) ** -eta`, and the EMA's weight on
+    the newest step is `w_t = max((rho + gamma * t) ** -kappa, min_weight)` (its decay is `1 - w_t`). `t` counts
+    optimizer steps since the burn-in step `tau`, as the paper's Algorithm 1 does; up to and including `tau` the
+    EMA copies the weights, and `theta_0` is the weights at `tau`. With an update every `k` steps
+    (`update_every`), an update uses `(1 - w_t) ** k`.
+
+    The defaults are the paper's and trl's. trl's `BEMACallback` evaluates its schedule at the global step instead
+    of `t`: [`BEMAConfig.from_trl`] maps its arguments so that the two agree exactly for any `update_after`.
+
+    Args:
+        eta (`float`, *optional*, defaults to 0.2): The bias power (trl: `bias_power`), >= 0; 0 turns the
+            correction into a constant `theta_t - theta_0`.
+        kappa (`float`, *optional*, defaults to 0.5): The EMA power (trl: `ema_power`), >= 0.
+        rho (`float`, *optional*, defaults to 10.0): The lag (trl: `lag`), > 0.
+        gamma (`float`, *optional*, defaults to 1.0): The multiplier (trl: `multiplier`), >= 0.
+        tau (`int`, *optional*, defaults to 0): The burn-in step (trl: `update_after`), >= 0.
+        min_weight (`float`, *optional*, defaults to 0.0): Floor of the EMA weight `w_t` (trl:
+            `min_ema_multiplier`), in [0, 1].
+    """
+
+    eta: float = 0.2
+    kappa: float = 0.5
+    rho: float = 10.0
+    gamma: float = 1.0
+    tau: int = 0
+    min_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "kappa", "rho", "gamma", "min_weight"):
+            check_number(f"bema.{name}", getattr(self, name))
+        for name in ("eta", "kappa", "gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`bema.{name}` must be >= 0, got {getattr(self, name)!r}")
+        if self.rho <= 0:
+            raise ConfigError(f"`bema.rho` must be > 0, got {self.rho!r}")
+        if not 0.0 <= self.min_weight <= 1.0:
+            raise ConfigError(f"`bema.min_weight` must be in [0, 1], got {self.min_weight!r}")
+        check_int("bema.tau", self.tau, minimum=0)
+
+    @classmethod
+    def from_trl(
+        cls,
+        bias_power: float = 0.2,
+        ema_power: float = 0.5,
+        lag: float = 10.0,
+        multiplier: float = 1.0,
+        update_after: int = 0,
+        min_ema_multiplier: float = 0.0,
+    ) -> BEMAConfig:
+        """The BEMA of trl's `BEMACallback` with these arguments (and `update_freq=1`).
+
+        trl evaluates `(lag + multiplier * step) ** -power` at the global step, hf-ema at `t = step - tau`: the lag
+        is shifted by `multiplier * update_after` so that both give the same weights at every step.
+
+        Args:
+            bias_power (`float`, *optional*, defaults to 0.2): trl's `bias_power` (`eta`).
+            ema_power (`float`, *optional*, defaults to 0.5): trl's `ema_power` (`kappa`).
+            lag (`float`, *optional*, defaults to 10.0): trl's `lag` (`rho` at `update_after=0`).
+            multiplier (`float`, *optional*, defaults to 1.0): trl's `multiplier` (`gamma`).
+            update_after (`int`, *optional*, defaults to 0): trl's `update_after` (`tau`).
+            min_ema_multiplier (`float`, *optional*, defaults to 0.0): trl's `min_ema_multiplier` (`min_weight`).
+        """
+        return cls(
+            eta=bias_power,
+            kappa=ema_power,
+            rho=lag + multiplier * update_after,
+            gamma=multiplier,
+            tau=update_after,
+            min_weight=min_ema_multiplier,
+        )
+
+    def weight(self, t: int) -> float:
+        """The EMA's weight `w_t` on the newest weights, `t` steps after `tau`.
+
+        Args:
+            t (`int`): Optimizer steps since `tau`.
+        """
+        return bema_weight(t, self.kappa, self.rho, self.gamma, self.min_weight)
+
+    def alpha(self, t: int) -> float:
+        """The bias-correction weight `alpha_t`, `t` steps after `tau`.
+
+        Args:
+            t (`int`): Optimizer steps since `tau`.
+        """
+        return bema_alpha(t, self.eta, self.rho, self.gamma)
+
+
+@dataclass
 class EMAConfig:
     """Configuration of an exponential moving average of model weights.
 
@@ -73,6 +168,12 @@ class EMAConfig:
         sigma_rel (`float`, *optional*):
             EDM2 power-function EMA of relative width `sigma_rel` in (0, 0.2887): `beta_t = (1 - 1/t) ** (gamma + 1)`
             where `t` counts steps since the EMA started, so the horizon grows with training.
+        bema (`bool`, `dict` or `BEMAConfig`, *optional*):
+            A bias-corrected EMA ([`BEMAConfig`]): the EMA follows BEMA's schedule, `theta_0` is snapshotted at the
+            burn-in step `bema.tau` (in the weights' own dtype), and wherever the EMA is used (evaluation, saving,
+            `swapped()`, `copy_to()`) it is the corrected `ema + alpha_t * (theta - theta_0)`. `True` takes the
+            defaults. Not combinable with `decay`, `half_life`, `sigma_rel`, `warmup` or `start_step` (the burn-in
+            is `bema.tau`).
         warmup (`bool`, *optional*, defaults to `False`):
             Raise the decay gradually: `beta_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)`, `t`
             counting updates from 0. Not combinable with `sigma_rel`.
@@ -136,6 +237,7 @@ class EMAConfig:
     decay: float | None = None
     half_life: float | None = None
     sigma_rel: float | None = None
+    bema: BEMAConfig | bool | dict | None = None
     warmup: bool = False
     inv_gamma: float = 1.0
     power: float = 2.0 / 3.0
@@ -157,6 +259,7 @@ class EMAConfig:
     gamma: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self._check_bema()
         given = [name for name in ("decay", "half_life", "sigma_rel") if getattr(self, name) is not None]
         if len(given) > 1:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in given)
@@ -227,6 +330,28 @@ class EMAConfig:
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
 
+    def _check_bema(self) -> None:
+        bema = self.bema = coerce_config("bema", self.bema, BEMAConfig)
+        if bema is None:
+            return
+        clash = {name: getattr(self, name) for name in ("decay", "half_life", "sigma_rel") if getattr(self, name)}
+        if self.warmup:
+            clash["warmup"] = self.warmup
+        if self.start_step not in (0, bema.tau):
+            clash["start_step"] = self.start_step
+        if clash:
+            values = ", ".join(f"{k}={v!r}" for k, v in clash.items())
+            raise ConfigError(
+                f"`bema` sets its own schedule and burn-in (`bema.tau`): it cannot be combined with {values}"
+            )
+        # The burn-in is the EMA's start: up to and including `tau` it copies the weights (and snapshots theta_0).
+        self.start_step = bema.tau
+
+    @property
+    def bema_config(self) -> BEMAConfig | None:
+        """The [`BEMAConfig`] when the EMA is bias-corrected, else `None`."""
+        return self.bema if isinstance(self.bema, BEMAConfig) else None
+
     @classmethod
     def resolve(cls, config: EMAConfig | None, kwargs: dict[str, Any]) -> EMAConfig:
         """The config of an API taking either `config=` or the config's fields as keyword arguments.
@@ -272,6 +397,10 @@ class EMAConfig:
             interval (`int`, *optional*): Optimizer steps since the previous update; defaults to `update_every`.
         """
         k = self.update_every if interval is None else int(interval)
+        bema = self.bema_config
+        if bema is not None:
+            # BEMA's EMA weight on the newest step is w_t: its decay is 1 - w_t, over k steps (1 - w_t) ** k.
+            return (1.0 - bema.weight(t)) ** k
         if self.gamma is not None:  # set exactly when `sigma_rel` is
             return power_function_beta(t, self.gamma, interval=k)
         beta = self.base_decay

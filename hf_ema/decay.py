@@ -3,7 +3,8 @@
 Pure functions of numbers, no torch, so they are easy to test against the formulas in the docs. Each one names the
 equation it implements: EDM2 is Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
 Models" (equation numbers of its appendix, as in NVlabs/edm2 `training/phema.py`); the warmup schedule is the one
-of diffusers' `EMAModel` and ema-pytorch (`@lucidrains`), after Tarvainen & Valpola's "mean teacher" ramp.
+of diffusers' `EMAModel` and ema-pytorch (`@lucidrains`), after Tarvainen & Valpola's "mean teacher" ramp; BEMA is
+Block & Zhang 2025, "EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes" (arXiv 2508.00180, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "bema_alpha",
+    "bema_weight",
     "decay_from_half_life",
     "gamma_from_sigma_rel",
     "power_function_beta",
@@ -94,3 +97,33 @@ def power_function_beta(t: int, gamma: float, interval: int = 1) -> float:
         return 0.0
     # EDM2 Eq. 127: beta = (1 - t_delta / t_next)^(gamma + 1), t counted in optimizer steps.
     return max(0.0, 1.0 - interval / t) ** (gamma + 1.0)
+
+
+def bema_weight(t: int, kappa: float, rho: float, gamma: float, min_weight: float = 0.0) -> float:
+    """BEMA's EMA weight on the newest weights, `w_t = max((rho + gamma * t) ** -kappa, min_weight)`.
+
+    The EMA is `ema_t = (1 - w_t) * ema_{t-1} + w_t * theta_t`: hf-ema's decay is `1 - w_t`.
+
+    Args:
+        t (`int`): Optimizer steps since the burn-in step `tau` (>= 1 at the first update).
+        kappa (`float`): The EMA power (trl's `ema_power`).
+        rho (`float`): The lag (trl's `lag`).
+        gamma (`float`): The multiplier (trl's `multiplier`).
+        min_weight (`float`, *optional*, defaults to 0.0): The floor (trl's `min_ema_multiplier`).
+    """
+    # Block & Zhang 2025, Algorithm 1: beta_t = (rho + gamma * (t - tau))^-kappa, t - tau counted from the burn-in.
+    return max((rho + gamma * t) ** (-kappa), min_weight)
+
+
+def bema_alpha(t: int, eta: float, rho: float, gamma: float) -> float:
+    """BEMA's bias-correction weight, `alpha_t = (rho + gamma * t) ** -eta`: the corrected weights are
+    `ema_t + alpha_t * (theta_t - theta_0)`.
+
+    Args:
+        t (`int`): Optimizer steps since the burn-in step `tau`.
+        eta (`float`): The bias power (trl's `bias_power`).
+        rho (`float`): The lag (trl's `lag`).
+        gamma (`float`): The multiplier (trl's `multiplier`).
+    """
+    # Block & Zhang 2025, Algorithm 1: alpha_t = (rho + gamma * (t - tau))^-eta.
+    return (rho + gamma * t) ** (-eta)
