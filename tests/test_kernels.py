@@ -42,6 +42,7 @@ def assert_close(got, ref, ema_dtype):
 
 
 def run_kernel(backend, live_dtype, ema_dtype=torch.float32, chunk_numel=None, noncontiguous=False):
+    """Three updates through one kernel; returns the kernel, the EMA and its float64 reference (the caller compares)."""
     lives = [make_tensors(live_dtype, seed=s, noncontiguous=noncontiguous) for s in range(1, 4)]
     ema0 = [t.to(ema_dtype) for t in make_tensors(live_dtype, seed=0, noncontiguous=noncontiguous)]
     ema = [e.clone() for e in ema0]
@@ -53,32 +54,38 @@ def run_kernel(backend, live_dtype, ema_dtype=torch.float32, chunk_numel=None, n
         for dst, src in zip(live, step_live):
             dst.copy_(src)
         kernel(w)
-    assert_close(ema, reference_steps(ema0, lives, weights), ema_dtype)
-    return kernel
+    return kernel, ema, reference_steps(ema0, lives, weights)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_foreach_same_dtype(dtype):
-    kernel = run_kernel("auto", dtype, ema_dtype=dtype)
+    kernel, ema, ref = run_kernel("auto", dtype, ema_dtype=dtype)
     assert kernel.backend == "foreach"
+    assert_close(ema, ref, dtype)
 
 
 @pytest.mark.parametrize("live_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk_numel", [64, 4096, None])
 def test_chunked_mixed_precision(live_dtype, chunk_numel):
     # 64 splits every tensor into many pieces, 4096 packs several tensors per batch, None is the default size.
-    kernel = run_kernel("chunked", live_dtype, chunk_numel=chunk_numel, noncontiguous=True)
+    kernel, ema, ref = run_kernel("chunked", live_dtype, chunk_numel=chunk_numel, noncontiguous=True)
     assert kernel.backend == "chunked"
+    assert_close(ema, ref, torch.float32)
 
 
 def test_chunked_large_noncontiguous_tensor():
-    # A non-contiguous tensor larger than the scratch buffer takes the whole-tensor upcast.
-    kernel = run_kernel("chunked", torch.bfloat16, chunk_numel=16, noncontiguous=True)
-    assert kernel._oversized
+    # A non-contiguous tensor larger than the scratch buffer (16 elements) is upcast whole; its EMA is the formula's.
+    kernel, ema, ref = run_kernel("chunked", torch.bfloat16, chunk_numel=16, noncontiguous=True)
+    transposed = ema[-1]
+    assert not transposed.is_contiguous() and transposed.numel() > 16
+    assert_close([transposed], [ref[-1]], torch.float32)
+    assert_close(ema, ref, torch.float32)
 
 
 def test_chunked_bf16_ema_of_fp32_weights():
-    run_kernel("chunked", torch.float32, ema_dtype=torch.bfloat16)
+    # A bf16 EMA (not the default) of fp32 weights: the formula to bf16 precision.
+    _, ema, ref = run_kernel("chunked", torch.float32, ema_dtype=torch.bfloat16)
+    assert_close(ema, ref, torch.bfloat16)
 
 
 def test_foreach_rejects_mixed_dtypes():
@@ -91,8 +98,9 @@ def test_foreach_rejects_mixed_dtypes():
 @pytest.mark.skipif(not K.compile_available("cpu"), reason="no C++ compiler for inductor")
 @pytest.mark.parametrize("live_dtype", [torch.bfloat16, torch.float16])
 def test_compiled_mixed_precision(live_dtype):
-    kernel = run_kernel("compiled", live_dtype, noncontiguous=True)
-    assert kernel.backend == "compiled" and kernel._compiled is not None
+    kernel, ema, ref = run_kernel("compiled", live_dtype, noncontiguous=True)
+    assert kernel.backend == "compiled"
+    assert_close(ema, ref, torch.float32)
 
 
 def test_compile_failure_falls_back(monkeypatch, caplog):
@@ -104,9 +112,10 @@ def test_compile_failure_falls_back(monkeypatch, caplog):
 
     monkeypatch.setattr(K, "_fresh_compiled_lerp", broken)
     with caplog.at_level(logging.WARNING, logger="hf_ema.engine.kernels"):
-        kernel = run_kernel("compiled", torch.bfloat16)
+        kernel, ema, ref = run_kernel("compiled", torch.bfloat16)
     assert kernel.backend == "chunked"
     assert "compiling the EMA update failed" in caplog.text
+    assert_close(ema, ref, torch.float32)  # the failed compile wrote nothing; the fallback made all three updates
 
 
 def test_auto_choice(monkeypatch):
@@ -144,8 +153,9 @@ native_available = pytest.mark.skipif(N.compiler() is None, reason="no C compile
 @native_available
 @pytest.mark.parametrize("live_dtype", [torch.bfloat16, torch.float16])
 def test_native_mixed_precision(live_dtype):
-    kernel = run_kernel("native", live_dtype, noncontiguous=True)  # the transposed tensor is folded in eagerly
-    assert kernel.backend == "native" and kernel._native is not None
+    kernel, ema, ref = run_kernel("native", live_dtype, noncontiguous=True)  # the transposed one folds in eagerly
+    assert kernel.backend == "native"
+    assert_close(ema, ref, torch.float32)
 
 
 @native_available
@@ -185,8 +195,9 @@ def test_native_build_failure_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(N, "compiler", lambda: None)
     monkeypatch.setattr(K, "compile_available", lambda device: False)
     with caplog.at_level(logging.WARNING, logger="hf_ema.engine.kernels"):
-        kernel = run_kernel("native", torch.bfloat16)
+        kernel, ema, ref = run_kernel("native", torch.bfloat16)
     assert kernel.backend == "chunked"
+    assert_close(ema, ref, torch.float32)
     assert "native EMA kernel is unavailable (no C compiler found" in caplog.text
     with pytest.raises(ValueError, match="`backend='native'` needs CPU tensors"):
         LerpKernel([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3, dtype=torch.bfloat16)], backend="native")
