@@ -14,6 +14,7 @@ _LAZY = {
     "EMACallback": "trainer",
     "EMAConfig": "config",
     "EMAEvaluator": "trainer",
+    "EMATensor": "ema_tensor",
     "HfEmaError": "errors",
     "HubError": "errors",
     "ModelEMA": "model_ema",
@@ -23,6 +24,7 @@ _LAZY = {
     "PostHocEMA": "posthoc",
     "StabilityConfig": "stability",
     "StateError": "errors",
+    "TensorKind": "ema_tensor",
     "ema_weights": "tools",
     "load_ema": "ema_folder",
     "load_history": "tools",
@@ -39,6 +41,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .config import EMAConfig
+    from .ema_tensor import EMATensor, TensorKind
     from .ema_folder import load_ema, read_ema_state, save_ema
     from .errors import (
         CheckpointError,
@@ -62,6 +65,7 @@ __all__ = [
     "EMACallback",
     "EMAConfig",
     "EMAEvaluator",
+    "EMATensor",
     "HfEmaError",
     "HubError",
     "ModelEMA",
@@ -71,6 +75,7 @@ __all__ = [
     "PostHocEMA",
     "StabilityConfig",
     "StateError",
+    "TensorKind",
     "__version__",
     "ema_weights",
     "load_ema",

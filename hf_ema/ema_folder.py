@@ -139,18 +139,17 @@ class _Sources:
     def __init__(self, ema: ModelEMA) -> None:
         self.ema = ema
         self.layout = ema.layout
-        self._averaged = {n: i for i, n in enumerate(ema.names)}
-        self._copied = {n: i for i, n in enumerate(ema.copied_names)}
+        self._tensors = {t.name: t for t in ema.named_tensors()}
         self._model: dict[str, torch.Tensor] | None = None
 
     def provided(self) -> set[str]:
         """The names the EMA provides (its tensors and their tied aliases)."""
-        out = set(self.ema.names) | set(self.ema.copied_names)
+        out = set(self._tensors)
         out.update(a for aliases in self.ema.selection.aliases.values() for a in aliases)
         return out
 
     def ema_sources(self) -> list[tuple[str, str]]:
-        return [("e", n) for n in self.ema.names] + [("c", n) for n in self.ema.copied_names]
+        return [("e" if t.averaged else "c", t.name) for t in self._tensors.values()]
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         if self._model is None:
@@ -161,7 +160,7 @@ class _Sources:
         """This rank's part of a source, and where it lies in the full tensor."""
         if kind == "m":
             return self.layout.model_piece(name, self.model_tensors()[name])
-        local = self.ema.shadow[self._averaged[name]] if kind == "e" else self.ema.copied[self._copied[name]]
+        local = self._tensors[name].ema
         return local, self.layout.ema_piece(name, local)
 
     def full(self, kind: str, name: str) -> torch.Tensor | None:
@@ -173,7 +172,7 @@ class _Sources:
     def weight_dtype(self, kind: str, name: str) -> torch.dtype:
         """The dtype of a source in the loadable weights: that of the model tensor it stands for."""
         if kind == "e":
-            return self.ema.live_tensors[self._averaged[name]].dtype
+            return self._tensors[name].live.dtype
         return self.local(kind, name)[0].dtype
 
     def spec(self, key: str, source: tuple[str, str], dtype: torch.dtype | None = None) -> TensorSpec:
@@ -712,7 +711,7 @@ def _read_format1(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str
         return own
     full = _read_full_tensors(folder)
     tensors: dict[str, torch.Tensor] = {}
-    for name, local in zip(ema.names + ema.copied_names, ema.shadow + ema.copied):
+    for name, local, _, _ in ema.named_tensors():
         source = full.get(name)
         if source is None:
             for alias in ema.selection.aliases.get(name, []):
@@ -731,7 +730,7 @@ def _read_parts(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, 
     locations = meta.get("tensors") or {}
     headers: dict[str, tuple[int, dict]] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, local in zip(ema.names + ema.copied_names, ema.shadow + ema.copied):
+    for name, local, _, _ in ema.named_tensors():
         where = locations.get(name)
         if where is None:
             raise CheckpointError(f"`{folder}` has no tensor {name!r}; was it saved for another model?")

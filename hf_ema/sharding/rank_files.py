@@ -106,15 +106,17 @@ def read_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, An
             )
             return None
         keys = set(f.keys())
-        names = ema.names + ema.copied_names
-        if not set(names) <= keys:
+        ours = list(ema.named_tensors())
+        if not {t.name for t in ours} <= keys:
             return None
         tensors: dict[str, torch.Tensor] = {}
-        for name, dst in zip(names, ema.shadow + ema.copied):
-            src = f.get_tensor(name)
-            if tuple(src.shape) != tuple(dst.shape):
+        for t in ours:
+            src = f.get_tensor(t.name)
+            if tuple(src.shape) != tuple(t.ema.shape):
                 # Another wrapping of the model (e.g. another FSDP auto-wrap policy): shards do not line up.
-                logger.info("EMA shard %s has shape %s here, %s in %s; re-sharding", name, dst.shape, src.shape, path)
+                logger.info(
+                    "EMA shard %s has shape %s here, %s in %s; re-sharding", t.name, t.ema.shape, src.shape, path
+                )
                 return None
-            tensors[name] = src
+            tensors[t.name] = src
     return tensors
