@@ -41,8 +41,8 @@ _LAZY = {
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .config import EMAConfig
-    from .ema_tensor import EMATensor, TensorKind
     from .ema_folder import load_ema, read_ema_state, save_ema
+    from .ema_tensor import EMATensor, TensorKind
     from .errors import (
         CheckpointError,
         ConfigError,
