@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from .engine.updater import EMAUpdater
 from .errors import CheckpointError, ConfigTypeError, NonFiniteWeightsError, StateError
 from .selection import Selection, unwrap_model
 from .sharding import ShardLayout, comm_device, detect_layout
+from .sharding.collectives import all_ranks_agree, new_cpu_group
 
 __all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
 
@@ -167,20 +169,13 @@ class ModelEMA:
         layout = self.layout
         if not self._updater.check or not layout.is_sharded or layout.world_size <= 1:
             return None
-        dist = torch.distributed
         if self._updater.in_background:
             # The update thread's collective must not interleave with the training's: a process group of its own
             # (created here, where every rank builds its EMA).
-            group, device = dist.new_group(backend="gloo"), torch.device("cpu")
+            group, device = new_cpu_group(), torch.device("cpu")
         else:
             group, device = None, comm_device()
-
-        def agree(ok: bool) -> bool:
-            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-            return bool(flag.item())
-
-        return agree
+        return functools.partial(all_ranks_agree, group=group, device=device)
 
     # ------------------------------------------------------------------ non-finite weights
     def _record_outcome(self, outcome: FoldOutcome) -> None:
