@@ -1,9 +1,9 @@
 """hf-ema: a correct, fast, sharding-aware exponential moving average of model weights for the Hugging Face Trainer."""
 
-__version__ = "0.1.0"
-
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 
 # Public names -> the submodule defining them. They are imported on first access (PEP 562), so `import hf_ema`
 # and the `hf-ema` CLI start fast and only what is used loads transformers / peft / safetensors.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from .._version import __version__
 from ..utils.jsonio import write_json
 from ..utils.paths import STATE_NAME
 from .plan import SaveJob, SavePlan
@@ -26,8 +27,6 @@ def ema_state(job: SaveJob, plan: SavePlan, extra_state: dict[str, Any] | None) 
         plan (`SavePlan`): Its plan.
         extra_state (`dict`, *optional*): More entries.
     """
-    from .. import __version__
-
     ema = job.ema
     tensors = list(ema.named_tensors())
     meta = {
