@@ -155,7 +155,9 @@ def test_copy_to_another_model_without_a_tensor_names_it():
     ema = ModelEMA(Net())
     other = nn.Sequential()
     other.fc1 = nn.Linear(6, 8)
-    with pytest.raises(CheckpointError, match=r"`model` lacks 7 EMA tensors, e.g. \['bn.weight', 'bn.bias', 'fc2.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"`model` lacks 7 EMA tensors, e.g. \['bn.weight', 'bn.bias', 'fc2.weight'\]"
+    ):
         ema.copy_to(other)
 
 
