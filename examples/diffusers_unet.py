@@ -19,23 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from hf_ema import ModelEMA, load_ema, save_ema
-
-
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+from hf_ema.demo.toy import tiny_unet
 
 
 def synthetic_images(count: int = 256, size: int = 16) -> torch.Tensor:

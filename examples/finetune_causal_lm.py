@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     ema_model = AutoModelForCausalLM.from_pretrained(f"{args.output_dir}/ema")
     print(f"EMA weights in {args.output_dir}/ema ({sum(p.numel() for p in ema_model.parameters()):,} parameters)")
     print(f"eval loss: raw {raw:.4f}  EMA {ema_loss:.4f}")
-    return {"eval_loss": raw, "eval_ema_loss": ema_loss}
+    return {"eval_loss": raw, "eval_ema_loss": ema_loss, "ema": ema.ema, "ema_dir": f"{args.output_dir}/ema"}
 
 
 if __name__ == "__main__":

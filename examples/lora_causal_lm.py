@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
         save_steps=max(1, args.max_steps // 2),
         report_to=[],
     )
+    callback = EMACallback(decay=args.decay)  # only the adapter (trainable) weights are averaged
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[EMACallback(decay=args.decay)],  # only the adapter (trainable) weights are averaged
+        callbacks=[callback],
     )
     trainer.train()
     raw = trainer.evaluate()["eval_loss"]
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ema_loss = ema_trainer.evaluate()["eval_loss"]
     print(f"EMA adapter in {args.output_dir}/ema")
     print(f"eval loss: raw {raw:.4f}  EMA {ema_loss:.4f}")
-    return {"eval_loss": raw, "eval_ema_loss": ema_loss}
+    return {"eval_loss": raw, "eval_ema_loss": ema_loss, "ema": callback.ema, "ema_dir": f"{args.output_dir}/ema"}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """hf-ema: a correct, fast, sharding-aware exponential moving average of model weights for the Hugging Face Trainer."""
 
-__version__ = "0.1.0"
-
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 
 # Public names -> the submodule defining them. They are imported on first access (PEP 562), so `import hf_ema`
 # and the `hf-ema` CLI start fast and only what is used loads transformers / peft / safetensors.
@@ -14,6 +14,7 @@ _LAZY = {
     "EMACallback": "trainer",
     "EMAConfig": "config",
     "EMAEvaluator": "trainer",
+    "EMATensor": "ema_tensor",
     "HfEmaError": "errors",
     "HubError": "errors",
     "ModelEMA": "model_ema",
@@ -23,6 +24,7 @@ _LAZY = {
     "PostHocEMA": "posthoc",
     "StabilityConfig": "stability",
     "StateError": "errors",
+    "TensorKind": "ema_tensor",
     "ema_weights": "tools",
     "load_ema": "ema_folder",
     "load_history": "tools",
@@ -40,6 +42,7 @@ _LAZY = {
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .config import EMAConfig
     from .ema_folder import load_ema, read_ema_state, save_ema
+    from .ema_tensor import EMATensor, TensorKind
     from .errors import (
         CheckpointError,
         ConfigError,
@@ -62,6 +65,7 @@ __all__ = [
     "EMACallback",
     "EMAConfig",
     "EMAEvaluator",
+    "EMATensor",
     "HfEmaError",
     "HubError",
     "ModelEMA",
@@ -71,6 +75,7 @@ __all__ = [
     "PostHocEMA",
     "StabilityConfig",
     "StateError",
+    "TensorKind",
     "__version__",
     "ema_weights",
     "load_ema",

@@ -7,7 +7,7 @@ import importlib
 import re
 import sys
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["build_parser", "cli_message", "main"]
 

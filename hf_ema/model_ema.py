@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,12 +14,14 @@ import torch
 from torch import nn
 
 from .config import EMAConfig
+from .ema_tensor import EMATensor, TensorKind
 from .engine.kernels import copy_
 from .engine.nonfinite import Agreement, FoldOutcome
 from .engine.updater import EMAUpdater
 from .errors import CheckpointError, ConfigTypeError, NonFiniteWeightsError, StateError
 from .selection import Selection, unwrap_model
 from .sharding import ShardLayout, comm_device, detect_layout
+from .sharding.collectives import all_ranks_agree, new_cpu_group, reduce_max_
 
 __all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
 
@@ -118,6 +121,39 @@ class ModelEMA:
         """The model-side tensors the EMA averages (this rank's local shards), in the order of `names`/`shadow`."""
         return list(self._live)
 
+    def named_tensors(self, include_copied: bool = True) -> Iterator[EMATensor]:
+        """Each EMA tensor with its name, the model-side tensor it follows and its kind, as `named_parameters()`
+        yields a module's parameters: the averaged tensors first (in the order of `names`), then the copied ones.
+
+        ```python
+        for t in ema.named_tensors():
+            print(t.name, t.kind, t.ema.dtype, t.live.dtype)
+        ```
+
+        The tensors are this rank's (shards, for a sharded EMA) and are read as they are: call `wait()` first when
+        an update may still be running (`async_update`, `cuda_stream`).
+
+        Args:
+            include_copied (`bool`, *optional*, defaults to `True`): Also yield the copied (non-averaged) tensors.
+
+        Yields:
+            [`EMATensor`]: `(name, ema, live, kind)`.
+        """
+        for name, ema, live in zip(self.names, self.shadow, self._live):
+            yield EMATensor(name, ema, live, TensorKind.AVERAGED)
+        if include_copied:
+            for name, ema, live in zip(self.copied_names, self.copied, self._copied_live):
+                yield EMATensor(name, ema, live, TensorKind.COPIED)
+
+    def _tensors_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Another model's parameters and buffers by name; it must hold every EMA tensor."""
+        state: dict[str, torch.Tensor] = dict(model.named_parameters())
+        state.update(model.named_buffers())
+        missing = [t.name for t in self.named_tensors() if t.name not in state]
+        if missing:
+            raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
+        return state
+
     # ------------------------------------------------------------------ set-up helpers
     def _ema_device(self, live: torch.Tensor) -> torch.device:
         return torch.device(self.config.device) if self.config.device is not None else live.device
@@ -146,22 +182,15 @@ class ModelEMA:
         layout = self.layout
         if not self._updater.check or not layout.is_sharded or layout.world_size <= 1:
             return None
-        dist = torch.distributed
         if self._updater.in_background:
             # The update thread's collective must not interleave with the training's: a process group of its own
             # (created here, where every rank builds its EMA).
-            group, device = dist.new_group(backend="gloo"), torch.device("cpu")
+            group, device = new_cpu_group(), torch.device("cpu")
         else:
             group, device = None, comm_device()
+        return functools.partial(all_ranks_agree, group=group, device=device)
 
-        def agree(ok: bool) -> bool:
-            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-            return bool(flag.item())
-
-        return agree
-
-    def _device_reduce(self) -> Callable[[torch.Tensor], None] | None:
+    def _device_reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         # The same agreement for the Triton update, whose flags stay on the device: an all-reduce queued on the
         # stream (NCCL never makes the host wait for it).
         layout = self.layout
@@ -169,27 +198,19 @@ class ModelEMA:
             return None
         if not layout.is_sharded or layout.world_size <= 1:
             return None
-        dist = torch.distributed
-
-        def reduce(flags: torch.Tensor) -> None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-
-        return reduce
+        return reduce_max_
 
     def _busy_agreement(self) -> Agreement | None:
         # Coalescing must be decided alike on every rank of a sharded EMA: each shard must average the same steps,
         # and the background folds' collectives must pair up. An update is coalesced when any rank's fold is busy
-        # (a MAX over a CPU process group of its own: the update thread has the other one).
+        # (over a CPU process group of its own: the update thread has the other one).
         layout = self.layout
         if not self._updater.in_background or not layout.is_sharded or layout.world_size <= 1:
             return None
-        dist = torch.distributed
-        group = dist.new_group(backend="gloo")
+        group = new_cpu_group()
 
         def any_busy(busy: bool) -> bool:
-            flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            return bool(flag.item())
+            return not all_ranks_agree(not busy, group=group, device=torch.device("cpu"))
 
         return any_busy
 
@@ -375,37 +396,26 @@ class ModelEMA:
         """
         self.wait()
         if model is None or unwrap_model(model) is self.model:
-            targets, copied_targets = self._live, self._copied_live
+            pairs = [(t.live, t.ema) for t in self.named_tensors()]
         elif self.layout.is_sharded:
             self._copy_full_to(unwrap_model(model))
             return
         else:
-            other = unwrap_model(model)
-            state: dict[str, torch.Tensor] = dict(other.named_parameters())
-            state.update(other.named_buffers())
-            missing = [n for n in self.names + self.copied_names if n not in state]
-            if missing:
-                raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
-            targets = [self.layout.local(n, state[n]) for n in self.names]
-            copied_targets = [self.layout.local(n, state[n]) for n in self.copied_names]
-        for dst, src in zip(targets, self.shadow):
+            state = self._tensors_of(unwrap_model(model))
+            pairs = [(self.layout.local(t.name, state[t.name]), t.ema) for t in self.named_tensors()]
+        for dst, src in pairs:
             dst.copy_(src)
-        copy_(copied_targets, self.copied)
         # A DDP-sharded EMA wrote only this rank's chunks: the layout exchanges them (a collective).
-        self.layout.after_write(targets + copied_targets)
+        self.layout.after_write([dst for dst, _ in pairs])
 
     @torch.no_grad()
     def _copy_full_to(self, other: nn.Module) -> None:
         # Another, unsharded model (e.g. one for evaluation on every rank): gather one full tensor at a time.
-        state: dict[str, torch.Tensor] = dict(other.named_parameters())
-        state.update(other.named_buffers())
-        missing = [n for n in self.names + self.copied_names if n not in state]
-        if missing:
-            raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
-        for name, src in zip(self.names + self.copied_names, self.shadow + self.copied):
-            full = self.layout.full_tensor(name, src, all_ranks=True)
+        state = self._tensors_of(other)
+        for t in self.named_tensors():
+            full = self.layout.full_tensor(t.name, t.ema, all_ranks=True)
             assert full is not None  # every rank gets it with `all_ranks=True`
-            state[name].detach().copy_(full)
+            state[t.name].detach().copy_(full)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[nn.Module]:
@@ -434,29 +444,31 @@ class ModelEMA:
     def _swap_in(self) -> list[torch.Tensor | None]:
         self.wait()
         backup: list[torch.Tensor | None] = []
-        for live, ema in zip(self._live, self.shadow):
-            if live.dtype == ema.dtype and live.device == ema.device:
+        averaged = list(self.named_tensors(include_copied=False))
+        for t in averaged:
+            if t.live.dtype == t.ema.dtype and t.live.device == t.ema.device:
                 # Exact in-place exchange through one tensor-sized temporary.
-                tmp = live.clone()
-                live.copy_(ema)
-                ema.copy_(tmp)
+                tmp = t.live.clone()
+                t.live.copy_(t.ema)
+                t.ema.copy_(tmp)
                 backup.append(None)
             else:
-                backup.append(live.clone())
-                live.copy_(ema)
-        self.layout.after_write(self._live)
+                backup.append(t.live.clone())
+                t.live.copy_(t.ema)
+        self.layout.after_write([t.live for t in averaged])
         return backup
 
     @torch.no_grad()
     def _swap_out(self, backup: list[torch.Tensor | None]) -> None:
-        for live, ema, saved in zip(self._live, self.shadow, backup):
+        averaged = list(self.named_tensors(include_copied=False))
+        for t, saved in zip(averaged, backup):
             if saved is None:
-                tmp = live.clone()
-                live.copy_(ema)
-                ema.copy_(tmp)
+                tmp = t.live.clone()
+                t.live.copy_(t.ema)
+                t.ema.copy_(tmp)
             else:
-                live.copy_(saved)
-        self.layout.after_write(self._live)
+                t.live.copy_(saved)
+        self.layout.after_write([t.live for t in averaged])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -467,10 +479,8 @@ class ModelEMA:
             "decay": float | None, "update_intervals": {str: int}, "config": dict, "format_version": int}`.
         """
         self.wait()
-        tensors = dict(zip(self.names, self.shadow))
-        tensors.update(zip(self.copied_names, self.copied))
         return {
-            "tensors": tensors,
+            "tensors": {t.name: t.ema for t in self.named_tensors()},
             "step": self.step,
             **self.counter_state(),
             "config": self.config.to_dict(),
@@ -499,21 +509,20 @@ class ModelEMA:
         """
         self.wait()
         tensors = state["tensors"]
-        missing = [n for n in self.names + self.copied_names if n not in tensors]
+        ours = list(self.named_tensors())
+        missing = [t.name for t in ours if t.name not in tensors]
         if missing and strict:
-            raise CheckpointError(
-                f"EMA state lacks {len(missing)} of {len(self.names) + len(self.copied_names)} tensors, "
-                f"e.g. {missing[:3]!r}"
-            )
-        for name, dst in zip(self.names + self.copied_names, self.shadow + self.copied):
-            if name not in tensors:
+            raise CheckpointError(f"EMA state lacks {len(missing)} of {len(ours)} tensors, e.g. {missing[:3]!r}")
+        for t in ours:
+            src = tensors.get(t.name)
+            if src is None:
                 continue
-            src = tensors[name]
-            if tuple(src.shape) != tuple(dst.shape):
+            if tuple(src.shape) != tuple(t.ema.shape):
                 raise CheckpointError(
-                    f"EMA tensor {name!r} has shape {tuple(src.shape)} in the state, {tuple(dst.shape)} in the model"
+                    f"EMA tensor {t.name!r} has shape {tuple(src.shape)} in the state, {tuple(t.ema.shape)} in the "
+                    f"model"
                 )
-            dst.copy_(src)
+            t.ema.copy_(src)
         self.step = int(state.get("step", self.step))
         counters = self._counters
         counters.num_updates = int(state.get("num_updates", counters.num_updates))
@@ -551,20 +560,18 @@ class ModelEMA:
         fixed = dtype if isinstance(dtype, torch.dtype) else None
         self.wait()
         out: dict[str, torch.Tensor] | None = {} if self.layout.is_main_process() else None
-        for name, ema, live in zip(self.names, self.shadow, self._live):
-            full = self.layout.full_tensor(name, ema)
-            if out is not None and full is not None:
-                target = fixed or (live.dtype if dtype == "model" else ema.dtype)
-                out[name] = full.detach().to("cpu", dtype=target, copy=True)
-        for name, buf in zip(self.copied_names, self.copied):
-            full = self.layout.full_tensor(name, buf)
-            if out is not None and full is not None:
-                out[name] = full.detach().to("cpu", copy=True)
+        for t in self.named_tensors():
+            full = self.layout.full_tensor(t.name, t.ema)
+            if out is None or full is None:
+                continue
+            # A copied tensor (an integer buffer) keeps its dtype.
+            target = (fixed or (t.live.dtype if dtype == "model" else t.ema.dtype)) if t.averaged else t.ema.dtype
+            out[t.name] = full.detach().to("cpu", dtype=target, copy=True)
         return out
 
     def num_bytes(self) -> int:
         """Bytes of EMA tensors held by this rank."""
-        return sum(t.numel() * t.element_size() for t in self.shadow + self.copied)
+        return sum(t.ema.numel() * t.ema.element_size() for t in self.named_tensors())
 
     def __repr__(self) -> str:
         return (

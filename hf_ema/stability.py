@@ -24,7 +24,7 @@ import torch
 
 from .compat.torch import foreach_norm, foreach_sub
 from .errors import ConfigError
-from .sharding.base import comm_device, dist_ready
+from .sharding.collectives import all_reduce_sum
 from .utils.validation import check_bool, check_int, check_number, coerce_config
 
 __all__ = [
@@ -40,27 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Folder of a checkpoint (beside `ema/`) that holds each rank's oscillation-tracker state, for an exact resume.
 from .utils.paths import STABILITY_DIRNAME  # noqa: E402  (re-exported)
-
-
-def all_reduce_sum(values: Sequence[float], reduce: bool | None = None) -> list[float]:
-    """Sum a few scalars across ranks (identity outside `torch.distributed`). A collective call when it reduces.
-
-    Args:
-        values (`Sequence[float]`): This rank's values.
-        reduce (`bool`, *optional*): Force (`True`) or skip (`False`) the reduction; by default reduce when a process
-            group is initialised.
-
-    Returns:
-        `list[float]`: the sums over ranks.
-    """
-    if reduce is None:
-        reduce = dist_ready()
-    if not reduce:
-        return [float(v) for v in values]
-    # NCCL reduces accelerator tensors only; gloo takes CPU tensors.
-    buf = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
-    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
-    return buf.tolist()
 
 
 @torch.no_grad()

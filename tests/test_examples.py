@@ -18,19 +18,44 @@ def _load(name):
     return module
 
 
+def _assert_equal_to_the_ema(loaded: dict, ema) -> None:
+    """Every tensor of the EMA (in the model's dtype, as `save_pretrained` writes it) is in `loaded`, equal."""
+    import torch
+
+    expected = ema.full_state_dict(dtype="model")
+    assert expected and set(expected) <= set(loaded), sorted(set(expected) - set(loaded))
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+
 @pytest.mark.slow
 def test_finetune_example(tmp_path):
+    """`ema/` and `checkpoint-6/ema/` load with `from_pretrained` and hold exactly the EMA the run ended with."""
     result = _load("finetune_causal_lm").main(["--output-dir", str(tmp_path), "--max-steps", "6", "--batch-size", "4"])
+    ema = result["ema"]
+    assert ema.num_updates == 6
+    for folder in (tmp_path / "ema", tmp_path / "checkpoint-6" / "ema"):
+        loaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        _assert_equal_to_the_ema(loaded.state_dict(), ema)
+    # The EMA moved away from the raw weights it started from (a run of 6 steps at decay 0.99).
     assert result["eval_loss"] != result["eval_ema_loss"]
-    AutoModelForCausalLM.from_pretrained(tmp_path / "ema")
-    assert (tmp_path / "checkpoint-6" / "ema" / "ema_state.json").is_file()
 
 
 @pytest.mark.slow
 def test_lora_example(tmp_path):
-    result = _load("lora_causal_lm").main(["--output-dir", str(tmp_path), "--max-steps", "6", "--batch-size", "4"])
-    assert result["eval_loss"] != result["eval_ema_loss"]
-    assert (tmp_path / "ema" / "adapter_model.safetensors").is_file()
+    """`ema/` is a PEFT adapter that loads with `PeftModel.from_pretrained` and holds exactly the adapter's EMA."""
+    from peft import PeftModel
+
+    from hf_ema.demo.toy import tiny_causal_lm, train_tokenizer
+
+    example = _load("lora_causal_lm")
+    result = example.main(["--output-dir", str(tmp_path), "--max-steps", "6", "--batch-size", "4"])
+    ema = result["ema"]
+    assert ema.num_updates == 6 and all("lora_" in name for name in ema.names)
+    base = tiny_causal_lm(train_tokenizer(), hidden_size=128, num_layers=4, seed=0)
+    loaded = PeftModel.from_pretrained(base, result["ema_dir"])
+    _assert_equal_to_the_ema(loaded.state_dict(), ema)
 
 
 @pytest.mark.slow

@@ -130,6 +130,37 @@ def test_copy_to_and_state_dict_round_trip():
     assert torch.equal(other.fc2.bias, ema.shadow[ema.names.index("fc2.bias")])
 
 
+def test_named_tensors_pairs_each_ema_tensor_with_its_weight():
+    """Each EMA tensor comes with its name, the model's own tensor (the same storage) and its kind: the float
+    parameters and running statistics averaged, the integer batch counter copied."""
+    from hf_ema import TensorKind
+
+    model = Net()
+    ema = ModelEMA(model, decay=0.5)
+    for _ in _train_steps(model, 2):
+        ema.update()
+    tensors = list(ema.named_tensors())
+    model_state = model.state_dict(keep_vars=True)
+    assert sorted(t.name for t in tensors) == sorted(model_state)  # every tensor once
+    for t in tensors:
+        assert t.live.data_ptr() == model_state[t.name].data_ptr() and t.live.shape == model_state[t.name].shape
+        expected = TensorKind.AVERAGED if model_state[t.name].is_floating_point() else TensorKind.COPIED
+        assert t.kind is expected and t.averaged == (expected is TensorKind.AVERAGED)
+    assert [t.name for t in tensors if not t.averaged] == ["bn.num_batches_tracked"] == [tensors[-1].name]
+    assert torch.equal(dict((t.name, t.ema) for t in tensors)["bn.num_batches_tracked"], torch.tensor(2))
+    assert [t.name for t in ema.named_tensors(include_copied=False)] == [t.name for t in tensors if t.averaged]
+
+
+def test_copy_to_another_model_without_a_tensor_names_it():
+    ema = ModelEMA(Net())
+    other = nn.Sequential()
+    other.fc1 = nn.Linear(6, 8)
+    with pytest.raises(
+        CheckpointError, match=r"`model` lacks 7 EMA tensors, e.g. \['bn.weight', 'bn.bias', 'fc2.weight'\]"
+    ):
+        ema.copy_to(other)
+
+
 def test_load_state_dict_rejects_mismatch():
     ema = ModelEMA(Net())
     state = ema.state_dict()

@@ -11,7 +11,7 @@ from transformers import Trainer
 
 from hf_ema import CheckpointError, EMACallback
 from hf_ema.cli import main
-from hf_ema.tools.plotting import find_trainer_state, load_history, plot_run
+from hf_ema.tools.plotting import STABILITY_KEYS, find_trainer_state, load_history, plot_run, run_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,11 +76,46 @@ def test_find_trainer_state_prefers_most_advanced(run_dir, tmp_path):
     assert find_trainer_state(copy) == copy / "trainer_state.json"  # ties go to the run folder's own file
 
 
+def _curves(fig) -> dict[str, list[tuple[float, float]]]:
+    """Each labelled curve of the figure, as matplotlib holds it: `(x, y)` points by label."""
+    return {
+        line.get_label(): [(float(x), float(y)) for x, y in zip(*line.get_data())]
+        for ax in fig.axes
+        for line in ax.get_lines()
+        if not line.get_label().startswith("_")
+    }
+
+
 @pytest.mark.trainer
-def test_plot_run_and_cli_write_png(run_dir, tmp_path):
+def test_plot_curves_are_the_logged_values(run_dir):
+    """Every curve of the plot holds exactly the values the Trainer logged (read from `trainer_state.json` here,
+    not through `load_history`); the points before the EMA started are the hollow ones."""
+    state = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())
+
+    def logged(key):
+        return [(float(e["step"]), float(e[key])) for e in state["log_history"] if key in e]
+
+    curves = _curves(run_figure(run_dir))
+    assert curves["eval_loss (raw)"] == logged("eval_loss") and len(logged("eval_loss")) == 4
+    assert curves["eval_ema_loss (EMA)"] == logged("eval_ema_loss")
+    assert curves["train loss (raw)"] == logged("loss")
+    stability = [k for k in STABILITY_KEYS if logged(k)]
+    assert "ema_rel_distance" in stability and "ema_osc_frac" in stability
+    for key in stability:
+        assert curves[key] == logged(key), key
+    not_started = {step for step, flag in logged("eval_ema_is_raw") if flag == 1.0}
+    assert not_started == {2.0}  # start_step=2: the EMA copied the weights up to step 2
+    ema = dict(logged("eval_ema_loss"))
+    assert curves["EMA not started (= raw)"] == [(s, ema[s]) for s in sorted(not_started)]
+
+
+@pytest.mark.trainer
+def test_plot_run_and_cli_write_the_figure(run_dir, tmp_path):
     path = plot_run(run_dir, tmp_path / "a" / "plot.png")
     width, height = _png_size(path)
-    assert width > 600 and height > 600  # two panels: losses and stability
+    fig = run_figure(run_dir)
+    # The PNG is the figure: its size in pixels (two panels: losses and stability).
+    assert (width, height) == tuple(round(v) for v in fig.get_size_inches() * fig.dpi) and height > 600
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "cli.png")]) == 0
     assert _png_size(tmp_path / "cli.png") == (width, height)
     default = plot_run(run_dir / "checkpoint-4")

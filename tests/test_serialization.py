@@ -269,7 +269,7 @@ def test_bad_save_arguments_fail_before_any_work(tmp_path, tiny_model):
 def test_fault_while_writing_tensors_keeps_previous_folder(tmp_path, tiny_model, monkeypatch):
     """A disk error while the tensors are written (injected into the write of the second tensor): the previous
     `ema/` stays as it was and no temporary folder is left."""
-    import hf_ema.ema_folder as ema_folder
+    import hf_ema.ema_folder.parts as ema_folder_parts
 
     ema = _ema_of(tiny_model)
     save_ema(ema, tmp_path / "ema")
@@ -277,7 +277,7 @@ def test_fault_while_writing_tensors_keeps_previous_folder(tmp_path, tiny_model,
     _nudge(tiny_model, 1.0)
     ema.update()
     calls = []
-    real = ema_folder.write_elements
+    real = ema_folder_parts.write_elements
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -285,7 +285,7 @@ def test_fault_while_writing_tensors_keeps_previous_folder(tmp_path, tiny_model,
             raise OSError("no space left on device (injected)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ema_folder, "write_elements", failing)
+    monkeypatch.setattr(ema_folder_parts, "write_elements", failing)
     with pytest.raises(OSError, match="injected"):
         save_ema(ema, tmp_path / "ema")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ema").iterdir()} == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 
+from .._version import __version__
 from ..cli_types import SubParsers
 
 
@@ -14,7 +15,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from .. import __version__
     from ..engine.native import compiler
 
     rows = {

@@ -6,6 +6,7 @@ import argparse
 
 from ..cli_types import SubParsers
 from ..utils.jsonio import read_json
+from .output_options import add_output_options, output_options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,8 +21,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         use_ema=args.ema,
         sort_by_step=not args.keep_order,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+        **output_options(args),
     )
     recipe = read_json(out / MERGE_RECIPE_NAME)
     print(f"merged {len(recipe['checkpoints'])} checkpoints ({recipe['method']}) into {out}")
@@ -55,12 +55,7 @@ def register(subparsers: SubParsers) -> None:
         "--ema", action="store_true", help="merge each checkpoint's ema/ folder instead of its raw weights"
     )
     parser.add_argument("--keep-order", action="store_true", help="merge in the given order instead of by step")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out if it exists and hf-ema wrote it (never another folder)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_options(parser)
     parser.set_defaults(
         func=run,
         flags={

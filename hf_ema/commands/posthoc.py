@@ -6,6 +6,7 @@ import argparse
 
 from ..cli_types import SubParsers
 from ..utils.jsonio import read_json
+from .output_options import add_output_options, output_options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,8 +17,7 @@ def run(args: argparse.Namespace) -> int:
         sigma_rel=args.sigma_rel,
         out_dir=args.out,
         step=args.step,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+        **output_options(args),
     )
     recipe = read_json(out / RECIPE_NAME)
     print(
@@ -42,12 +42,7 @@ def register(subparsers: SubParsers) -> None:
         help="output folder, never inside what it reads (default: ema-sigma_rel-S in the run folder)",
     )
     parser.add_argument("--step", type=int, default=None, help="training step of the wanted EMA (default: last)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out if it exists and hf-ema wrote it (never another folder)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_options(parser)
     parser.set_defaults(
         func=run,
         flags={

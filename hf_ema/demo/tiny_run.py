@@ -75,34 +75,61 @@ def train_tiny_run(
         `dict`: `output_dir`, `ema_dir`, `checkpoints`, `eval_loss`, `eval_ema_loss`, `trained` (False if skipped).
     """
     output_dir = Path(output_dir)
-    results_path = output_dir / RESULTS_NAME
-    finished = results_path.is_file() and (output_dir / EMA_DIRNAME / STATE_NAME).is_file()
-    if finished and not force:
-        try:
-            results = dict(read_json(results_path))
-        except (OSError, TypeError, ValueError):  # a garbled results file: the run is trained again
-            finished = False
-        else:
-            # The paths of where the run is now (the results file keeps those of where it was trained).
-            results.update(_run_paths(output_dir), trained=False)
-            return results
+    finished = _finished_results(output_dir)
+    if finished is not None and not force:
+        return finished
     check_int("max_steps", max_steps, minimum=1)
     if save_steps is None:
         save_steps = max(1, max_steps // 6)
     check_int("save_steps", save_steps, minimum=1)
+    _fresh_run_folder(output_dir, replace=force or finished is None)
+    trainer = _build_trainer(output_dir, max_steps, decay, seed, lora, save_steps, progress)
+    trainer.train()
+    # EMACallback evaluates the EMA beside the raw weights; evaluate once more unless the last step just did.
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_ema_loss" in e), None)
+    if last is None or last.get("step") != trainer.state.global_step:
+        last = trainer.evaluate()
+    results = {
+        **_run_paths(output_dir),
+        "eval_loss": last["eval_loss"],
+        "eval_ema_loss": last["eval_ema_loss"],
+        "max_steps": max_steps,
+        "decay": decay,
+        "lora": lora,
+    }
+    trainer.save_model(str(output_dir))
+    write_json(output_dir / RESULTS_NAME, results)
+    results["trained"] = True
+    return results
+
+
+def _finished_results(output_dir: Path) -> dict[str, Any] | None:
+    """The results of a finished run in `output_dir` (`trained=False`), or `None` when there is none."""
+    results_path = output_dir / RESULTS_NAME
+    if not (results_path.is_file() and (output_dir / EMA_DIRNAME / STATE_NAME).is_file()):
+        return None
+    try:
+        results = dict(read_json(results_path))
+    except (OSError, TypeError, ValueError):  # a garbled results file: the run is trained again
+        return None
+    # The paths of where the run is now (the results file keeps those of where it was trained).
+    results.update(_run_paths(output_dir), trained=False)
+    return results
+
+
+def _fresh_run_folder(output_dir: Path, replace: bool) -> None:
     # Only a run folder hf-ema wrote (its marker) is replaced: with `force`, or when its run never finished.
-    prepare_output(
-        output_dir,
-        overwrite=force or not finished,
-        what="`output_dir`",
-        overwrite_arg="force",
-        allow_run_folder=True,
-    )
+    prepare_output(output_dir, overwrite=replace, what="`output_dir`", overwrite_arg="force", allow_run_folder=True)
     if output_dir.is_dir() and any(output_dir.iterdir()):
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_output(output_dir, "demo")
 
+
+def _build_trainer(
+    output_dir: Path, max_steps: int, decay: float, seed: int, lora: bool, save_steps: int, progress: bool
+) -> Any:
+    """The Trainer of the demo run: the tiny Llama (or a LoRA adapter on it) with `EMACallback(posthoc=True)`."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -142,7 +169,7 @@ def train_tiny_run(
     # Post-hoc snapshots (EDM2) at every checkpoint: the app can then show the EMA of any width, reconstructed
     # on demand (`hf-ema posthoc`), beside the raw weights, the EMA and merges of the last checkpoints.
     callback = EMACallback(decay=decay, posthoc=True)
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -150,20 +177,3 @@ def train_tiny_run(
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    trainer.train()
-    # EMACallback evaluates the EMA beside the raw weights; evaluate once more unless the last step just did.
-    last = next((e for e in reversed(trainer.state.log_history) if "eval_ema_loss" in e), None)
-    if last is None or last.get("step") != trainer.state.global_step:
-        last = trainer.evaluate()
-    results = {
-        **_run_paths(output_dir),
-        "eval_loss": last["eval_loss"],
-        "eval_ema_loss": last["eval_ema_loss"],
-        "max_steps": max_steps,
-        "decay": decay,
-        "lora": lora,
-    }
-    trainer.save_model(str(output_dir))
-    write_json(results_path, results)
-    results["trained"] = True
-    return results

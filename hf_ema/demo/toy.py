@@ -1,4 +1,5 @@
-"""A tiny causal LM, a tokenizer and a corpus that need no network: for examples, tests and the demo.
+"""A tiny causal LM, a tokenizer and a corpus that need no network, and a tiny diffusers UNet: for examples, tests
+and the demo.
 
 The corpus is the text of `pydoc_data.topics`, which ships with CPython. The tokenizer is a byte-level BPE trained
 on it with `tokenizers`; the model is a Llama (or GPT-2) built from a config with random weights.
@@ -19,6 +20,7 @@ __all__ = [
     "lm_datasets",
     "require_demo_extra",
     "tiny_causal_lm",
+    "tiny_unet",
     "train_tokenizer",
 ]
 
@@ -136,6 +138,29 @@ def tiny_causal_lm(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype)
+
+
+def tiny_unet(sample_size: int = 16, seed: int = 0):
+    """A two-block diffusers `UNet2DModel` (1 channel, 8 and 16 features) with random weights; its `save_pretrained`
+    ignores a `state_dict` argument. Needs `diffusers` (`pip install 'hf-ema[diffusers]'`).
+
+    Args:
+        sample_size (`int`, *optional*, defaults to 16): Height and width of its images.
+        seed (`int`, *optional*, defaults to 0): Seed of the initial weights.
+    """
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
 
 
 def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max_train_blocks: int | None = None):

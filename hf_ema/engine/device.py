@@ -270,7 +270,7 @@ class DeviceUpdate:
             (see [`triton_eligible`]).
         group_ids (`Sequence[int]`): The caller's index of each group (reported in `FoldOutcome.bad`).
         check (`bool`): Test the weights for NaN/inf and skip the update when one is (`on_nonfinite != "ignore"`).
-        reduce (`Callable[[torch.Tensor], None]`, *optional*): In-place MAX all-reduce of a device int32 tensor over
+        reduce (`Callable[[torch.Tensor], object]`, *optional*): In-place MAX all-reduce of a device int32 tensor over
             the ranks that share the EMA (a sharded EMA); `None` on one rank or for a replicated EMA.
         block (`int`, *optional*): Elements per block (tests use small blocks).
     """
@@ -280,7 +280,7 @@ class DeviceUpdate:
         groups: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]],
         group_ids: Sequence[int],
         check: bool,
-        reduce: Callable[[torch.Tensor], None] | None = None,
+        reduce: Callable[[torch.Tensor], object] | None = None,
         block: int | None = None,
     ) -> None:
         from .triton_kernels import CHECK, COPY, UNDO, UPDATE

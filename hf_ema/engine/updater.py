@@ -27,7 +27,7 @@ __all__ = ["EMAUpdater"]
 logger = logging.getLogger(__name__)
 
 #: In-place MAX all-reduce of a small device int32 tensor over the ranks of a sharded EMA (never read on the host).
-DeviceReduce = Callable[[torch.Tensor], None]
+DeviceReduce = Callable[[torch.Tensor], object]
 
 
 class EMAUpdater:
@@ -163,7 +163,7 @@ class EMAUpdater:
         MAX all-reduce of the device flags, queued on the stream, never read on the host.
 
         Args:
-            reduce (`Callable[[torch.Tensor], None]`, *optional*): The all-reduce, or `None`.
+            reduce (`Callable[[torch.Tensor], object]`, *optional*): The all-reduce, or `None`.
         """
         if self.device_update is not None:
             self.device_update.reduce = reduce

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._version import __version__
 from ..config import MAX_SIGMA_REL
 from ..decay import gamma_from_sigma_rel, sigma_rel_from_gamma
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder, read_ema_state
@@ -193,8 +194,6 @@ def reconstruct(
     check_compatible(folders)
     if fit_error > 0.05:
         logger.warning("post-hoc fit of sigma_rel=%g is poor (relative profile error %.3f)", sigma_rel, fit_error)
-
-    from .. import __version__
 
     recipe = {
         "sigma_rel": sigma_rel,

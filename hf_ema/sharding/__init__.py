@@ -1,9 +1,10 @@
 """Sharding: how each averaged tensor maps to the shard this rank holds (replicated, DDP-sharded, FSDP1, FSDP2,
 DeepSpeed ZeRO-3), where each rank's part of a tensor lies in the full tensor, and per-rank files."""
 
-from .base import ReplicatedLayout, ShardedLayoutBase, ShardLayout, comm_device, dist_ready
+from .base import ReplicatedLayout, ShardedLayoutBase, ShardLayout
+from .collectives import comm_device, dist_ready
 from .detect import detect_layout
-from .rank_files import rank_file_name, read_rank_shard, save_file_atomic
+from .rank_files import rank_file_name, save_file_atomic
 
 __all__ = [
     "ReplicatedLayout",
@@ -12,7 +13,6 @@ __all__ = [
     "comm_device",
     "detect_layout",
     "dist_ready",
-    "read_rank_shard",
     "rank_file_name",
     "save_file_atomic",
 ]

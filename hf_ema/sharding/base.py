@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..compat.torch import current_accelerator_device, persistent_buffers
+from ..compat.torch import persistent_buffers
+from .collectives import barrier, dist_ready
 
 if TYPE_CHECKING:
     from ..config import EMAConfig
@@ -29,38 +30,15 @@ __all__ = [
     "ReplicatedLayout",
     "ShardLayout",
     "ShardedLayoutBase",
-    "comm_device",
-    "dist_ready",
     "persistent_buffers",
     "strip_wrapper_prefixes",
 ]
-
-
-def dist_ready() -> bool:
-    """Whether `torch.distributed` is initialised."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _is_main_process() -> bool:
     if dist_ready():
         return torch.distributed.get_rank() == 0
     return True
-
-
-def comm_device(group: torch.distributed.ProcessGroup | None = None) -> torch.device:
-    """The device collectives of `group` run on: the current accelerator for NCCL-like backends, else CPU.
-
-    EMA shards offloaded to CPU (`device="cpu"`) are moved there for the duration of one collective.
-
-    Args:
-        group (`ProcessGroup`, *optional*): The process group (the default group when `None`).
-    """
-    backend = torch.distributed.get_backend(group)
-    if "nccl" in str(backend) or "hccl" in str(backend) or "xccl" in str(backend):
-        device = current_accelerator_device()
-        if device is not None:
-            return device
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -231,8 +209,7 @@ class ShardLayout:
 
     def barrier(self) -> None:
         """Wait for every rank (no-op outside `torch.distributed`)."""
-        if dist_ready():
-            torch.distributed.barrier()
+        barrier()
 
     @property
     def rank(self) -> int:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import FlatPiece, ShardLayout, comm_device
+from .base import FlatPiece, ShardLayout
+from .collectives import all_gather_object, comm_device
 
 if TYPE_CHECKING:
     from ..config import EMAConfig
@@ -60,9 +61,7 @@ class DDPShardedLayout(ShardLayout):
         selection = super().select(model, config)
         # Every rank must shard the same tensors in the same order, or the gathers would mix tensors up.
         mine = [(n, t.numel()) for n, t in selection.averaged + selection.copied]
-        everyone: list = [None] * self._world
-        torch.distributed.all_gather_object(everyone, mine)
-        for rank, theirs in enumerate(everyone):
+        for rank, theirs in enumerate(all_gather_object(mine)):
             if theirs != mine:
                 raise ConfigError(
                     f"`shard_across_ranks` needs the same model on every rank, but rank {rank} tracks "

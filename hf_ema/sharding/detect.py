@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .base import ReplicatedLayout, ShardLayout, dist_ready
+from .base import ReplicatedLayout, ShardLayout
+from .collectives import dist_ready
 from .ddp import DDPShardedLayout
 from .fsdp import FSDP1Layout, FSDP2Layout, is_fsdp1, is_fsdp2
 from .zero3 import ZeRO3Layout, is_zero3

@@ -32,6 +32,7 @@ from ..compat.torch_fsdp import (
 )
 from ..errors import ConfigError
 from .base import FlatPiece, ShardedLayoutBase, persistent_buffers, strip_wrapper_prefixes
+from .collectives import comm_device, gather_concat
 
 if TYPE_CHECKING:
     from ..config import EMAConfig
@@ -363,8 +364,6 @@ class FSDP1Layout(ShardedLayoutBase):
             fsdp1_reshard(module, handle)
 
     def full_tensor(self, name: str, local_ema: torch.Tensor, *, all_ranks: bool = False) -> torch.Tensor | None:
-        from .base import comm_device
-
         where = self._by_name.get(name)
         if where is None:
             return local_ema if (all_ranks or self.is_main_process()) else None
@@ -374,19 +373,13 @@ class FSDP1Layout(ShardedLayoutBase):
         if width == 0:
             full = local_ema.new_empty(where.shape)
             return full if (all_ranks or self.is_main_process()) else None
-        device = comm_device(group)
-        # Equal-size buffers for the collective: each rank's slice, zero-padded to the longest slice.
-        padded = torch.zeros(width, dtype=local_ema.dtype, device=device)
+        # Equal-size pieces for the collective: each rank's slice, zero-padded to the longest slice.
+        padded = torch.zeros(width, dtype=local_ema.dtype, device=comm_device(group))
         padded[: local_ema.numel()].copy_(local_ema.reshape(-1))
-        dst = torch.distributed.get_global_rank(group, 0)
-        receives = all_ranks or torch.distributed.get_rank() == dst
-        parts = [torch.empty_like(padded) for _ in sizes] if receives else None
-        if all_ranks:
-            torch.distributed.all_gather(parts, padded, group=group)
-        else:
-            torch.distributed.gather(padded, parts, dst=dst, group=group)
-        if parts is None or not (all_ranks or self.is_main_process()):
+        flat = gather_concat(padded, group, all_ranks)
+        if flat is None or not (all_ranks or self.is_main_process()):
             return None
+        parts = flat.view(len(sizes), width)
         return torch.cat([part[:size] for part, size in zip(parts, sizes)]).view(where.shape)
 
     def shard_full_tensor(self, name: str, full: torch.Tensor, local_like: torch.Tensor) -> torch.Tensor:

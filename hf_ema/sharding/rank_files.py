@@ -1,34 +1,23 @@
 """Per-rank files: one safetensors file per rank (`rank-RRRRR-of-WWWWW.safetensors`), written atomically.
 
-Used for state that only exists per rank (the oscillation tracker of `stability`), and read for the per-rank EMA
-shard files of format-1 `ema/` folders (`ema/shards/`, written by hf-ema before every rank wrote its part of the
-weights files in place, see docs/reference/ema_format.md): a format-1 checkpoint resumes from them when the layout
-kind, world size and shapes all match; otherwise from the full weights (`layout.shard_full_tensor`).
+Used for state that only exists per rank (the oscillation tracker of `stability`); format-1 `ema/` folders hold the
+EMA's per-rank shards under the same names in `ema/shards/` (read by `hf_ema.ema_folder.format1`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-
-if TYPE_CHECKING:
-    from ..model_ema import ModelEMA
 
 __all__ = [
     "SHARDS_DIRNAME",
-    "read_rank_shard",
     "rank_file_name",
     "rank_shard_path",
     "save_file_atomic",
 ]
-
-logger = logging.getLogger(__name__)
 
 SHARDS_DIRNAME = "shards"
 
@@ -75,46 +64,3 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def read_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """This rank's EMA shards from a format-1 `folder/shards/` file, when they fit this EMA; not a collective.
-
-    Args:
-        ema (`ModelEMA`): The EMA to restore.
-        folder (`str` or `os.PathLike`): The `ema/` folder.
-        meta (`dict`): The folder's `ema_state.json`.
-
-    Returns:
-        `dict` or `None`: the tensors by name, or `None` when they do not fit (the caller re-shards the full weights).
-    """
-    layout = ema.layout
-    if not layout.is_sharded:
-        return None
-    path = rank_shard_path(folder, layout.rank, layout.world_size)
-    if not path.is_file():
-        if meta.get("layout") == layout.kind and meta.get("world_size") == layout.world_size:
-            logger.warning("EMA shard file %s is missing; re-sharding the full EMA weights instead", path)
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        info = f.metadata() or {}
-        if info.get("layout") != layout.kind or info.get("world_size") != str(layout.world_size):
-            return None
-        if info.get("step") != str(meta.get("step")):
-            logger.warning(
-                "EMA shard file %s is from step %s, not %s; ignoring it", path, info.get("step"), meta["step"]
-            )
-            return None
-        keys = set(f.keys())
-        names = ema.names + ema.copied_names
-        if not set(names) <= keys:
-            return None
-        tensors: dict[str, torch.Tensor] = {}
-        for name, dst in zip(names, ema.shadow + ema.copied):
-            src = f.get_tensor(name)
-            if tuple(src.shape) != tuple(dst.shape):
-                # Another wrapping of the model (e.g. another FSDP auto-wrap policy): shards do not line up.
-                logger.info("EMA shard %s has shape %s here, %s in %s; re-sharding", name, dst.shape, src.shape, path)
-                return None
-            tensors[name] = src
-    return tensors

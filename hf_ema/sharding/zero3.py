@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..compat.deepspeed import full_tensor_is_gathered, is_zero3_param, partition_of, partition_on_nvme
-from ..compat.torch import all_gather_flat
 from ..errors import ConfigError
-from .base import FlatPiece, ShardedLayoutBase, comm_device
+from .base import FlatPiece, ShardedLayoutBase
+from .collectives import gather_concat
 
 __all__ = ["ZeRO3Layout", "is_zero3"]
 
@@ -85,20 +85,10 @@ class ZeRO3Layout(ShardedLayoutBase):
         return self._gather(part, local_ema, all_ranks)
 
     def _gather(self, part: _Partition, local: torch.Tensor, all_ranks: bool) -> torch.Tensor | None:
-        group = part.group
-        world = torch.distributed.get_world_size(group)
-        device = comm_device(group)
-        local = local.reshape(-1).to(device)
-        if all_ranks:
-            flat = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
-            all_gather_flat(flat, local, group=group)
-            return flat[: part.numel].view(part.shape)
-        dst = torch.distributed.get_global_rank(group, 0)
-        parts = [torch.empty_like(local) for _ in range(world)] if torch.distributed.get_rank() == dst else None
-        torch.distributed.gather(local, parts, dst=dst, group=group)
-        if parts is None or not self.is_main_process():
+        flat = gather_concat(local, part.group, all_ranks)
+        if flat is None or not (all_ranks or self.is_main_process()):
             return None
-        return torch.cat(parts)[: part.numel].view(part.shape)
+        return flat[: part.numel].view(part.shape)
 
     def ema_piece(self, name: str, local: torch.Tensor) -> FlatPiece:
         part = self._parts.get(name)

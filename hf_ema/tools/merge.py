@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .._version import __version__
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder
 from ..errors import CheckpointError, ConfigError, ConfigTypeError
 from ..utils.jsonio import write_json
@@ -236,8 +237,6 @@ def merge_checkpoints(
         coefficients = wsm_weights(n, schedule)
         recipe["schedule"] = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", repr(schedule))
         recipe["decay_multipliers"] = decay_multipliers(n, schedule)
-
-    from .. import __version__
 
     recipe.update(
         {

@@ -1,6 +1,6 @@
 """Plot a run's raw vs EMA evaluation loss (and the stability metrics) from its `trainer_state.json`.
 
-matplotlib is imported inside `plot_run` only (its `Figure` API, rendered by Agg, no pyplot), so importing `hf_ema` never needs it.
+matplotlib is imported inside `run_figure` / `plot_run` only (its `Figure` API, rendered by Agg, no pyplot), so importing `hf_ema` never needs it.
 """
 
 from __future__ import annotations
@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.jsonio import read_json
 from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step
 
-__all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run", "run_figure"]
 
 #: Keys `EMACallback(stability_metrics=...)` logs, plotted in the second panel.
 STABILITY_KEYS = ("ema_rel_distance", "ema_osc_frac", "ema_osc_freq_mean")
@@ -101,9 +104,32 @@ def load_history(run_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def run_figure(run_dir: str | os.PathLike) -> Figure:
+    """The figure `plot_run` writes, drawn from the run's logged values: raw `eval_loss` vs `eval_ema_loss` over
+    steps (and every other `eval_*_loss` pair), with the stability metrics in a second panel when the run logged
+    them.
+
+    Each curve is a `matplotlib.lines.Line2D` labelled with its key: `"<key> (raw)"` and `"<key> (EMA)"` for a pair,
+    `"train loss (raw)"`, `"eval_loss"` without an EMA, and the stability keys. Points where the EMA had not
+    started (`eval_ema_is_raw == 1`, the EMA numbers are the raw ones) are drawn hollow
+    (`"EMA not started (= raw)"`).
+
+    Args:
+        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder.
+
+    Returns:
+        `matplotlib.figure.Figure`: the figure (rendered by Agg; no pyplot state).
+
+    Raises:
+        `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
+    """
+    history = _history_with_loss(run_dir)
+    return _draw(history, Path(run_dir).resolve().name)
+
+
 def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
     """Write a PNG of raw `eval_loss` vs `eval_ema_loss` over steps, with the stability metrics in a second panel
-    when the run logged them.
+    when the run logged them (the figure of [`run_figure`]).
 
     Points where the EMA had not started (`eval_ema_is_raw == 1`, the EMA numbers are the raw ones) are drawn hollow.
     The training loss is drawn faintly for context.
@@ -118,19 +144,40 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     Raises:
         `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
     """
+    history = _history_with_loss(run_dir)
+    out_path = _check_out_path(Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png", history)
+    fig = _draw(history, Path(run_dir).resolve().name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, format="png")
+    return out_path
+
+
+def _history_with_loss(run_dir: str | os.PathLike) -> dict[str, Any]:
     history = load_history(run_dir)
     series = history["series"]
     if not history["pairs"] and "eval_loss" not in series and "loss" not in series:
         raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history['source']})")
-    out_path = _check_out_path(Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png", history)
+    return history
 
+
+def _draw(history: dict[str, Any], name: str) -> Figure:
     # The object API renders with Agg and touches no global pyplot state (safe in a Gradio server's threads).
     from matplotlib.figure import Figure
 
+    series = history["series"]
     stability = [k for k in STABILITY_KEYS if k in series]
     fig = Figure(figsize=(8, 6.5 if stability else 4.2), dpi=110, layout="constrained")
     axes = fig.subplots(2 if stability else 1, 1, sharex=True, squeeze=False)[:, 0]
-    ax = axes[0]
+    _draw_losses(axes[0], history)
+    axes[0].set_title(f"raw vs EMA: {name} (step {history['global_step']})")
+    if stability:
+        _draw_stability(axes[1], series)
+    axes[-1].set_xlabel("optimizer step")
+    return fig
+
+
+def _draw_losses(ax: Any, history: dict[str, Any]) -> None:
+    series = history["series"]
     if "loss" in series:
         ax.plot(series["loss"]["steps"], series["loss"]["values"], color="0.75", lw=1, label="train loss (raw)")
     colors = ["tab:blue", "tab:green", "tab:purple", "tab:brown"]
@@ -148,50 +195,41 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
         if raw_pts:
             ax.plot(*zip(*raw_pts), "s", mfc="none", color=c_ema, ms=6, label="EMA not started (= raw)")
     if "eval_loss" in series and "eval_loss" not in raw_keys:
-        ax.plot(
-            series["eval_loss"]["steps"],
-            series["eval_loss"]["values"],
-            "o-",
-            color="tab:blue",
-            ms=4,
-            label="eval_loss",
-        )
+        eval_loss = series["eval_loss"]
+        ax.plot(eval_loss["steps"], eval_loss["values"], "o-", color="tab:blue", ms=4, label="eval_loss")
     best = history["best_model_checkpoint"]
     best_step = checkpoint_step(best) if best else None
     if best_step is not None:
         ax.axvline(best_step, color="0.4", ls=":", lw=1, label="best checkpoint")
     ax.set_ylabel("loss")
-    ax.set_title(f"raw vs EMA: {Path(run_dir).resolve().name} (step {history['global_step']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if stability:
-        ax2 = axes[1]
-        if "ema_rel_distance" in series:
-            s = series["ema_rel_distance"]
-            ax2.plot(s["steps"], s["values"], ".-", color="tab:red", label="||theta - ema|| / ||ema||")
-            ax2.set_ylabel("relative distance", color="tab:red")
-        osc = [k for k in ("ema_osc_frac", "ema_osc_freq_mean") if k in series]
-        if osc:
-            twin = ax2.twinx() if "ema_rel_distance" in series else ax2
-            for key, style in zip(osc, ("-", "--")):
-                twin.plot(series[key]["steps"], series[key]["values"], style, color="tab:cyan", label=key)
-            twin.set_ylabel("oscillation", color="tab:cyan")
-        lines = ax2.get_lines() + (twin.get_lines() if osc and twin is not ax2 else [])
-        # Above the panel: inside it the legend hides the curves, which span the whole height.
-        ax2.legend(
-            lines,
-            [line.get_label() for line in lines],
-            fontsize=8,
-            loc="lower center",
-            bbox_to_anchor=(0.5, 1.0),
-            ncol=3,
-            frameon=False,
-        )
-        ax2.grid(alpha=0.3)
-    axes[-1].set_xlabel("optimizer step")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, format="png")
-    return out_path
+
+
+def _draw_stability(ax: Any, series: dict[str, Any]) -> None:
+    if "ema_rel_distance" in series:
+        s = series["ema_rel_distance"]
+        ax.plot(s["steps"], s["values"], ".-", color="tab:red", label="ema_rel_distance")
+        ax.set_ylabel("relative distance ||theta - ema|| / ||ema||", color="tab:red")
+    osc = [k for k in ("ema_osc_frac", "ema_osc_freq_mean") if k in series]
+    twin = ax
+    if osc:
+        twin = ax.twinx() if "ema_rel_distance" in series else ax
+        for key, style in zip(osc, ("-", "--")):
+            twin.plot(series[key]["steps"], series[key]["values"], style, color="tab:cyan", label=key)
+        twin.set_ylabel("oscillation", color="tab:cyan")
+    lines = ax.get_lines() + (twin.get_lines() if twin is not ax else [])
+    # Above the panel: inside it the legend hides the curves, which span the whole height.
+    ax.legend(
+        lines,
+        [line.get_label() for line in lines],
+        fontsize=8,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=3,
+        frameon=False,
+    )
+    ax.grid(alpha=0.3)
 
 
 def _check_out_path(out_path: Path, history: dict[str, Any]) -> Path:

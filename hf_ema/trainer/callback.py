@@ -31,13 +31,7 @@ from ..utils.paths import (
 )
 from ..utils.validation import check_bool, check_path, check_size
 from .evaluation import EMAEvaluator
-from .hub_push import (
-    PushSteps,
-    after_checkpoint_save,
-    install_checkpoint_push_hook,
-    prepare_trainer_push,
-    wait_for_pushes,
-)
+from .hub_push import HubPushes
 from .swap_at_end import check_raw_folder, make_ema_final
 
 __all__ = ["EMACallback"]
@@ -146,8 +140,9 @@ class EMACallback(TrainerCallback):
         self.stability = StabilityMonitor(stability) if stability is not None else None
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._saved_step: int | None = None
-        #: Steps whose EMA a Hub push already wrote to `checkpoint-N/ema/` and `output_dir/ema/` (see `hub_push.py`).
-        self.push_steps = PushSteps()
+        #: The Trainer's Hub pushes, and the steps whose EMA a push already wrote to `checkpoint-N/ema/` and
+        #: `output_dir/ema/` (see `hub_push.py`).
+        self.hub = HubPushes(self)
         self._resume_checkpoint: str | os.PathLike | bool | None = None
 
     # ------------------------------------------------------------------ wiring
@@ -187,7 +182,7 @@ class EMACallback(TrainerCallback):
             return self
         self._trainer_ref = weakref.ref(trainer)
         wrap_train(trainer, self._record_resume)
-        install_checkpoint_push_hook(self, trainer)  # a no-op at each save unless pushing under distributed training
+        self.hub.install(trainer)  # a no-op at each save unless pushing under distributed training
         if self.evaluator is not None:
             self.evaluator.install(trainer)
         handler = trainer.callback_handler
@@ -276,7 +271,7 @@ class EMACallback(TrainerCallback):
         self.ema = ModelEMA(model, self.config)
         self.ema.step = state.global_step
         # A new run: nothing of it written by a Hub push yet.
-        self.push_steps.reset()
+        self.hub.reset()
         if self.evaluator is not None:
             self.evaluator.active = True
         if state.global_step > 0:
@@ -382,29 +377,29 @@ class EMACallback(TrainerCallback):
             self.stability.save(folder / STABILITY_DIRNAME, layout.rank, layout.world_size)
         if self.posthoc is not None:
             self.posthoc.on_save(args, state, folder)
-        if self.push_steps.pushed != state.global_step:  # a Hub push (before on_save) may have written it already
+        if self.hub.pushed != state.global_step:  # a Hub push (before on_save) may have written it already
             self.save(folder / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state)
         if self._require_ema().layout.is_main_process():
             _remove_leftover_ema_writes(output_dir_of(args))
         if args.push_to_hub:
-            after_checkpoint_save(self, args, state)
+            self.hub.after_checkpoint_save(args, state)
 
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # The Trainer uploads right after this event (for a checkpoint: before `on_save`), so `ema/` is written now.
-        prepare_trainer_push(self, args, state, processing_class=kwargs.get("processing_class"))
+        self.hub.prepare(args, state, processing_class=kwargs.get("processing_class"))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.ema is None:
             return
         if self.posthoc is not None:
             self.posthoc.on_train_end(args, state)
-        if self.save_final and self.push_steps.output != state.global_step:  # else a Hub push wrote this step's EMA
+        if self.save_final and self.hub.output != state.global_step:  # else a Hub push wrote this step's EMA
             if args.push_to_hub:
-                wait_for_pushes(self)  # a checkpoint upload may still be reading output_dir/ema
+                self.hub.wait()  # a checkpoint upload may still be reading output_dir/ema
             self.save(
                 Path(output_dir_of(args)) / EMA_DIRNAME, processing_class=kwargs.get("processing_class"), state=state
             )
-            self.push_steps.output = state.global_step
+            self.hub.output = state.global_step
         if self.swap_at_end:
             best = state.best_model_checkpoint if args.load_best_model_at_end else None
             make_ema_final(self.ema, output_dir_of(args), kwargs.get("processing_class"), best_checkpoint=best)

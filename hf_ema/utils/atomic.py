@@ -105,7 +105,12 @@ class atomic_folder:  # noqa: N801 - used as a context manager, reads like a fun
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        commit_folder(self.tmp, self.path)
+        try:
+            commit_folder(self.tmp, self.path)
+        except BaseException:
+            # A failed rename (an interrupted replace is recovered by the next reader) leaves no temporary folder.
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
 
 def commit_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -105,20 +105,10 @@ def build_lora_model():
 
 
 def build_unet(seed: int = 0):
-    """A tiny diffusers `UNet2DModel` (its `save_pretrained` ignores a `state_dict` argument)."""
-    from diffusers import UNet2DModel
+    """A tiny diffusers `UNet2DModel` of 8x8 images (its `save_pretrained` ignores a `state_dict` argument)."""
+    from hf_ema.demo.toy import tiny_unet
 
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    return tiny_unet(sample_size=8, seed=seed)
 
 
 def build(mode: str, seed: int = 0):

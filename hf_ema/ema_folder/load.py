@@ -1,0 +1,132 @@
+"""Reading an `ema/` folder back: `read_ema_state` and `load_ema` (each rank reads only its own byte ranges)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from ..model_ema import ModelEMA
+from ..utils.atomic import recover_folder
+from ..utils.jsonio import read_json
+from ..utils.paths import STATE_NAME
+from ..utils.safetensors_files import dtype_from_name, read_elements, read_header
+from .commit import FORMAT_VERSION
+from .format1 import read_format1
+
+__all__ = ["load_ema", "read_ema_state"]
+
+
+def read_ema_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read `ema_state.json` from an `ema/` folder.
+
+    Args:
+        folder (`str` or `os.PathLike`): The `ema/` folder.
+    """
+    recover_folder(folder)  # a replace interrupted between its two renames
+    path = Path(folder) / STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"`{folder}` is not an hf-ema folder: {STATE_NAME} is missing")
+    try:
+        state = read_json(path)
+    except OSError as err:  # unreadable: one clear line (a garbled file is a CheckpointError from read_json)
+        raise CheckpointError(f"could not read `{path}`: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"`{path}` is corrupt: it is not a JSON object")
+    return state
+
+
+class _Headers:
+    """The headers of the folder's safetensors files, each read once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._read: dict[str, tuple[int, dict]] = {}
+
+    def entry(self, file: str, key: str) -> tuple[int, dict | None]:
+        """Where the data of `file` starts, and the header entry of `key` (`None` when it has none)."""
+        if file not in self._read:
+            path = self.folder / file
+            if not path.is_file():
+                raise CheckpointError(f"`{self.folder}` is incomplete: its {STATE_NAME} names {file}, missing")
+            start, header, _ = read_header(path)
+            self._read[file] = (start, header)
+        start, header = self._read[file]
+        return start, header.get(key)
+
+
+def _read_parts(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """This rank's part of each EMA tensor, read from the file and key that `ema_state.json` names for it (its byte
+    range only: nothing is gathered, whatever the world size that wrote the folder)."""
+    locations = meta.get("tensors") or {}
+    headers = _Headers(folder)
+    out: dict[str, torch.Tensor] = {}
+    for t in ema.named_tensors():
+        where = locations.get(t.name)
+        if where is None:
+            raise CheckpointError(f"`{folder}` has no tensor {t.name!r}; was it saved for another model?")
+        path = folder / where["file"]
+        start, entry = headers.entry(where["file"], where["key"])
+        piece = ema.layout.ema_piece(t.name, t.ema)
+        if entry is None or tuple(entry["shape"]) != tuple(piece.shape):
+            shape = None if entry is None else tuple(entry["shape"])
+            raise CheckpointError(
+                f"`{folder}` holds {t.name!r} with shape {shape} but this model's has {tuple(piece.shape)}; was it "
+                f"saved for another model?"
+            )
+        if piece.start is None:  # not one contiguous range (a DTensor sharded on another dim)
+            with safe_open(str(path), framework="pt") as f:
+                out[t.name] = ema.layout.shard_full_tensor(t.name, f.get_tensor(where["key"]), t.ema)
+            continue
+        file_dtype = dtype_from_name(entry["dtype"])
+        size = torch.empty((), dtype=file_dtype).element_size()
+        target = torch.empty(t.ema.shape, dtype=t.ema.dtype, device=t.ema.device)
+        read_elements(path, start + entry["data_offsets"][0] + piece.start * size, piece.numel, file_dtype, target)
+        if piece.numel < target.numel():  # the padding of the last ZeRO-3 partition
+            target.view(-1)[piece.numel :].zero_()
+        out[t.name] = target
+    return out
+
+
+@torch.no_grad()
+def load_ema(ema: ModelEMA, folder: str | os.PathLike) -> dict[str, Any]:
+    """Restore `ema` from an `ema/` folder written by `save_ema` (resume). Every rank calls it; not a collective.
+
+    Each rank reads only its own part of each tensor (a byte range of the file that holds it exactly), whatever the
+    number of ranks that wrote the folder. Folders of format 1 (with `shards/`) are read too.
+
+    Args:
+        ema (`ModelEMA`): The EMA to restore, built for the same model.
+        folder (`str` or `os.PathLike`): The `ema/` folder.
+
+    Returns:
+        `dict`: the folder's `ema_state.json`.
+
+    Raises:
+        `CheckpointError`: the folder is not an EMA folder, is newer than this hf-ema, or holds another model.
+    """
+    folder = Path(folder)
+    meta = read_ema_state(folder)
+    version = meta.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"`{folder}` was written by a newer hf-ema (format {meta['format_version']}); upgrade hf-ema to read it"
+        )
+    ema.wait()
+    tensors = _read_parts(ema, folder, meta) if version >= 2 else read_format1(ema, folder, meta)
+    ema.load_state_dict(
+        {
+            "tensors": tensors,
+            "step": meta["step"],
+            "num_updates": meta["num_updates"],
+            "num_skipped": meta.get("num_skipped", 0),
+            "decay": meta.get("decay"),
+            "update_intervals": meta.get("update_intervals"),
+            "last_interval": meta.get("last_interval"),
+        }
+    )
+    return meta
