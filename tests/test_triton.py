@@ -20,7 +20,7 @@ from hf_ema import ModelEMA, NonFiniteWeightsError
 from hf_ema.engine import device as D
 from hf_ema.engine.kernels import MAX_UNDO_WEIGHT
 
-pytest.importorskip("triton", reason="triton is not installed (pip install triton: the test extra pins it)")
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton: the test extra pins it)")
 
 BLOCK = 64  # small blocks: many blocks per tensor, and the interpreter stays fast
 BAD = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -340,3 +340,33 @@ def test_no_sync_on_cuda(monkeypatch, mode, config):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ema.num_skipped == 0
+
+
+# ---------------------------------------------------------------------------------------------------- GPU code
+def test_triton_kernel_compiles_for_hopper_with_128_bit_accesses(monkeypatch, tmp_path):
+    # The interpreter does not generate code: compile each mode for an H100/H200 (sm_90) with Triton's own ptxas,
+    # no GPU needed, and check that full blocks of aligned tensors move 16 bytes per access (scalar 2- or 4-byte
+    # accesses would cap the update well below the bandwidth floor).
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_ema.engine import triton_kernels as TK
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    signature = {"ema_base": "*fp32", "ema_offsets": "*i64", "live_offsets": "*i64", "numels": "*i64"}
+    signature.update(block_tensor="*i32", block_start="*i64", n_blocks="i32", flags="*i32", prev="*i32")
+    signature.update(force="i32", weight="fp32", tensor_base="i32")
+    for live, bits, exp, align in (("bf16", TK.tl.int16, 0x7F80, 8), ("fp32", TK.tl.int32, 0x7F800000, 4)):
+        for mode in (TK.UPDATE, TK.CHECK, TK.COPY, TK.UNDO):
+            constexprs = {"MODE": mode, "CHECKED": True, "ALIGNED": True, "LIVE_ALIGN": align, "BLOCK": 4096}
+            constexprs.update(BITS=bits, EXP=exp)
+            full = {**signature, "live_base": f"*{live}", **{k: "constexpr" for k in constexprs}}
+            attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+            source = ASTSource(fn=TK.kernel(), signature=full, constexprs=constexprs, attrs=attrs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+            if mode != TK.CHECK:  # reads the weights and reads and writes the EMA
+                assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (live, mode)
+            else:
+                assert "ld.global.v4" in ptx and "st.global.v4" not in ptx, (live, mode)

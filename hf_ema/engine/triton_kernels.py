@@ -88,14 +88,25 @@ def _ema_kernel(
                 # 16-byte aligned rows (4 fp32 or 8 16-bit elements): Triton can then issue 128-bit accesses.
                 live_off = tl.multiple_of(live_off, LIVE_ALIGN)
                 ema_off = tl.multiple_of(ema_off, 4)
+            # Blocks start at multiples of BLOCK; a tensor's full blocks load and store unmasked (Triton can then
+            # prove whole 16-byte vectors in bounds), its last partial block masked.
+            start = tl.multiple_of(start, BLOCK)
             idx = start + tl.arange(0, BLOCK)
             mask = idx < n
-            raw = tl.load(live_base + live_off + idx, mask=mask, other=0)
+            full = start + BLOCK <= n
+            live_ptr = live_base + live_off + idx
+            ema_ptr = ema_base + ema_off + idx
+            if full:
+                raw = tl.load(live_ptr)
+            else:
+                raw = tl.load(live_ptr, mask=mask, other=0)
             # Exponent bits all ones: NaN, inf or -inf (exact, and free of float compares).
             bad = ((raw.to(BITS, bitcast=True) & EXP) == EXP) & mask
             if MODE != 1:
-                ema_ptr = ema_base + ema_off + idx
-                e = tl.load(ema_ptr, mask=mask, other=0.0)
+                if full:
+                    e = tl.load(ema_ptr)
+                else:
+                    e = tl.load(ema_ptr, mask=mask, other=0.0)
                 x = raw.to(tl.float32)
                 # The weight as an fp32 tensor, in the compiler and in the interpreter alike.
                 w = tl.full([BLOCK], 0.0, tl.float32) + weight
@@ -125,7 +136,10 @@ def _ema_kernel(
                     new = tl.where(d_hi < tl.minimum(d_mid, d_lo), hi, new)
                 if CHECKED or MODE == 3:
                     new = tl.where(bad, e, new)  # a non-finite weight's element is never written
-                tl.store(ema_ptr, new, mask=mask)
+                if full:
+                    tl.store(ema_ptr, new)
+                else:
+                    tl.store(ema_ptr, new, mask=mask)
             if CHECKED and MODE != 3:
                 # Raise the flag from the lanes that met one (no reduction: predicated off where all are finite).
                 zero = tl.full([BLOCK], 0, tl.int32)
