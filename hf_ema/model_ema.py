@@ -3,56 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .bema import BiasCorrection
 from .config import EMAConfig
-from .ema_tensor import EMATensor, TensorKind
+from .ema_tensor import EMATensor, TensorKind, group_tensors, new_ema_tensor
 from .engine.kernels import copy_
-from .engine.nonfinite import Agreement, FoldOutcome
 from .engine.updater import EMAUpdater
-from .errors import CheckpointError, ConfigTypeError, NonFiniteWeightsError, StateError
+from .errors import CheckpointError, ConfigTypeError, StateError
 from .selection import Selection, unwrap_model
-from .sharding import ShardLayout, comm_device, detect_layout
-from .sharding.collectives import all_ranks_agree, new_cpu_group, reduce_max_
+from .sharding import ShardLayout, detect_layout
+from .sharding.agreements import agreements_for
+from .update_record import Counters, UpdateRecord
 
 __all__ = ["ModelEMA", "STATE_FORMAT_VERSION"]
 
 STATE_FORMAT_VERSION = 1
-#: At most one warning about skipped updates per this many seconds (the next one counts those left out).
-SKIP_WARNING_INTERVAL_S = 60.0
-
-logger = logging.getLogger(__name__)
-
-
-class _Group:
-    """Indices of tensors updated together by one multi-tensor call (same device and dtypes)."""
-
-    __slots__ = ("ema", "live", "indices")
-
-    def __init__(self) -> None:
-        self.ema: list[torch.Tensor] = []
-        self.live: list[torch.Tensor] = []
-        self.indices: list[int] = []
-
-
-@dataclass
-class _Counters:
-    """What the EMA has done so far, as known on the host (see the properties of the same names on `ModelEMA`)."""
-
-    num_updates: int = 0
-    num_skipped: int = 0
-    last_decay: float | None = None
-    last_skipped_step: int | None = None
-    last_interval: int | None = None
-    intervals: dict[int, int] = field(default_factory=dict)
 
 
 class ModelEMA:
@@ -95,26 +65,29 @@ class ModelEMA:
         self.copied_names: list[str] = [name for name, _ in self.selection.copied]
         self._live = [self.layout.local(n, t) for n, t in self.selection.averaged]
         self._copied_live = [self.layout.local(n, t) for n, t in self.selection.copied]
-        self.shadow: list[torch.Tensor] = [self._new_ema_tensor(t) for t in self._live]
+        self.shadow: list[torch.Tensor] = [new_ema_tensor(t, config) for t in self._live]
         self.copied: list[torch.Tensor] = [t.detach().clone() for t in self._copied_live]
         self.step = 0
-        self._counters = _Counters()
-        # Updates queued whose outcome (made or skipped for a NaN/inf) is not known yet: step -> (beta, is_copy).
-        # Their outcomes arrive in order through `_record_outcome` (`EMAUpdater.defers_outcomes`).
-        self._pending: dict[int, tuple[float, bool]] = {}
+        self._groups = group_tensors(self.shadow, self._live)
+        # Counts the updates, at once or when their outcome (made or skipped for a NaN/inf) arrives.
+        self._record = UpdateRecord(config.on_nonfinite, self._tensor_name)
         # Steps whose update was coalesced into the next one (the background fold of an offloaded EMA was busy).
         self._coalesced_steps = 0
-        self._last_warning: float | None = None
-        self._unwarned = 0
+        #: BEMA's correction (`EMAConfig(bema=...)`): the snapshot theta_0 and the corrected weights; else None.
+        bema = config.bema_config
+        self.bias_correction = BiasCorrection(bema, self.shadow, self._live) if bema is not None else None
         #: True while `swapped()` has the EMA weights in the model.
         self.is_swapped = False
-        self._groups = self._build_groups()
         # Picks the kernel per group and runs offloaded / side-stream updates (see `hf_ema/updater.py`).
         self._updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
-        self._updater.on_outcome = self._record_outcome
-        self._updater.set_agreement(self._agreement())
-        self._updater.set_device_reduce(self._device_reduce())
-        self._any_busy = self._busy_agreement()
+        self._updater.on_outcome = self._record.record
+        updater = self._updater
+        agreements = agreements_for(
+            self.layout, updater.check, updater.in_background, updater.device_update is not None
+        )
+        updater.set_agreement(agreements.skip)
+        updater.set_device_reduce(agreements.device_skip)
+        self._any_busy = agreements.any_busy
 
     @property
     def live_tensors(self) -> list[torch.Tensor]:
@@ -154,73 +127,17 @@ class ModelEMA:
             raise CheckpointError(f"`model` lacks {len(missing)} EMA tensors, e.g. {missing[:3]!r}")
         return state
 
-    # ------------------------------------------------------------------ set-up helpers
-    def _ema_device(self, live: torch.Tensor) -> torch.device:
-        return torch.device(self.config.device) if self.config.device is not None else live.device
-
-    def _new_ema_tensor(self, live: torch.Tensor) -> torch.Tensor:
-        device = self._ema_device(live)
-        # An EMA offloaded from CUDA lives in pinned memory: fast, non_blocking copies when it is swapped in.
-        pin = device.type == "cpu" and live.is_cuda
-        out = torch.empty(live.shape, dtype=self.config.torch_dtype, device=device, pin_memory=pin)
-        out.copy_(live.detach())
-        return out
-
-    def _build_groups(self) -> list[_Group]:
-        groups: dict[tuple, _Group] = {}
-        for i, (ema, live) in enumerate(zip(self.shadow, self._live)):
-            key = (ema.device, ema.dtype, live.device, live.dtype)
-            group = groups.setdefault(key, _Group())
-            group.ema.append(ema)
-            group.live.append(live)
-            group.indices.append(i)
-        return list(groups.values())
-
-    def _agreement(self) -> Agreement | None:
-        # Each rank of a sharded EMA checks only its own shards: the ranks must agree on every skip, or the shards
-        # would hold the averages of different steps. A replicated EMA reads the same weights on every rank.
-        layout = self.layout
-        if not self._updater.check or not layout.is_sharded or layout.world_size <= 1:
-            return None
-        if self._updater.in_background:
-            # The update thread's collective must not interleave with the training's: a process group of its own
-            # (created here, where every rank builds its EMA).
-            group, device = new_cpu_group(), torch.device("cpu")
-        else:
-            group, device = None, comm_device()
-        return functools.partial(all_ranks_agree, group=group, device=device)
-
-    def _device_reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        # The same agreement for the Triton update, whose flags stay on the device: an all-reduce queued on the
-        # stream (NCCL never makes the host wait for it).
-        layout = self.layout
-        if self._updater.device_update is None or not self._updater.check:
-            return None
-        if not layout.is_sharded or layout.world_size <= 1:
-            return None
-        return reduce_max_
-
-    def _busy_agreement(self) -> Agreement | None:
-        # Coalescing must be decided alike on every rank of a sharded EMA: each shard must average the same steps,
-        # and the background folds' collectives must pair up. An update is coalesced when any rank's fold is busy
-        # (over a CPU process group of its own: the update thread has the other one).
-        layout = self.layout
-        if not self._updater.in_background or not layout.is_sharded or layout.world_size <= 1:
-            return None
-        group = new_cpu_group()
-
-        def any_busy(busy: bool) -> bool:
-            return not all_ranks_agree(not busy, group=group, device=torch.device("cpu"))
-
-        return any_busy
-
     # ------------------------------------------------------------------ counters
-    def _settled(self) -> _Counters:
+    def _settled(self) -> Counters:
         # Outcomes still on their way (decided on the device, or folded in the background) are fetched when a
         # counter is read: a host synchronisation only then (logging, saving), never in `update()`.
-        if self._pending:
+        if self._record.pending:
             self._updater.wait()
-        return self._counters
+        return self._record.counters
+
+    def _tensor_name(self, position: tuple[int, int]) -> str:
+        gid, index = position
+        return self.names[self._groups[gid].indices[index]]
 
     @property
     def num_updates(self) -> int:
@@ -246,7 +163,7 @@ class ModelEMA:
     def last_interval(self) -> int | None:
         """Optimizer steps covered by the last update: `update_every`, or more when updates of an offloaded EMA were
         coalesced while its background fold was busy (logged as `ema_update_interval`). `None` before the first."""
-        return self._counters.last_interval
+        return self._record.counters.last_interval
 
     @property
     def coalesces(self) -> bool:
@@ -257,45 +174,7 @@ class ModelEMA:
     def update_intervals(self) -> dict[int, int]:
         """How many updates covered each interval, in optimizer steps (`{update_every: n}` unless updates were
         coalesced; saved in `ema_state.json`)."""
-        return dict(self._counters.intervals)
-
-    # ------------------------------------------------------------------ non-finite weights
-    def _record_outcome(self, outcome: FoldOutcome) -> None:
-        """Count a checked update or copy; on a skip warn (rate-limited) or raise, as the config says."""
-        counters = self._counters
-        queued = self._pending.pop(outcome.step, None) if outcome.deferred else None
-        if outcome.folded:
-            if queued is not None:  # counted now that it is known to be made
-                beta, is_copy = queued
-                counters.last_decay = 0.0 if is_copy else beta
-                counters.num_updates += 0 if is_copy else 1
-            return
-        counters.num_skipped += 1
-        counters.last_skipped_step = outcome.step
-        if outcome.bad is not None:
-            gid, index = outcome.bad
-            where = f"first non-finite tensor: {self.names[self._groups[gid].indices[index]]!r}"
-        else:
-            where = "in another rank's shard"
-        if self.config.on_nonfinite == "raise":
-            raise NonFiniteWeightsError(
-                f"the weights hold NaN or inf at step {outcome.step} ({where}); the EMA update was not made and the "
-                f"EMA is unchanged (on_nonfinite='raise')"
-            )
-        now = time.monotonic()
-        if self._last_warning is not None and now - self._last_warning < SKIP_WARNING_INTERVAL_S:
-            self._unwarned += 1
-            return
-        more = f", {self._unwarned} more since the last warning" if self._unwarned else ""
-        logger.warning(
-            "hf-ema: the weights hold NaN or inf at step %d (%s): EMA update skipped, the EMA keeps the average of "
-            "the finite steps (%d skipped so far%s)",
-            outcome.step,
-            where,
-            counters.num_skipped,
-            more,
-        )
-        self._last_warning, self._unwarned = now, 0
+        return dict(self._record.counters.intervals)
 
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
@@ -346,29 +225,31 @@ class ModelEMA:
     def _copy_weights(self) -> bool:
         outcome = self._updater.copy_now(step=self.step)
         if self._updater.defers_outcomes:
-            self._pending[self.step] = (0.0, True)
+            self._record.queued(self.step, 0.0, is_copy=True)
         elif outcome is not None and not outcome.folded:
             return False
         else:
-            self._counters.last_decay = 0.0
+            self._record.made(0.0, is_copy=True)
         copy_(self.copied, self._copied_live)
         return True
 
     def _fold(self, t: int, interval: int) -> bool:
         """The update at `t` steps after `start_step`, covering the last `interval` optimizer steps."""
         self._coalesced_steps = 0
+        correction = self.bias_correction
+        if correction is not None and not correction.ready:
+            # BEMA's theta_0: the EMA still holds the weights of the burn-in step, which it copied last.
+            with self._updater.after_queued():
+                correction.snapshot(self.shadow)
         beta = self.config.decay_at(t, interval=interval)
-        counters = self._counters
-        counters.last_interval = interval
-        counters.intervals[interval] = counters.intervals.get(interval, 0) + 1
+        self._record.interval(interval)
         outcome = self._updater.fold(1.0 - beta, step=self.step)
         if self._updater.defers_outcomes:
-            self._pending[self.step] = (beta, False)
+            self._record.queued(self.step, beta)
         elif outcome is not None and not outcome.folded:
             return False
         else:
-            counters.num_updates += 1
-            counters.last_decay = beta
+            self._record.made(beta)
         copy_(self.copied, self._copied_live)
         return True
 
@@ -387,6 +268,22 @@ class ModelEMA:
         self._updater.close()
 
     # ------------------------------------------------------------------ moving weights in and out
+    def model_weights(self) -> Iterator[tuple[EMATensor, torch.Tensor]]:
+        """Each EMA tensor with the values the model gets from it: the EMA itself, or for a bias-corrected EMA
+        (`EMAConfig(bema=...)`) of an averaged tensor BEMA's `ema + alpha_t * (theta_t - theta_0)`, formed now from
+        the current weights (a new tensor, one at a time). This rank's parts; call `wait()` first.
+
+        Yields:
+            `tuple[EMATensor, torch.Tensor]`: the tensor and its values, in the EMA's dtype on its device.
+        """
+        correction = self.bias_correction
+        alpha = correction.alpha(self.step) if correction is not None else 0.0
+        for i, t in enumerate(self.named_tensors()):
+            if correction is None or alpha == 0.0 or not t.averaged:
+                yield t, t.ema
+            else:
+                yield t, correction.corrected(i, t.ema, t.live, alpha)
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Overwrite the model's weights with the EMA (cast to the model's dtype).
@@ -396,13 +293,14 @@ class ModelEMA:
         """
         self.wait()
         if model is None or unwrap_model(model) is self.model:
-            pairs = [(t.live, t.ema) for t in self.named_tensors()]
+            # Each tensor's values are formed before the model's tensor is overwritten (BEMA reads the weights).
+            pairs = [(t.live, values) for t, values in self.model_weights()]
         elif self.layout.is_sharded:
             self._copy_full_to(unwrap_model(model))
             return
         else:
             state = self._tensors_of(unwrap_model(model))
-            pairs = [(self.layout.local(t.name, state[t.name]), t.ema) for t in self.named_tensors()]
+            pairs = [(self.layout.local(t.name, state[t.name]), values) for t, values in self.model_weights()]
         for dst, src in pairs:
             dst.copy_(src)
         # A DDP-sharded EMA wrote only this rank's chunks: the layout exchanges them (a collective).
@@ -412,8 +310,8 @@ class ModelEMA:
     def _copy_full_to(self, other: nn.Module) -> None:
         # Another, unsharded model (e.g. one for evaluation on every rank): gather one full tensor at a time.
         state = self._tensors_of(other)
-        for t in self.named_tensors():
-            full = self.layout.full_tensor(t.name, t.ema, all_ranks=True)
+        for t, values in self.model_weights():
+            full = self.layout.full_tensor(t.name, values, all_ranks=True)
             assert full is not None  # every rank gets it with `all_ranks=True`
             state[t.name].detach().copy_(full)
 
@@ -445,6 +343,14 @@ class ModelEMA:
         self.wait()
         backup: list[torch.Tensor | None] = []
         averaged = list(self.named_tensors(include_copied=False))
+        if self.bias_correction is not None:
+            # BEMA's weights are formed from the raw weights: keep those, then write the corrected ones.
+            for t, values in self.model_weights():
+                if t.averaged:
+                    backup.append(t.live.clone())
+                    t.live.copy_(values)
+            self.layout.after_write([t.live for t in averaged])
+            return backup
         for t in averaged:
             if t.live.dtype == t.ema.dtype and t.live.device == t.ema.device:
                 # Exact in-place exchange through one tensor-sized temporary.
@@ -479,25 +385,22 @@ class ModelEMA:
             "decay": float | None, "update_intervals": {str: int}, "config": dict, "format_version": int}`.
         """
         self.wait()
-        return {
+        state = {
             "tensors": {t.name: t.ema for t in self.named_tensors()},
             "step": self.step,
             **self.counter_state(),
             "config": self.config.to_dict(),
             "format_version": STATE_FORMAT_VERSION,
         }
+        correction = self.bias_correction
+        if correction is not None and correction.ready:  # BEMA's snapshot theta_0, for an exact resume
+            state["bema_theta0"] = dict(zip(self.names, correction.theta0))
+        return state
 
     def counter_state(self) -> dict[str, Any]:
         """The counters an exact resume restores, as JSON-ready values: `num_updates`, `num_skipped`, `decay` (the
         last update's beta), `update_intervals` (`{interval in steps (as str): updates}`) and `last_interval`."""
-        counters = self._settled()
-        return {
-            "num_updates": counters.num_updates,
-            "num_skipped": counters.num_skipped,
-            "decay": counters.last_decay,
-            "update_intervals": {str(k): v for k, v in sorted(counters.intervals.items())},
-            "last_interval": counters.last_interval,
-        }
+        return self._settled().to_state()
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -523,22 +426,36 @@ class ModelEMA:
                     f"model"
                 )
             t.ema.copy_(src)
+        self._load_theta0(state.get("bema_theta0"))
         self.step = int(state.get("step", self.step))
-        counters = self._counters
-        counters.num_updates = int(state.get("num_updates", counters.num_updates))
-        counters.num_skipped = int(state.get("num_skipped", counters.num_skipped))
-        counters.last_decay = state.get("decay", counters.last_decay)
-        intervals = state.get("update_intervals")
-        if intervals is not None:
-            counters.intervals = {int(k): int(v) for k, v in intervals.items()}
-        counters.last_interval = state.get("last_interval", counters.last_interval)
+        self._record.counters.load_state(state)
         self._coalesced_steps = 0
+
+    def _load_theta0(self, theta0: dict[str, torch.Tensor] | None) -> None:
+        correction = self.bias_correction
+        if correction is None:
+            return
+        correction.ready = theta0 is not None  # a state saved during the burn-in has no snapshot yet
+        if theta0 is None:
+            return
+        missing = [name for name in self.names if name not in theta0]
+        if missing:
+            raise CheckpointError(f"the BEMA state lacks theta_0 of {len(missing)} tensors, e.g. {missing[:3]!r}")
+        for name, dst in zip(self.names, correction.theta0):
+            if tuple(theta0[name].shape) != tuple(dst.shape):
+                raise CheckpointError(
+                    f"BEMA theta_0 of {name!r} has shape {tuple(theta0[name].shape)} in the state, "
+                    f"{tuple(dst.shape)} in the model"
+                )
+            dst.copy_(theta0[name])
 
     def reset(self) -> None:
         """Restart the EMA from the model's current weights (keeps the step counter). Weights holding NaN or inf
         are not copied (see `EMAConfig.on_nonfinite`); for a sharded EMA on several ranks that check is a
         collective call."""
         self._coalesced_steps = 0
+        if self.bias_correction is not None:
+            self.bias_correction.ready = False  # a new theta_0 at the next update
         with torch.no_grad():
             outcome = self._updater.copy_now(step=self.step)
             if outcome is None or outcome.folded:
@@ -546,7 +463,8 @@ class ModelEMA:
 
     @torch.no_grad()
     def full_state_dict(self, dtype: str | torch.dtype = "model") -> dict[str, torch.Tensor] | None:
-        """The full (unsharded) EMA tensors by name, gathered one tensor at a time onto the main process.
+        """The full (unsharded) EMA tensors by name, gathered one tensor at a time onto the main process: the values
+        the model gets from the EMA (BEMA's corrected weights for a bias-corrected EMA, see `model_weights()`).
 
         A collective call under `torch.distributed`: every rank must make it. Returns `None` on other ranks.
 
@@ -560,8 +478,8 @@ class ModelEMA:
         fixed = dtype if isinstance(dtype, torch.dtype) else None
         self.wait()
         out: dict[str, torch.Tensor] | None = {} if self.layout.is_main_process() else None
-        for t in self.named_tensors():
-            full = self.layout.full_tensor(t.name, t.ema)
+        for t, values in self.model_weights():
+            full = self.layout.full_tensor(t.name, values)
             if out is None or full is None:
                 continue
             # A copied tensor (an integer buffer) keeps its dtype.
@@ -570,8 +488,9 @@ class ModelEMA:
         return out
 
     def num_bytes(self) -> int:
-        """Bytes of EMA tensors held by this rank."""
-        return sum(t.ema.numel() * t.ema.element_size() for t in self.named_tensors())
+        """Bytes of EMA tensors held by this rank (BEMA's snapshot theta_0 included)."""
+        extra = self.bias_correction.num_bytes() if self.bias_correction is not None else 0
+        return extra + sum(t.ema.numel() * t.ema.element_size() for t in self.named_tensors())
 
     def __repr__(self) -> str:
         return (

@@ -17,9 +17,9 @@ PACKAGE = ROOT / "hf_ema"
 # Lowest first. A module may import its own layer's and lower layers' modules, never a higher layer's.
 LAYERS: list[tuple[str, ...]] = [
     ("hf_ema._version", "hf_ema.errors", "hf_ema.utils", "hf_ema.compat"),
-    ("hf_ema.config", "hf_ema.decay", "hf_ema.selection", "hf_ema.ema_tensor"),
+    ("hf_ema.config", "hf_ema.decay", "hf_ema.selection", "hf_ema.ema_tensor", "hf_ema.bema"),
     ("hf_ema.engine", "hf_ema.sharding"),
-    ("hf_ema.model_ema",),
+    ("hf_ema.model_ema", "hf_ema.update_record"),
     ("hf_ema.ema_folder", "hf_ema.weighted_sum"),
     ("hf_ema.posthoc", "hf_ema.stability"),
     ("hf_ema.tools",),

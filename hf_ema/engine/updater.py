@@ -10,8 +10,9 @@ without blocking) or `wait()`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -245,6 +246,19 @@ class EMAUpdater:
             self._guard.check_first = False
             self._deliver(outcome)
         return outcome
+
+    @contextlib.contextmanager
+    def after_queued(self) -> Iterator[None]:
+        """Context manager: tensor work inside runs after every queued update: on the side stream they run on, or
+        once the background fold is done (it waits for it)."""
+        if self.offload is not None:
+            self.wait()
+            yield
+            return
+        sides = [side for _, side in self.on_device if side is not None] + [self._device_side]
+        side = next((s for s in sides if s is not None), None)
+        with launch_context(side):
+            yield
 
     def before_weights_change(self) -> None:
         """Order the current CUDA stream after the queued EMA work (called before every optimizer step)."""
