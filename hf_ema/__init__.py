@@ -8,6 +8,7 @@ from ._version import __version__
 # Public names -> the submodule defining them. They are imported on first access (PEP 562), so `import hf_ema`
 # and the `hf-ema` CLI start fast and only what is used loads transformers / peft / safetensors.
 _LAZY = {
+    "BEMAConfig": "config",
     "CheckpointError": "errors",
     "ConfigError": "errors",
     "ConfigTypeError": "errors",
@@ -40,7 +41,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
-    from .config import EMAConfig
+    from .config import BEMAConfig, EMAConfig
     from .ema_folder import load_ema, read_ema_state, save_ema
     from .ema_tensor import EMATensor, TensorKind
     from .errors import (
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .trainer import EMACallback, EMAEvaluator
 
 __all__ = [
+    "BEMAConfig",
     "CheckpointError",
     "ConfigError",
     "ConfigTypeError",

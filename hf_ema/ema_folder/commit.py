@@ -10,6 +10,7 @@ from .._version import __version__
 from ..utils.jsonio import write_json
 from ..utils.paths import STATE_NAME
 from .plan import SaveJob, SavePlan
+from .sources import THETA0_PREFIX
 
 __all__ = ["FORMAT_VERSION", "commit"]
 
@@ -40,8 +41,15 @@ def ema_state(job: SaveJob, plan: SavePlan, extra_state: dict[str, Any] | None) 
         "exact_tensors": plan.exact_tensors,
         "names": [t.name for t in tensors if t.averaged],
         "copied_names": [t.name for t in tensors if not t.averaged],
-        "tensors": {name: {"file": loc.file, "key": loc.key} for name, loc in plan.locations.items()},
+        "tensors": {
+            name: {"file": loc.file, "key": loc.key}
+            for name, loc in plan.locations.items()
+            if not name.startswith(THETA0_PREFIX)
+        },
     }
+    theta0 = {k.removeprefix(THETA0_PREFIX): v for k, v in plan.locations.items() if k.startswith(THETA0_PREFIX)}
+    if theta0:  # BEMA's snapshot, where its part of every rank is stored
+        meta["bema_theta0"] = {name: {"file": loc.file, "key": loc.key} for name, loc in theta0.items()}
     if extra_state:
         meta.update(extra_state)
     return meta

@@ -87,13 +87,12 @@ def own_keys(sources: SaveSources, by_object: bool) -> list[tuple[str, Source]]:
         if same not in seen:
             seen.add(same)
             out.append((name, Source(SourceKind.MODEL, name)))
-    out.extend((source.name, source) for source in sources.ema_sources())
+    out.extend((source.name, source) for source in sources.weight_sources())
     return out
 
 
 def _spec(sources: SaveSources, key: str, source: Source, dtype: torch.dtype) -> TensorSpec:
-    _, piece = sources.local(source)
-    return TensorSpec(key, dtype, tuple(piece.shape))
+    return TensorSpec(key, dtype, tuple(sources.piece(source).shape))
 
 
 def _group(specs: list[TensorSpec], name: str, max_shard_size: int | str | None) -> list[tuple[str, list[TensorSpec]]]:
@@ -122,17 +121,18 @@ def _create_files(
 
 def plan_exact(job: SaveJob, located: dict[str, TensorLocation]) -> SavePlan:
     """`ema_state.safetensors`: the EMA tensors that the loadable weights do not hold exactly (a bf16 model's fp32
-    EMA), in the EMA's dtype. Returns its files and where every EMA tensor is stored exactly.
+    EMA; a bias-corrected EMA's plain EMA, whose weights hold the corrected values, and its `theta_0`), in the EMA's
+    dtype. Returns its files and where every tensor is stored exactly.
 
     Args:
         job (`SaveJob`): The save.
         located (`dict[str, TensorLocation]`): Where the loadable weights hold EMA tensors exactly.
     """
     sources = job.sources
-    missing = [s for s in sources.ema_sources() if s.name not in located]
-    specs = [_spec(sources, s.name, s, sources.ema_dtype(s)) for s in missing]
+    missing = [s for s in sources.exact_sources() if s.key not in located]
+    specs = [_spec(sources, s.key, s, sources.ema_dtype(s)) for s in missing]
     groups = _group(specs, TENSORS_NAME, job.max_shard_size)
-    files = _create_files(job.folder, groups, {s.name: s for s in missing}, _PT_METADATA)
+    files = _create_files(job.folder, groups, {s.key: s for s in missing}, _PT_METADATA)
     locations = dict(located)
     locations.update((spec.key, TensorLocation(file, spec.key)) for file, group in groups for spec in group)
     return SavePlan(tuple(files), locations)

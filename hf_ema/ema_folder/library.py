@@ -104,7 +104,7 @@ def _placeholder_state(job: SaveJob) -> tuple[dict[str, torch.Tensor], list[Sour
             placeholders[same] = torch.tensor([len(ids)], dtype=torch.int64)
             ids.append(Source(SourceKind.MODEL, name))
         state[name] = placeholders[same]
-    for source in job.sources.ema_sources():
+    for source in job.sources.weight_sources():
         placeholder = torch.tensor([len(ids)], dtype=torch.int64)
         ids.append(source)
         for key in (source.name, *job.sources.aliases(source.name)):
@@ -183,7 +183,8 @@ def _locate_written(job: SaveJob) -> dict[str, TensorLocation]:
         for key, entry in header.items():
             found.setdefault(key, (path.name, entry["dtype"], tuple(entry["shape"])))
     located = {}
-    for source in job.sources.ema_sources():
+    # A bias-corrected EMA's weights hold the corrected values: only its copied tensors are its own there.
+    for source in (s for s in job.sources.weight_sources() if s.is_ema):
         local, piece = job.sources.local(source)
         for key in (source.name, *job.sources.aliases(source.name)):
             hit = found.get(key)

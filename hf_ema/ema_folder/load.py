@@ -69,27 +69,49 @@ def _read_parts(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, 
         where = locations.get(t.name)
         if where is None:
             raise CheckpointError(f"`{folder}` has no tensor {t.name!r}; was it saved for another model?")
-        path = folder / where["file"]
-        start, entry = headers.entry(where["file"], where["key"])
-        piece = ema.layout.ema_piece(t.name, t.ema)
-        if entry is None or tuple(entry["shape"]) != tuple(piece.shape):
-            shape = None if entry is None else tuple(entry["shape"])
-            raise CheckpointError(
-                f"`{folder}` holds {t.name!r} with shape {shape} but this model's has {tuple(piece.shape)}; was it "
-                f"saved for another model?"
-            )
-        if piece.start is None:  # not one contiguous range (a DTensor sharded on another dim)
-            with safe_open(str(path), framework="pt") as f:
-                out[t.name] = ema.layout.shard_full_tensor(t.name, f.get_tensor(where["key"]), t.ema)
-            continue
-        file_dtype = dtype_from_name(entry["dtype"])
-        size = torch.empty((), dtype=file_dtype).element_size()
-        target = torch.empty(t.ema.shape, dtype=t.ema.dtype, device=t.ema.device)
-        read_elements(path, start + entry["data_offsets"][0] + piece.start * size, piece.numel, file_dtype, target)
-        if piece.numel < target.numel():  # the padding of the last ZeRO-3 partition
-            target.view(-1)[piece.numel :].zero_()
-        out[t.name] = target
+        out[t.name] = _read_part(ema, headers, t.name, where, t.ema)
     return out
+
+
+def _read_theta0(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """This rank's part of BEMA's `theta_0` of each averaged tensor, when the folder has it (a bias-corrected EMA
+    saved after its burn-in)."""
+    locations = meta.get("bema_theta0")
+    correction = ema.bias_correction
+    if not locations or correction is None:
+        return None
+    headers = _Headers(folder)
+    out: dict[str, torch.Tensor] = {}
+    for name, like in zip(ema.names, correction.theta0):
+        where = locations.get(name)
+        if where is None:
+            raise CheckpointError(f"`{folder}` has no BEMA theta_0 of {name!r}; was it saved for another model?")
+        out[name] = _read_part(ema, headers, name, where, like)
+    return out
+
+
+def _read_part(ema: ModelEMA, headers: _Headers, name: str, where: dict[str, str], like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of tensor `name`, read from `where` into a tensor shaped, typed and placed like `like`."""
+    folder = headers.folder
+    path = folder / where["file"]
+    start, entry = headers.entry(where["file"], where["key"])
+    piece = ema.layout.ema_piece(name, like)
+    if entry is None or tuple(entry["shape"]) != tuple(piece.shape):
+        shape = None if entry is None else tuple(entry["shape"])
+        raise CheckpointError(
+            f"`{folder}` holds {name!r} with shape {shape} but this model's has {tuple(piece.shape)}; was it saved "
+            f"for another model?"
+        )
+    if piece.start is None:  # not one contiguous range (a DTensor sharded on another dim)
+        with safe_open(str(path), framework="pt") as f:
+            return ema.layout.shard_full_tensor(name, f.get_tensor(where["key"]), like)
+    file_dtype = dtype_from_name(entry["dtype"])
+    size = torch.empty((), dtype=file_dtype).element_size()
+    target = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    read_elements(path, start + entry["data_offsets"][0] + piece.start * size, piece.numel, file_dtype, target)
+    if piece.numel < target.numel():  # the padding of the last ZeRO-3 partition
+        target.view(-1)[piece.numel :].zero_()
+    return target
 
 
 @torch.no_grad()
@@ -127,6 +149,7 @@ def load_ema(ema: ModelEMA, folder: str | os.PathLike) -> dict[str, Any]:
             "decay": meta.get("decay"),
             "update_intervals": meta.get("update_intervals"),
             "last_interval": meta.get("last_interval"),
+            "bema_theta0": _read_theta0(ema, folder, meta) if version >= 2 else None,
         }
     )
     return meta

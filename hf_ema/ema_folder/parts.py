@@ -48,7 +48,7 @@ def _part_table(job: SaveJob, files: tuple[FilePart, ...]) -> torch.Tensor | Non
     rows = []
     for f in files:
         for entry in f.entries:
-            _, piece = job.sources.local(entry.source)
+            piece = job.sources.piece(entry.source)
             rows.append([-1 if piece.start is None else piece.start, piece.numel, int(piece.write)])
     return job.ranks.all_gather_rows(rows) if rows else None
 
@@ -76,13 +76,14 @@ def _write_entry(job: SaveJob, fd: int | None, entry: PartEntry, shared: bool, r
     ranks = job.ranks
     dtype = entry.torch_dtype
     size = torch.empty((), dtype=dtype).element_size()
-    local, piece = job.sources.local(entry.source)
+    piece = job.sources.piece(entry.source)
     if piece.start is None:
         full = job.sources.full(entry.source)
         if ranks.main:
             assert fd is not None and full is not None  # the main process opens the files, gets the tensor
             write_elements(fd, entry.offset, full.reshape(-1), dtype)
         return
+    local, _ = job.sources.local(entry.source)
     mine = local.reshape(-1)[: piece.numel]
     writes = bool(piece.write and piece.numel)
     if writes and (shared or ranks.main):
