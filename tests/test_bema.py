@@ -17,6 +17,7 @@ from torch import nn
 
 from hf_ema import BEMAConfig, ConfigError, EMAConfig, ModelEMA, load_ema, read_ema_state, save_ema
 from hf_ema.demo.toy import tiny_causal_lm
+from hf_ema.tools.model_card import ema_card_text
 
 DIST = Path(__file__).resolve().parent / "dist"
 
@@ -212,6 +213,10 @@ def test_bema_folder_loads_with_from_pretrained_and_resumes_bit_exact(tmp_path, 
         assert exact[f"bema_theta0.{name}"].dtype == dtype
     meta = read_ema_state(tmp_path / "uninterrupted")
     assert meta["config"]["bema"]["tau"] == 1 and set(meta["bema_theta0"]) == set(ema.names)
+    # The Hub card says what the weights are.
+    card = ema_card_text(tmp_path / "uninterrupted", repo_id="user/bema")
+    assert "bias-corrected exponential moving average (BEMA" in card
+    assert "| EMA horizon | BEMA, bias-corrected EMA (Block & Zhang 2025; eta=0.2, kappa=0.5, rho=10.0" in card
 
     resumed_model = build()
     resumed_model.load_state_dict(at5)
@@ -253,3 +258,58 @@ def test_bema_resume_at_other_world_sizes_is_bit_exact(tmp_path):
             assert b["world_size"] == nproc and a["tensors"] == b["tensors"] and a["bema_theta0"] == b["bema_theta0"]
             for key in ("step", "num_updates", "decay", "config"):
                 assert a[key] == b[key], (mode, key)
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+def recorded_theta(recorder) -> dict[int, dict[str, torch.Tensor]]:
+    return {0: recorder.initial, **dict(enumerate(recorder.after_step, start=1))}
+
+
+@pytest.mark.trainer
+def test_bema_trainer_checkpoints_and_eval_are_bema(tmp_path, tiny_model, tokenizer, lm_data):
+    from test_callback import RecordWeights, make_args
+    from test_evaluation import _eval_loss_of
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from hf_ema import EMACallback
+
+    train_ds, eval_ds = lm_data
+    eval_ds = eval_ds.select(range(32))
+    cfg = EMAConfig(bema={"tau": 2})
+    recorder = RecordWeights()
+    args = make_args(tmp_path / "run", eval_strategy="steps", eval_steps=2, save_steps=2, learning_rate=2e-2)
+    trainer = Trainer(
+        model=tiny_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        callbacks=[EMACallback(cfg), recorder],
+    )  # fmt: skip
+    trainer.train()
+    theta = recorded_theta(recorder)
+    evals = [e for e in trainer.state.log_history if "eval_ema_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    for entry in evals:
+        folder = tmp_path / "run" / f"checkpoint-{entry['step']}" / "ema"
+        loaded = dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
+        want = paper_bema(theta, entry["step"], cfg.bema_config)
+        for name, value in want.items():
+            torch.testing.assert_close(loaded[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)
+        # The EMA metrics are BEMA's: the saved BEMA weights evaluated alone give the same loss.
+        ref = _eval_loss_of(folder, eval_ds, tmp_path / "ref")["eval_loss"]
+        assert entry["eval_ema_loss"] == pytest.approx(ref, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.trainer
+def test_bema_lora_folder_loads_with_peft(tmp_path, tiny_model, tokenizer, lm_data):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from test_callback import run
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    cfg = EMAConfig(bema={"tau": 1}, update_every=2)
+    _, callback, recorder = run(tmp_path, model, lm_data[0], tokenizer, cfg, learning_rate=2e-2)
+    assert callback.ema.names and all("lora_" in n for n in callback.ema.names)
+    # theta_0 of the adapter only, in the adapter's dtype.
+    assert callback.ema.bias_correction.num_bytes() == sum(4 * t.live.numel() for t in callback.ema.named_tensors())
+    base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    loaded = dict(PeftModel.from_pretrained(base, tmp_path / "checkpoint-6" / "ema").named_parameters())
+    want = paper_bema(recorded_theta(recorder), 6, cfg.bema_config, update_every=2)
+    for name, value in want.items():
+        torch.testing.assert_close(loaded[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)

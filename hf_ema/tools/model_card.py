@@ -188,6 +188,10 @@ def _fmt(value: Any) -> str:
 
 
 def _horizon(config: dict[str, Any]) -> str:
+    bema = config.get("bema")
+    if isinstance(bema, dict):
+        params = ", ".join(f"{k}={bema[k]}" for k in ("eta", "kappa", "rho", "gamma", "tau") if k in bema)
+        return f"BEMA, bias-corrected EMA (Block & Zhang 2025; {params})"
     if config.get("sigma_rel") is not None:
         return f"power-function EMA, `sigma_rel={config['sigma_rel']}` (EDM2)"
     if config.get("half_life") is not None:
@@ -221,11 +225,18 @@ def _section(ema_dir: Path, repo_id: str, subfolder: str | None, metrics: dict[s
     config = state.get("config") or {}
     where = f"The weights in `{subfolder}/`" if subfolder else "This repository's main weights"
     every = config.get("update_every", 1)
+    what = "an **exponential moving average (EMA)**"
+    if isinstance(config.get("bema"), dict):
+        # BEMA (arXiv 2508.00180): the EMA plus a decaying share of the distance the weights travelled since tau.
+        what = (
+            "a **bias-corrected exponential moving average (BEMA**, arXiv 2508.00180: the EMA plus "
+            "`alpha_t * (theta_t - theta_0)`, which removes its lag)"
+        )
     lines = [
         SECTION_START,
         "## EMA weights",
         "",
-        f"{where} are an **exponential moving average (EMA)** of the training weights, kept by "
+        f"{where} are {what} of the training weights, kept by "
         "hf-ema during training with the Hugging Face `Trainer`: they are "
         "not the raw weights of the last optimizer step.",
         "",
