@@ -93,7 +93,7 @@ def test_outputs_written(quick_run, experiment):
     assert (out / "images" / "constant_lr_vs_decay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(rows) == len(experiment.plan_evaluations(cfg, out / "seed-0"))
     methods = {r["method"] for r in rows}
-    expected = {"cosine", "constant", "ema-0.9", "ema-0.5"}
+    expected = {"cosine", "constant", "ema-0.9", "ema-0.5", "bema"}
     expected |= {f"merge-{s}-k{k}" for s in cfg.merge_schedules for k in cfg.merge_windows}
     expected |= {f"posthoc-{s:g}" for s in cfg.posthoc_sigma_rels}
     assert expected <= methods
@@ -111,6 +111,7 @@ def test_losses_match_independent_evaluation(quick_run, eval_tokens):
         ("cosine", 8, out / "seed-0" / "cosine" / "checkpoint-8"),
         ("ema-0.9", 8, run / "checkpoint-8" / "ema"),
         ("ema-0.5", 6, run / "checkpoint-6" / "ema-0.5"),
+        ("bema", 8, run / "checkpoint-8" / "ema-bema"),
     ]:
         assert _loss(rows, method, step) == pytest.approx(
             _cross_entropy(_from_pretrained(folder), eval_tokens), abs=1e-4
@@ -134,7 +135,7 @@ def test_runs_share_seed_and_schedules_differ(quick_run):
     out, rows = quick_run
     # Same initialisation and batches, same warmup: identical until the warmup ends (step 2), where the EMAs also
     # still copy the weights (start_step = warmup).
-    assert _loss(rows, "cosine", 2) == _loss(rows, "constant", 2) == _loss(rows, "ema-0.9", 2)
+    assert _loss(rows, "cosine", 2) == _loss(rows, "constant", 2) == _loss(rows, "ema-0.9", 2) == _loss(rows, "bema", 2)
     assert _loss(rows, "cosine", 8) != _loss(rows, "constant", 8)
     lrs = {}
     for run in ("cosine", "constant"):

@@ -52,8 +52,10 @@ NAME = "constant_lr_vs_decay"
 SCHEDULE_RUNS = ("cosine", "constant")
 TRAINING_FIELDS = (
     "steps", "warmup_steps", "save_every", "learning_rate", "batch_size", "block_size", "hidden_size", "num_layers",
-    "num_heads", "vocab_size", "ema_decays", "posthoc_tracked",
+    "num_heads", "vocab_size", "ema_decays", "posthoc_tracked", "bema",
 )  # fmt: skip
+#: The method name and the checkpoint folder of the bias-corrected EMA (BEMA).
+BEMA_METHOD = "bema"
 
 
 @dataclass
@@ -82,6 +84,8 @@ class ExperimentConfig:
             no post-hoc EMA).
         posthoc_tracked (`list[float]`, *optional*, defaults to `[0.05, 0.1]`): The power-function EMAs tracked
             during training and snapshotted at every save (EDM2's defaults).
+        bema (`bool`, *optional*, defaults to `True`): Also keep a bias-corrected EMA (BEMA, the paper's and trl's
+            defaults) with its burn-in at the end of the warmup, written to `ema-bema/`.
         threads (`int`, *optional*, defaults to 1): torch CPU threads (1 is fastest for this size on a busy box).
     """
 
@@ -103,6 +107,7 @@ class ExperimentConfig:
     curve_window: int = 5
     posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
     posthoc_tracked: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    bema: bool = True
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -148,6 +153,8 @@ def describe(method: str, cfg: ExperimentConfig) -> str:
         return "cosine decay to 0 (raw)"
     if method == "constant":
         return "constant LR (raw)"
+    if method == BEMA_METHOD:
+        return f"constant + BEMA (burn-in {cfg.warmup_steps} steps)"
     family, _, rest = method.partition("-")
     if family == "ema":
         return f"constant + EMA {rest} (~{1 / (1 - float(rest)):.0f} steps)"
@@ -229,6 +236,9 @@ def train_run(cfg: ExperimentConfig, seed: int, schedule: str, run_dir: Path, to
         callbacks.append(EMACallback(decay=first, start_step=cfg.warmup_steps, posthoc=posthoc))
         for decay in others:
             callbacks.append(_ExtraEMACallback(cfg.ema_dirname(decay), decay=decay, start_step=cfg.warmup_steps))
+        if cfg.bema:
+            # BEMA with the paper's defaults; its burn-in (theta_0) at the end of the warmup, as the EMAs start.
+            callbacks.append(_ExtraEMACallback(f"ema-{BEMA_METHOD}", bema={"tau": cfg.warmup_steps}))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our own progress bar instead of printed log dicts
     trainer.train()
@@ -313,6 +323,8 @@ def plan_evaluations(cfg: ExperimentConfig, seed_dir: Path) -> list[dict[str, An
         jobs.append({"step": step, "method": "constant", "folder": ckpt})
         for decay in cfg.ema_decays:
             jobs.append({"step": step, "method": ema_method(decay), "folder": ckpt / cfg.ema_dirname(decay)})
+        if cfg.bema:
+            jobs.append({"step": step, "method": BEMA_METHOD, "folder": ckpt / f"ema-{BEMA_METHOD}"})
         windows = set(cfg.merge_windows) | {cfg.curve_window} if step == cfg.steps else {cfg.curve_window}
         for k in sorted(windows):
             if i + 1 < k:
@@ -462,8 +474,9 @@ def _verdict(summary: list[dict], cfg: ExperimentConfig) -> list[str]:
             else "The constant-LR raw model is not worse than cosine: this setting shows nothing about decay."
         )
     ]
-    for family, name in (("ema", "EMA"), ("merge", "checkpoint merge"), ("posthoc", "post-hoc EMA")):
-        cands = [s for s in summary if s["method"].startswith(family + "-")]
+    families = (("ema-", "EMA"), (BEMA_METHOD, "BEMA"), ("merge-", "checkpoint merge"), ("posthoc-", "post-hoc EMA"))
+    for family, name in families:
+        cands = [s for s in summary if s["method"].startswith(family)]
         if not cands:
             continue
         best = min(cands, key=lambda s: s["mean"])
@@ -495,7 +508,7 @@ def _verdict(summary: list[dict], cfg: ExperimentConfig) -> list[str]:
 def curve_methods(cfg: ExperimentConfig, rows: list[dict]) -> list[str]:
     """The methods evaluated at every checkpoint (the curves of the plot and the per-step table)."""
     present = set(_methods(rows))
-    wanted = ["cosine", "constant", *(ema_method(d) for d in sorted(cfg.ema_decays))]
+    wanted = ["cosine", "constant", *(ema_method(d) for d in sorted(cfg.ema_decays)), BEMA_METHOD]
     wanted += [merge_method(s, cfg.curve_window) for s in cfg.merge_schedules]
     return [m for m in wanted if m in present]
 
@@ -550,7 +563,7 @@ def render_plot(rows: list[dict], cfg: ExperimentConfig, path: Path) -> None:
 
     methods = curve_methods(cfg, rows)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.1, 1]})
-    colors = {"cosine": "black", "constant": "tab:red"}
+    colors = {"cosine": "black", "constant": "tab:red", BEMA_METHOD: "tab:cyan"}
     blues = plt.cm.Blues([0.45 + 0.5 * i / max(1, len(cfg.ema_decays) - 1) for i in range(len(cfg.ema_decays))])
     for decay, c in zip(sorted(cfg.ema_decays), blues):
         colors[ema_method(decay)] = c
@@ -566,7 +579,7 @@ def render_plot(rows: list[dict], cfg: ExperimentConfig, path: Path) -> None:
         steps = [s for s in cfg.checkpoint_steps if _losses(rows, m, s)]
         vals = [list(_losses(rows, m, s).values()) for s in steps]
         mean = [statistics.fmean(v) for v in vals]
-        style = "-" if m in ("cosine", "constant") else ("--" if m.startswith("merge") else ":")
+        style = "-" if m in ("cosine", "constant", BEMA_METHOD) else ("--" if m.startswith("merge") else ":")
         ax.plot(steps, mean, style, color=colors.get(m), label=describe(m, cfg), lw=2 if m == "cosine" else 1.5)
         ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=colors.get(m), alpha=0.12)
         low = min(low, *(min(v) for s, v in zip(steps, vals) if s >= start))
