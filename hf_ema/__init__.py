@@ -9,7 +9,9 @@ from ._version import __version__
 # and the `hf-ema` CLI start fast and only what is used loads transformers / peft / safetensors.
 _LAZY = {
     "CheckpointError": "errors",
+    "CheckpointWriteError": "errors",
     "ConfigError": "errors",
+    "ConfigMismatchError": "errors",
     "ConfigTypeError": "errors",
     "EMACallback": "trainer",
     "EMAConfig": "config",
@@ -45,7 +47,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .ema_tensor import EMATensor, TensorKind
     from .errors import (
         CheckpointError,
+        CheckpointWriteError,
         ConfigError,
+        ConfigMismatchError,
         ConfigTypeError,
         HfEmaError,
         HubError,
@@ -60,7 +64,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "ConfigError",
+    "ConfigMismatchError",
     "ConfigTypeError",
     "EMACallback",
     "EMAConfig",

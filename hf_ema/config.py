@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from .decay import (
+    check_sigma_rel,
     decay_from_half_life,
     gamma_from_sigma_rel,
     power_function_beta,
@@ -21,14 +21,11 @@ from .errors import ConfigError, ConfigTypeError
 from .utils.jsonio import read_json, write_json
 from .utils.validation import check_bool, check_int, check_number, check_optional_bool
 
-__all__ = ["EMAConfig", "CONFIG_NAME"]
+__all__ = ["CONFIG_NAME", "EMAConfig", "FieldChange", "MATH_FIELDS", "SELECTION_FIELDS", "config_changes"]
 
 CONFIG_NAME = "ema_config.json"
 
 DEFAULT_DECAY = 0.999
-# EDM2's power-function profile is only defined for 0 < sigma_rel < sqrt(1/12) (gamma > -1 ... gamma = 0 is the
-# uniform average at sigma_rel ~ 0.2887).
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 #: What an update does with NaN/inf weights (`EMAConfig.on_nonfinite`).
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
@@ -163,8 +160,7 @@ class EMAConfig:
                 raise ConfigError(f"`half_life` must be > 0 optimizer steps, got {self.half_life!r}")
         if self.sigma_rel is not None:
             check_number("sigma_rel", self.sigma_rel)
-            if not 0.0 < self.sigma_rel < MAX_SIGMA_REL:
-                raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {self.sigma_rel!r}")
+            check_sigma_rel("`sigma_rel`", self.sigma_rel)
             if self.warmup:
                 raise ConfigError(
                     f"`warmup` cannot be combined with `sigma_rel` (the power-function profile has its own warmup), "
@@ -295,3 +291,60 @@ class EMAConfig:
             path (`str` or `os.PathLike`): File to read.
         """
         return cls.from_dict(read_json(path))
+
+
+#: The fields that choose which tensors the EMA averages.
+SELECTION_FIELDS = ("trainable_only", "include", "exclude", "include_buffers")
+#: The fields that change what the EMA computes: its schedule (the decay of every update), its dtype and which
+#: tensors it averages. The others say how and where it runs (`device`, `async_update`, `cuda_stream`,
+#: `shard_across_ranks`) or what happens when the weights hold NaN (`on_nonfinite`), and may change on resume.
+MATH_FIELDS = (
+    "decay",
+    "half_life",
+    "sigma_rel",
+    "warmup",
+    "inv_gamma",
+    "power",
+    "min_decay",
+    "update_every",
+    "start_step",
+    "dtype",
+    *SELECTION_FIELDS,
+)
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """A field of [`EMAConfig`] with one value in a saved EMA and another now.
+
+    Args:
+        name (`str`): The field.
+        old (`Any`): Its saved value.
+        new (`Any`): Its value now.
+    """
+
+    name: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.old!r} -> {self.new!r}"
+
+
+def config_changes(saved: dict[str, Any], config: EMAConfig) -> list[FieldChange]:
+    """The fields of `MATH_FIELDS` whose value in `config` differs from the saved config.
+
+    Args:
+        saved (`dict`): A config as `EMAConfig.to_dict()` wrote it (a field it lacks, written by an older hf-ema,
+            has its default).
+        config (`EMAConfig`): The config now.
+
+    Raises:
+        `ConfigError`: `saved` is not a valid config.
+    """
+    old = EMAConfig.from_dict(saved)
+    return [
+        FieldChange(name, getattr(old, name), getattr(config, name))
+        for name in MATH_FIELDS
+        if getattr(old, name) != getattr(config, name)
+    ]

@@ -75,6 +75,9 @@ class ModelEMA:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
+        #: Each config the EMA has run with and the step it took effect (`{"step", "config"}`; the last is `config`):
+        #: more than one when a resume changed the settings (`load_ema(..., allow_config_change=True)`).
+        self.config_history: list[dict[str, Any]] = [{"step": 0, "config": config.to_dict()}]
         self.model = unwrap_model(model)
         self.layout: ShardLayout = detect_layout(model, config)
         self.selection: Selection = self.layout.select(self.model, config)
@@ -358,7 +361,7 @@ class ModelEMA:
 
         Returns:
             `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "num_skipped": int,
-            "decay": float | None, "config": dict, "format_version": int}`.
+            "decay": float | None, "config": dict, "config_history": list, "format_version": int}`.
         """
         self.wait()
         return {
@@ -368,6 +371,7 @@ class ModelEMA:
             "num_skipped": self.num_skipped,
             "decay": self.last_decay,
             "config": self.config.to_dict(),
+            "config_history": [dict(entry) for entry in self.config_history],
             "format_version": STATE_FORMAT_VERSION,
         }
 
@@ -399,6 +403,8 @@ class ModelEMA:
         self.num_updates = int(state.get("num_updates", self.num_updates))
         self.num_skipped = int(state.get("num_skipped", self.num_skipped))
         self.last_decay = state.get("decay", self.last_decay)
+        if "config_history" in state:
+            self.config_history = [dict(entry) for entry in state["config_history"]]
 
     def reset(self) -> None:
         """Restart the EMA from the model's current weights (keeps the step counter). Weights holding NaN or inf

@@ -37,6 +37,7 @@ def ema_state(job: SaveJob, plan: SavePlan, extra_state: dict[str, Any] | None) 
         "num_skipped": ema.num_skipped,
         "decay": ema.last_decay,
         "config": ema.config.to_dict(),
+        "config_history": ema.config_history,
         "layout": ema.layout.kind,
         "world_size": ema.layout.world_size,
         "exact_tensors": plan.exact_tensors,
