@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from test_model_ema import Net  # fc1, bn (float running stats, an int batch counter), fc2
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -17,14 +18,6 @@ from hf_ema import ConfigMismatchError, ModelEMA, load_ema, save_ema
 
 #: Steps before the save, and the last step after the resume.
 SAVED, LAST = 3, 6
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6)  # float buffers (running stats) and an int buffer (num_batches_tracked)
-        self.fc2 = nn.Linear(6, 3)
 
 
 def weights_at(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
