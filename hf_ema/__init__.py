@@ -8,9 +8,11 @@ from ._version import __version__
 # Public names -> the submodule defining them. They are imported on first access (PEP 562), so `import hf_ema`
 # and the `hf-ema` CLI start fast and only what is used loads transformers / peft / safetensors.
 _LAZY = {
-    "BEMAConfig": "config",
+    "BEMAConfig": "bema",
     "CheckpointError": "errors",
+    "CheckpointWriteError": "errors",
     "ConfigError": "errors",
+    "ConfigMismatchError": "errors",
     "ConfigTypeError": "errors",
     "EMACallback": "trainer",
     "EMAConfig": "config",
@@ -41,12 +43,15 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
-    from .config import BEMAConfig, EMAConfig
+    from .bema import BEMAConfig
+    from .config import EMAConfig
     from .ema_folder import load_ema, read_ema_state, save_ema
     from .ema_tensor import EMATensor, TensorKind
     from .errors import (
         CheckpointError,
+        CheckpointWriteError,
         ConfigError,
+        ConfigMismatchError,
         ConfigTypeError,
         HfEmaError,
         HubError,
@@ -62,7 +67,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
 __all__ = [
     "BEMAConfig",
     "CheckpointError",
+    "CheckpointWriteError",
     "ConfigError",
+    "ConfigMismatchError",
     "ConfigTypeError",
     "EMACallback",
     "EMAConfig",

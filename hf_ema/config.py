@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,9 +10,9 @@ from typing import Any
 
 import torch
 
+from .bema import BEMAConfig
 from .decay import (
-    bema_alpha,
-    bema_weight,
+    check_sigma_rel,
     decay_from_half_life,
     gamma_from_sigma_rel,
     power_function_beta,
@@ -23,14 +22,19 @@ from .errors import ConfigError, ConfigTypeError
 from .utils.jsonio import read_json, write_json
 from .utils.validation import check_bool, check_int, check_number, check_optional_bool, coerce_config
 
-__all__ = ["BEMAConfig", "EMAConfig", "CONFIG_NAME"]
+__all__ = [
+    "BEMAConfig",
+    "CONFIG_NAME",
+    "EMAConfig",
+    "FieldChange",
+    "MATH_FIELDS",
+    "SELECTION_FIELDS",
+    "config_changes",
+]
 
 CONFIG_NAME = "ema_config.json"
 
 DEFAULT_DECAY = 0.999
-# EDM2's power-function profile is only defined for 0 < sigma_rel < sqrt(1/12) (gamma > -1 ... gamma = 0 is the
-# uniform average at sigma_rel ~ 0.2887).
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 #: What an update does with NaN/inf weights (`EMAConfig.on_nonfinite`).
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
@@ -57,99 +61,6 @@ def _check_patterns(name: str, value: Any) -> list[str] | None:
         except re.error as err:
             raise ConfigError(f"`{name}` holds an invalid regular expression {pattern!r}: {err}") from None
     return list(value)
-
-
-@dataclass
-class BEMAConfig:
-    """Bias-corrected EMA (BEMA; Block & Zhang 2025, "EMA Without the Lag", arXiv 2508.00180): the EMA lags the
-    weights, and BEMA adds back a decaying share of the distance they travelled since the burn-in:
-
-    `bema_t = ema_t + alpha_t * (theta_t - theta_0)`, `alpha_t = (rho + gamma * t) ** -eta`, and the EMA's weight on
-    the newest step is `w_t = max((rho + gamma * t) ** -kappa, min_weight)` (its decay is `1 - w_t`). `t` counts
-    optimizer steps since the burn-in step `tau`, as the paper's Algorithm 1 does; up to and including `tau` the
-    EMA copies the weights, and `theta_0` is the weights at `tau`. With an update every `k` steps
-    (`update_every`), an update uses `(1 - w_t) ** k`.
-
-    The defaults are the paper's and trl's. trl's `BEMACallback` evaluates its schedule at the global step instead
-    of `t`: [`BEMAConfig.from_trl`] maps its arguments so that the two agree exactly for any `update_after`.
-
-    Args:
-        eta (`float`, *optional*, defaults to 0.2): The bias power (trl: `bias_power`), >= 0; 0 turns the
-            correction into a constant `theta_t - theta_0`.
-        kappa (`float`, *optional*, defaults to 0.5): The EMA power (trl: `ema_power`), >= 0.
-        rho (`float`, *optional*, defaults to 10.0): The lag (trl: `lag`), > 0.
-        gamma (`float`, *optional*, defaults to 1.0): The multiplier (trl: `multiplier`), >= 0.
-        tau (`int`, *optional*, defaults to 0): The burn-in step (trl: `update_after`), >= 0.
-        min_weight (`float`, *optional*, defaults to 0.0): Floor of the EMA weight `w_t` (trl:
-            `min_ema_multiplier`), in [0, 1].
-    """
-
-    eta: float = 0.2
-    kappa: float = 0.5
-    rho: float = 10.0
-    gamma: float = 1.0
-    tau: int = 0
-    min_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("eta", "kappa", "rho", "gamma", "min_weight"):
-            check_number(f"bema.{name}", getattr(self, name))
-        for name in ("eta", "kappa", "gamma"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"`bema.{name}` must be >= 0, got {getattr(self, name)!r}")
-        if self.rho <= 0:
-            raise ConfigError(f"`bema.rho` must be > 0, got {self.rho!r}")
-        if not 0.0 <= self.min_weight <= 1.0:
-            raise ConfigError(f"`bema.min_weight` must be in [0, 1], got {self.min_weight!r}")
-        check_int("bema.tau", self.tau, minimum=0)
-
-    @classmethod
-    def from_trl(
-        cls,
-        bias_power: float = 0.2,
-        ema_power: float = 0.5,
-        lag: float = 10.0,
-        multiplier: float = 1.0,
-        update_after: int = 0,
-        min_ema_multiplier: float = 0.0,
-    ) -> BEMAConfig:
-        """The BEMA of trl's `BEMACallback` with these arguments (and `update_freq=1`).
-
-        trl evaluates `(lag + multiplier * step) ** -power` at the global step, hf-ema at `t = step - tau`: the lag
-        is shifted by `multiplier * update_after` so that both give the same weights at every step.
-
-        Args:
-            bias_power (`float`, *optional*, defaults to 0.2): trl's `bias_power` (`eta`).
-            ema_power (`float`, *optional*, defaults to 0.5): trl's `ema_power` (`kappa`).
-            lag (`float`, *optional*, defaults to 10.0): trl's `lag` (`rho` at `update_after=0`).
-            multiplier (`float`, *optional*, defaults to 1.0): trl's `multiplier` (`gamma`).
-            update_after (`int`, *optional*, defaults to 0): trl's `update_after` (`tau`).
-            min_ema_multiplier (`float`, *optional*, defaults to 0.0): trl's `min_ema_multiplier` (`min_weight`).
-        """
-        return cls(
-            eta=bias_power,
-            kappa=ema_power,
-            rho=lag + multiplier * update_after,
-            gamma=multiplier,
-            tau=update_after,
-            min_weight=min_ema_multiplier,
-        )
-
-    def weight(self, t: int) -> float:
-        """The EMA's weight `w_t` on the newest weights, `t` steps after `tau`.
-
-        Args:
-            t (`int`): Optimizer steps since `tau`.
-        """
-        return bema_weight(t, self.kappa, self.rho, self.gamma, self.min_weight)
-
-    def alpha(self, t: int) -> float:
-        """The bias-correction weight `alpha_t`, `t` steps after `tau`.
-
-        Args:
-            t (`int`): Optimizer steps since `tau`.
-        """
-        return bema_alpha(t, self.eta, self.rho, self.gamma)
 
 
 @dataclass
@@ -274,8 +185,7 @@ class EMAConfig:
                 raise ConfigError(f"`half_life` must be > 0 optimizer steps, got {self.half_life!r}")
         if self.sigma_rel is not None:
             check_number("sigma_rel", self.sigma_rel)
-            if not 0.0 < self.sigma_rel < MAX_SIGMA_REL:
-                raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {self.sigma_rel!r}")
+            check_sigma_rel("`sigma_rel`", self.sigma_rel)
             if self.warmup:
                 raise ConfigError(
                     f"`warmup` cannot be combined with `sigma_rel` (the power-function profile has its own warmup), "
@@ -440,3 +350,61 @@ class EMAConfig:
             path (`str` or `os.PathLike`): File to read.
         """
         return cls.from_dict(read_json(path))
+
+
+#: The fields that choose which tensors the EMA averages.
+SELECTION_FIELDS = ("trainable_only", "include", "exclude", "include_buffers")
+#: The fields that change what the EMA computes: its schedule (the decay of every update), its dtype and which
+#: tensors it averages. The others say how and where it runs (`device`, `async_update`, `cuda_stream`,
+#: `shard_across_ranks`) or what happens when the weights hold NaN (`on_nonfinite`), and may change on resume.
+MATH_FIELDS = (
+    "decay",
+    "half_life",
+    "sigma_rel",
+    "bema",
+    "warmup",
+    "inv_gamma",
+    "power",
+    "min_decay",
+    "update_every",
+    "start_step",
+    "dtype",
+    *SELECTION_FIELDS,
+)
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """A field of [`EMAConfig`] with one value in a saved EMA and another now.
+
+    Args:
+        name (`str`): The field.
+        old (`Any`): Its saved value.
+        new (`Any`): Its value now.
+    """
+
+    name: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.old!r} -> {self.new!r}"
+
+
+def config_changes(saved: dict[str, Any], config: EMAConfig) -> list[FieldChange]:
+    """The fields of `MATH_FIELDS` whose value in `config` differs from the saved config.
+
+    Args:
+        saved (`dict`): A config as `EMAConfig.to_dict()` wrote it (a field it lacks, written by an older hf-ema,
+            has its default).
+        config (`EMAConfig`): The config now.
+
+    Raises:
+        `ConfigError`: `saved` is not a valid config.
+    """
+    old = EMAConfig.from_dict(saved)
+    return [
+        FieldChange(name, getattr(old, name), getattr(config, name))
+        for name in MATH_FIELDS
+        if getattr(old, name) != getattr(config, name)
+    ]

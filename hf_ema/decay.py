@@ -10,10 +10,17 @@ Block & Zhang 2025, "EMA Without the Lag: Bias-Corrected Iterate Averaging Schem
 from __future__ import annotations
 
 import math
+from typing import Any
+
+from .errors import ConfigError
+from .utils.validation import is_number
 
 __all__ = [
     "bema_alpha",
     "bema_weight",
+    "MAX_SIGMA_REL",
+    "MIN_SIGMA_REL",
+    "check_sigma_rel",
     "decay_from_half_life",
     "gamma_from_sigma_rel",
     "power_function_beta",
@@ -30,6 +37,31 @@ def decay_from_half_life(half_life: float) -> float:
     """
     # Classic EMA: the weight of step t - h is beta**h = 1/2.
     return 0.5 ** (1.0 / half_life)
+
+
+#: EDM2's power-function profile is only defined for 0 < sigma_rel < sqrt(1/12) (gamma > -1; gamma = 0 is the uniform
+#: average at sigma_rel ~ 0.2887).
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+#: The narrowest profile hf-ema builds: its exponent gamma is about 1 / sigma_rel, 1e9 here, beyond which the profile
+#: is the last weights to within float64 and the exponent cannot be solved for.
+MIN_SIGMA_REL = 1e-9
+
+
+def check_sigma_rel(subject: str, value: Any) -> float:
+    """`value` as a relative EMA width, or a [`ConfigError`] naming the argument and the value.
+
+    Args:
+        subject (`str`): What the value is, for the message (`` "`sigma_rel`" ``, `` "`sigma_rels` entries" ``).
+        value (`Any`): The value given.
+    """
+    if not is_number(value) or not 0.0 < value < MAX_SIGMA_REL:
+        raise ConfigError(f"{subject} must be in (0, {MAX_SIGMA_REL:.4f}), got {value!r}")
+    if value < MIN_SIGMA_REL:
+        raise ConfigError(
+            f"{subject} must be at least {MIN_SIGMA_REL:g} (a narrower profile is the last weights to within float64), "
+            f"got {value!r}"
+        )
+    return float(value)
 
 
 def sigma_rel_from_gamma(gamma: float) -> float:
@@ -50,15 +82,17 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
     sqrt(1/12) at gamma = 0 towards 0, so bisection on a bracket there is exact and robust.
 
     Args:
-        sigma_rel (`float`): Relative width, in (0, 0.2887).
+        sigma_rel (`float`): Relative width, in [`MIN_SIGMA_REL`, `MAX_SIGMA_REL`).
+
+    Raises:
+        `ConfigError`: `sigma_rel` is outside that range.
     """
+    check_sigma_rel("`sigma_rel`", sigma_rel)
     # EDM2 Eq. 126 (the inverse of Eq. 123), solved by bisection instead of Algorithm 2's cubic root.
     lo, hi = 0.0, 1.0
-    # Widen the upper bracket until the width drops below the target.
+    # Widen the upper bracket until the width drops below the target (gamma < 2 / MIN_SIGMA_REL always does).
     while sigma_rel_from_gamma(hi) > sigma_rel:
         hi *= 2.0
-        if hi > 1e12:  # pragma: no cover - validated before we get here
-            raise ValueError(f"`sigma_rel` is too small, got {sigma_rel!r}")
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if sigma_rel_from_gamma(mid) > sigma_rel:

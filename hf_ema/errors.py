@@ -8,7 +8,9 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "ConfigError",
+    "ConfigMismatchError",
     "ConfigTypeError",
     "HfEmaError",
     "NonFiniteWeightsError",
@@ -32,6 +34,17 @@ class ConfigTypeError(HfEmaError, TypeError):
 
 class CheckpointError(HfEmaError, ValueError):
     """A checkpoint or EMA folder is missing, incomplete or does not match the model."""
+
+
+class CheckpointWriteError(HfEmaError, OSError):
+    """Writing an EMA folder failed (a full disk, no permission): the message names the folder and says what is left
+    as it was; `errno` is the system's error number."""
+
+
+class ConfigMismatchError(HfEmaError, ValueError):
+    """Two configurations that must agree do not: an EMA resumed with settings that change its average, or
+    checkpoints of differently configured models merged. The message names each field, old and new, and the
+    argument that allows it."""
 
 
 class StateError(HfEmaError, RuntimeError):

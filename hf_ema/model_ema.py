@@ -58,6 +58,9 @@ class ModelEMA:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
+        #: Each config the EMA has run with and the step it took effect (`{"step", "config"}`; the last is `config`):
+        #: more than one when a resume changed the settings (`load_ema(..., allow_config_change=True)`).
+        self.config_history: list[dict[str, Any]] = [{"step": 0, "config": config.to_dict()}]
         self.model = unwrap_model(model)
         self.layout: ShardLayout = detect_layout(model, config)
         self.selection: Selection = self.layout.select(self.model, config)
@@ -79,9 +82,8 @@ class ModelEMA:
         #: True while `swapped()` has the EMA weights in the model.
         self.is_swapped = False
         # Picks the kernel per group and runs offloaded / side-stream updates (see `hf_ema/updater.py`).
-        self._updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
-        self._updater.on_outcome = self._record.record
-        updater = self._updater
+        self._updater = updater = EMAUpdater([(g.ema, g.live) for g in self._groups], config)
+        updater.on_outcome = self._record.record
         agreements = agreements_for(
             self.layout, updater.check, updater.in_background, updater.device_update is not None
         )
@@ -382,7 +384,8 @@ class ModelEMA:
 
         Returns:
             `dict`: `{"tensors": {name: tensor}, "step": int, "num_updates": int, "num_skipped": int,
-            "decay": float | None, "update_intervals": {str: int}, "config": dict, "format_version": int}`.
+            "decay": float | None, "update_intervals": {str: int}, "config": dict, "config_history": list,
+            "format_version": int}` (and `"bema_theta0": {name: tensor}` for a bias-corrected EMA after its burn-in).
         """
         self.wait()
         state = {
@@ -390,6 +393,7 @@ class ModelEMA:
             "step": self.step,
             **self.counter_state(),
             "config": self.config.to_dict(),
+            "config_history": [dict(entry) for entry in self.config_history],
             "format_version": STATE_FORMAT_VERSION,
         }
         correction = self.bias_correction
@@ -426,28 +430,13 @@ class ModelEMA:
                     f"model"
                 )
             t.ema.copy_(src)
-        self._load_theta0(state.get("bema_theta0"))
+        if self.bias_correction is not None:
+            self.bias_correction.load(state.get("bema_theta0"), self.names, self._live, strict)
         self.step = int(state.get("step", self.step))
         self._record.counters.load_state(state)
         self._coalesced_steps = 0
-
-    def _load_theta0(self, theta0: dict[str, torch.Tensor] | None) -> None:
-        correction = self.bias_correction
-        if correction is None:
-            return
-        correction.ready = theta0 is not None  # a state saved during the burn-in has no snapshot yet
-        if theta0 is None:
-            return
-        missing = [name for name in self.names if name not in theta0]
-        if missing:
-            raise CheckpointError(f"the BEMA state lacks theta_0 of {len(missing)} tensors, e.g. {missing[:3]!r}")
-        for name, dst in zip(self.names, correction.theta0):
-            if tuple(theta0[name].shape) != tuple(dst.shape):
-                raise CheckpointError(
-                    f"BEMA theta_0 of {name!r} has shape {tuple(theta0[name].shape)} in the state, "
-                    f"{tuple(dst.shape)} in the model"
-                )
-            dst.copy_(theta0[name])
+        if "config_history" in state:
+            self.config_history = [dict(entry) for entry in state["config_history"]]
 
     def reset(self) -> None:
         """Restart the EMA from the model's current weights (keeps the step counter). Weights holding NaN or inf

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigMismatchError
 from .utils.jsonio import read_json
 from .utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step
 
@@ -238,16 +238,64 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def check_compatible(folders: Sequence[WeightFolder]) -> None:
-    """Fail unless every folder holds the same model: same kind, architecture, tensor names, shapes and dtypes.
+#: Entries of `config.json` / `adapter_config.json` that do not change what the weights mean: where they came from,
+#: the dtype they were saved in, the library versions, label names and runtime switches. Checkpoints that differ only
+#: in these merge; any other difference (a head count, a rope setting, a LoRA scaling) is a different model.
+CONFIG_KEYS_IGNORED = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "base_model_name_or_path",
+        "revision",
+        "_commit_hash",
+        "transformers_version",
+        "_diffusers_version",
+        "peft_version",
+        "torch_dtype",
+        "dtype",
+        "id2label",
+        "label2id",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "inference_mode",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "attn_implementation",
+    }
+)
+
+
+def _config_differences(config: dict, ref: dict, prefix: str = "") -> list[str]:
+    """`key: value vs ref value` for every entry of the two configs that changes what the weights mean."""
+    out = []
+    for key in sorted(set(config) | set(ref)):
+        if key in CONFIG_KEYS_IGNORED:
+            continue
+        mine, theirs = config.get(key), ref.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            out.extend(_config_differences(mine, theirs, f"{prefix}{key}."))
+        elif mine != theirs:
+            out.append(f"{prefix}{key} {mine!r} vs {theirs!r}")
+    return out
+
+
+def check_compatible(folders: Sequence[WeightFolder], allow_config_mismatch: bool = False) -> None:
+    """Fail unless every folder holds the same model: same kind, architecture, tensor names, shapes and dtypes, and
+    configs (`config.json`, `adapter_config.json`) equal but for `CONFIG_KEYS_IGNORED`.
 
     Only headers and configs are read, so this runs before anything is written.
 
     Args:
         folders (`Sequence[WeightFolder]`): The folders; the last one is the reference.
+        allow_config_mismatch (`bool`, *optional*, defaults to `False`): Accept configs that differ (the tensors
+            must still match).
 
     Raises:
         `CheckpointError`: naming the first folder that differs and how.
+        `ConfigMismatchError`: the configs differ (each differing entry named) and `allow_config_mismatch` is
+            `False`.
     """
     ref = folders[-1]
     ref_config = _read_json(ref.folder / "config.json") or {}
@@ -278,6 +326,15 @@ def check_compatible(folders: Sequence[WeightFolder]) -> None:
                 raise CheckpointError(f"{where}: tensor {key!r} has shape {other_shape}, not {shape}")
             if other_dtype != dtype:
                 raise CheckpointError(f"{where}: tensor {key!r} has dtype {other_dtype}, not {dtype}")
+        if allow_config_mismatch:
+            continue
+        for name, mine, theirs in (("config.json", config, ref_config), ("adapter_config.json", adapter, ref_adapter)):
+            differences = _config_differences(mine, theirs)
+            if differences:
+                raise ConfigMismatchError(
+                    f"{where}: its {name} describes another model ({'; '.join(differences)}); the merged folder "
+                    f"would take the last one's config. Pass allow_config_mismatch=True to merge them anyway"
+                )
 
 
 def _read_tensor(folder: WeightFolder, key: str) -> torch.Tensor:

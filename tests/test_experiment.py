@@ -135,7 +135,9 @@ def test_runs_share_seed_and_schedules_differ(quick_run):
     out, rows = quick_run
     # Same initialisation and batches, same warmup: identical until the warmup ends (step 2), where the EMAs also
     # still copy the weights (start_step = warmup).
-    assert _loss(rows, "cosine", 2) == _loss(rows, "constant", 2) == _loss(rows, "ema-0.9", 2) == _loss(rows, "bema", 2)
+    assert (
+        _loss(rows, "cosine", 2) == _loss(rows, "constant", 2) == _loss(rows, "ema-0.9", 2) == _loss(rows, "bema", 2)
+    )
     assert _loss(rows, "cosine", 8) != _loss(rows, "constant", 8)
     lrs = {}
     for run in ("cosine", "constant"):

@@ -374,3 +374,34 @@ def test_argument_errors(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match="no safetensors"):
         merge_checkpoints([a, tmp_path / "bin"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_configs_of_different_models_are_refused_unless_allowed(tmp_path, tokenizer, capsys):
+    """Two Llamas with 4 and 2 attention heads have the same tensor names and shapes, yet are different models:
+    the merge is refused in one line naming the differences and the flag (library and CLI), and allowed with it."""
+    from hf_ema import ConfigMismatchError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0).save_pretrained(a)
+    tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1).save_pretrained(b)
+    weights_a, weights_b = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert {k: v.shape for k, v in weights_a.items()} == {k: v.shape for k, v in weights_b.items()}
+    with pytest.raises(ConfigMismatchError) as info:
+        merge_checkpoints([a, b], tmp_path / "out", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and f"`{a}` does not match `{b}`" in message
+    assert "num_attention_heads 4 vs 2" in message and "allow_config_mismatch=True" in message
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()  # what saving the models printed
+    assert cli_main(["merge", str(a), str(b), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("hf-ema merge: error: ") and "--allow-config-mismatch" in err
+    assert not (tmp_path / "out").exists()
+
+    merged = merge_checkpoints([a, b], tmp_path / "out", progress=False, allow_config_mismatch=True)
+    out = load_file(str(merged / "model.safetensors"))
+    for name, value in out.items():
+        assert torch.equal(value, (weights_a[name] + weights_b[name]) / 2), name
+    assert json.loads((merged / "config.json").read_text())["num_attention_heads"] == 2  # the newest's config
+    flag = ["--allow-config-mismatch", "--no-progress", "--overwrite"]
+    assert cli_main(["merge", str(a), str(b), "--out", str(tmp_path / "out"), *flag]) == 0

@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         use_ema=args.ema,
         sort_by_step=not args.keep_order,
+        allow_config_mismatch=args.allow_config_mismatch,
         **output_options(args),
     )
     recipe = read_json(out / MERGE_RECIPE_NAME)
@@ -55,6 +56,11 @@ def register(subparsers: SubParsers) -> None:
         "--ema", action="store_true", help="merge each checkpoint's ema/ folder instead of its raw weights"
     )
     parser.add_argument("--keep-order", action="store_true", help="merge in the given order instead of by step")
+    parser.add_argument(
+        "--allow-config-mismatch",
+        action="store_true",
+        help="merge checkpoints whose configs describe different models (same tensors); the newest one's config",
+    )
     add_output_options(parser)
     parser.set_defaults(
         func=run,
@@ -66,5 +72,6 @@ def register(subparsers: SubParsers) -> None:
             "weights": "--weights",
             "ema_decay": "--ema-decay",
             "use_ema": "--ema",
+            "allow_config_mismatch": "--allow-config-mismatch",
         },
     )

@@ -36,6 +36,7 @@ def ema_state(job: SaveJob, plan: SavePlan, extra_state: dict[str, Any] | None) 
         "step": ema.step,
         **ema.counter_state(),
         "config": ema.config.to_dict(),
+        "config_history": ema.config_history,
         "layout": ema.layout.kind,
         "world_size": ema.layout.world_size,
         "exact_tensors": plan.exact_tensors,

@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 _WEIGHT_FILES = ("model", "diffusion_pytorch_model")
 
 
-def read_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+def read_rank_shard(
+    ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, Any], skip: frozenset[str] | set[str] = frozenset()
+) -> dict[str, torch.Tensor] | None:
     """This rank's EMA shards from a format-1 `folder/shards/` file, when they fit this EMA; not a collective.
 
     Args:
         ema (`ModelEMA`): The EMA to restore.
         folder (`str` or `os.PathLike`): The `ema/` folder.
         meta (`dict`): The folder's `ema_state.json`.
+        skip (`set[str]`, *optional*): Tensors not to read (the folder lacks them).
 
     Returns:
         `dict` or `None`: the tensors by name, or `None` when they do not fit (the caller re-shards the full weights).
@@ -55,7 +58,7 @@ def read_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, An
             )
             return None
         keys = set(f.keys())
-        ours = list(ema.named_tensors())
+        ours = [t for t in ema.named_tensors() if t.name not in skip]
         if not {t.name for t in ours} <= keys:
             return None
         tensors: dict[str, torch.Tensor] = {}
@@ -71,40 +74,50 @@ def read_rank_shard(ema: ModelEMA, folder: str | os.PathLike, meta: dict[str, An
     return tensors
 
 
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors' own error types: a damaged or truncated file
+        raise CheckpointError(f"could not read `{path}`: {type(err).__name__}: {err}") from None
+
+
 def _read_full_tensors(folder: Path) -> dict[str, torch.Tensor]:
     # The exact copy when there is one, else the weights under the names `save_pretrained` and diffusers'
     # `save_pretrained` use (one file or an index).
     exact = folder / TENSORS_NAME
     if exact.is_file():
-        return load_file(str(exact))
+        return _load_file(exact)
     for stem in _WEIGHT_FILES:
         single = folder / f"{stem}.safetensors"
         if single.is_file():
-            return load_file(str(single))
+            return _load_file(single)
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             files = sorted(set(read_json(index)["weight_map"].values()))
             out: dict[str, torch.Tensor] = {}
             for name in files:
-                out.update(load_file(str(folder / name)))
+                out.update(_load_file(folder / name))
             return out
     raise CheckpointError(f"`{folder}` holds no EMA weights ({TENSORS_NAME} or model.safetensors)")
 
 
-def read_format1(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """This rank's part of each EMA tensor from a format-1 folder (not a collective).
+def read_format1(ema: ModelEMA, folder: Path, meta: dict[str, Any], skip: set[str]) -> dict[str, torch.Tensor]:
+    """This rank's part of each EMA tensor but those in `skip`, from a format-1 folder (not a collective).
 
     Args:
         ema (`ModelEMA`): The EMA to restore.
         folder (`Path`): The `ema/` folder.
         meta (`dict`): Its `ema_state.json`.
+        skip (`set[str]`): Tensors not to read (the folder lacks them).
     """
-    own = read_rank_shard(ema, folder, meta)
+    own = read_rank_shard(ema, folder, meta, skip)
     if own is not None:
         return own
     full = _read_full_tensors(folder)
     tensors: dict[str, torch.Tensor] = {}
     for t in ema.named_tensors():
+        if t.name in skip:
+            continue
         names = [t.name, *ema.selection.aliases.get(t.name, [])]
         source = next((full[n] for n in names if n in full), None)
         if source is None:

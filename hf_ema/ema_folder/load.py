@@ -15,8 +15,10 @@ from ..utils.atomic import recover_folder
 from ..utils.jsonio import read_json
 from ..utils.paths import STATE_NAME
 from ..utils.safetensors_files import dtype_from_name, read_elements, read_header
+from ..utils.validation import check_bool
 from .commit import FORMAT_VERSION
 from .format1 import read_format1
+from .resume import check_finite, check_state, plan_resume
 
 __all__ = ["load_ema", "read_ema_state"]
 
@@ -56,16 +58,26 @@ class _Headers:
             start, header, _ = read_header(path)
             self._read[file] = (start, header)
         start, header = self._read[file]
-        return start, header.get(key)
+        entry = header.get(key)
+        if entry is not None and not (
+            isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+        ):
+            raise CheckpointError(f"`{self.folder / file}` is corrupt: its header entry {key!r} is {entry!r}")
+        return start, entry
 
 
-def _read_parts(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """This rank's part of each EMA tensor, read from the file and key that `ema_state.json` names for it (its byte
-    range only: nothing is gathered, whatever the world size that wrote the folder)."""
+def _read_parts(ema: ModelEMA, folder: Path, meta: dict[str, Any], skip: set[str]) -> dict[str, torch.Tensor]:
+    """This rank's part of each EMA tensor but those in `skip`, read from the file and key that `ema_state.json`
+    names for it (its byte range only: nothing is gathered, whatever the world size that wrote the folder)."""
     locations = meta.get("tensors") or {}
     headers = _Headers(folder)
     out: dict[str, torch.Tensor] = {}
     for t in ema.named_tensors():
+        if t.name in skip:
+            continue
         where = locations.get(t.name)
         if where is None:
             raise CheckpointError(f"`{folder}` has no tensor {t.name!r}; was it saved for another model?")
@@ -73,9 +85,9 @@ def _read_parts(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _read_theta0(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """This rank's part of BEMA's `theta_0` of each averaged tensor, when the folder has it (a bias-corrected EMA
-    saved after its burn-in)."""
+def _read_theta0(ema: ModelEMA, folder: Path, meta: dict[str, Any], skip: set[str]) -> dict[str, torch.Tensor] | None:
+    """This rank's part of BEMA's `theta_0` of each averaged tensor but those in `skip`, when the folder has it (a
+    bias-corrected EMA saved after its burn-in)."""
     locations = meta.get("bema_theta0")
     correction = ema.bias_correction
     if not locations or correction is None:
@@ -83,6 +95,8 @@ def _read_theta0(ema: ModelEMA, folder: Path, meta: dict[str, Any]) -> dict[str,
     headers = _Headers(folder)
     out: dict[str, torch.Tensor] = {}
     for name, like in zip(ema.names, correction.theta0):
+        if name in skip:
+            continue
         where = locations.get(name)
         if where is None:
             raise CheckpointError(f"`{folder}` has no BEMA theta_0 of {name!r}; was it saved for another model?")
@@ -115,41 +129,51 @@ def _read_part(ema: ModelEMA, headers: _Headers, name: str, where: dict[str, str
 
 
 @torch.no_grad()
-def load_ema(ema: ModelEMA, folder: str | os.PathLike) -> dict[str, Any]:
+def load_ema(ema: ModelEMA, folder: str | os.PathLike, *, allow_config_change: bool = False) -> dict[str, Any]:
     """Restore `ema` from an `ema/` folder written by `save_ema` (resume). Every rank calls it; not a collective.
 
     Each rank reads only its own part of each tensor (a byte range of the file that holds it exactly), whatever the
     number of ranks that wrote the folder. Folders of format 1 (with `shards/`) are read too.
 
+    The folder must have been saved with the same settings in every field of [`EMAConfig`] that changes the average
+    (`config.MATH_FIELDS`: the schedule, `dtype`, and the tensor selection when it selects other tensors); the
+    others (`device`, `async_update`, `cuda_stream`, `shard_across_ranks`, `on_nonfinite`) may change. With
+    `allow_config_change=True` the EMA goes on with its own settings from the folder's step: the new schedule
+    applies from the next update, tensors it now averages and the folder lacks start from the current weights (with
+    a warning naming them), tensors it no longer averages leave it, and a new `dtype` is a cast of the saved values.
+    `ema.config_history` (saved in `ema_state.json`) records each config with the step it took effect.
+
     Args:
         ema (`ModelEMA`): The EMA to restore, built for the same model.
         folder (`str` or `os.PathLike`): The `ema/` folder.
+        allow_config_change (`bool`, *optional*, defaults to `False`): Go on with `ema`'s settings when they differ
+            from the folder's in a way that changes the average.
 
     Returns:
         `dict`: the folder's `ema_state.json`.
 
     Raises:
-        `CheckpointError`: the folder is not an EMA folder, is newer than this hf-ema, or holds another model.
+        `CheckpointError`: the folder is not an EMA folder, is corrupt or incomplete (the message names the file),
+            is newer than this hf-ema, holds another model, or holds NaN or inf (unless `on_nonfinite="ignore"`).
+        `ConfigMismatchError`: the settings changed and `allow_config_change` is `False`.
     """
+    check_bool("allow_config_change", allow_config_change)
     folder = Path(folder)
     meta = read_ema_state(folder)
-    version = meta.get("format_version", 0)
+    version = check_state(meta, folder)
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"`{folder}` was written by a newer hf-ema (format {meta['format_version']}); upgrade hf-ema to read it"
         )
+    plan = plan_resume(ema, folder, meta, allow_config_change)
     ema.wait()
-    tensors = _read_parts(ema, folder, meta) if version >= 2 else read_format1(ema, folder, meta)
-    ema.load_state_dict(
-        {
-            "tensors": tensors,
-            "step": meta["step"],
-            "num_updates": meta["num_updates"],
-            "num_skipped": meta.get("num_skipped", 0),
-            "decay": meta.get("decay"),
-            "update_intervals": meta.get("update_intervals"),
-            "last_interval": meta.get("last_interval"),
-            "bema_theta0": _read_theta0(ema, folder, meta) if version >= 2 else None,
-        }
-    )
+    skip = set(plan.new_tensors)
+    tensors = _read_parts(ema, folder, meta, skip) if version >= 2 else read_format1(ema, folder, meta, skip)
+    check_finite(ema, folder, tensors)
+    state = {"tensors": tensors, "step": meta["step"], "num_updates": meta["num_updates"]}
+    state.update(num_skipped=meta.get("num_skipped", 0), decay=meta.get("decay"))
+    state.update(update_intervals=meta.get("update_intervals"), last_interval=meta.get("last_interval"))
+    state["bema_theta0"] = _read_theta0(ema, folder, meta, skip) if version >= 2 else None
+    ema.load_state_dict(state, strict=not skip)
+    plan.apply(ema, meta, folder)
     return meta

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointWriteError
 from ..model_ema import ModelEMA
 from ..sharding.collectives import Ranks
 from ..utils.atomic import atomic_folder
@@ -59,6 +60,8 @@ def save_ema(
     Raises:
         `CheckpointError`: the model is sharded and its `save_pretrained` ignores `state_dict` (it would write
             the model's own weights), or another rank failed.
+        `CheckpointWriteError`: the system refused a write (a full disk, no permission); the message names the
+            folder and says that nothing was replaced.
     """
     check_size("max_shard_size", max_shard_size, optional=True)
     check_optional_bool("shared_filesystem", shared_filesystem)
@@ -68,11 +71,27 @@ def save_ema(
     module = ema.layout.save_module(ema.model)
     if max_shard_size is None:
         max_shard_size = default_max_shard_size(module)
-    with contextlib.ExitStack() as staging:
-        # The main process builds the folder under a temporary name; any error removes it, the commit renames it.
-        tmp = ranks.on_main(f"write `{output_dir}`", lambda: str(staging.enter_context(atomic_folder(output_dir))))
-        job = SaveJob(ema, SaveSources(ema), module, Path(tmp), ranks, output_dir, max_shard_size)
-        plan = plan_save(job, processing_class)
-        write_parts(job, plan, shared_filesystem)
-        ranks.on_main(f"commit `{output_dir}`", lambda: commit(job, plan, extra_state, staging))
+    existed = output_dir.is_dir()
+    try:
+        with contextlib.ExitStack() as staging:
+            # The main process builds the folder under a temporary name; any error removes it, the commit renames it.
+            tmp = ranks.on_main(f"write `{output_dir}`", lambda: str(staging.enter_context(atomic_folder(output_dir))))
+            job = SaveJob(ema, SaveSources(ema), module, Path(tmp), ranks, output_dir, max_shard_size)
+            plan = plan_save(job, processing_class)
+            write_parts(job, plan, shared_filesystem)
+            ranks.on_main(f"commit `{output_dir}`", lambda: commit(job, plan, extra_state, staging))
+    except OSError as err:
+        if isinstance(err, CheckpointWriteError):
+            raise
+        raise _write_error(output_dir, err, existed) from err
     return output_dir if ranks.main else None
+
+
+def _write_error(output_dir: Path, err: OSError, existed: bool) -> CheckpointWriteError:
+    kept = f"the previous `{output_dir}` is intact" if existed else f"nothing was left at `{output_dir}`"
+    error = CheckpointWriteError(
+        f"could not write the EMA to `{output_dir}`: {err}; {kept} (the write goes to a temporary folder, renamed "
+        f"into place only when complete) and every `ema/` saved before is as it was"
+    )
+    error.errno = err.errno
+    return error

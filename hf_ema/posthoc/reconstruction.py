@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._version import __version__
-from ..config import MAX_SIGMA_REL
-from ..decay import gamma_from_sigma_rel, sigma_rel_from_gamma
+from ..decay import check_sigma_rel, gamma_from_sigma_rel, sigma_rel_from_gamma
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder, read_ema_state
 from ..errors import CheckpointError, ConfigError
 from ..utils.jsonio import write_json
@@ -148,9 +147,7 @@ def reconstruct(
     if (sigma_rel is None) == (gamma is None):
         raise ConfigError(f"give exactly one of `sigma_rel` and `gamma`, got sigma_rel={sigma_rel!r}, gamma={gamma!r}")
     if sigma_rel is not None:
-        if not is_number(sigma_rel) or not 0.0 < sigma_rel < MAX_SIGMA_REL:
-            raise ConfigError(f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
-        target_gamma = gamma_from_sigma_rel(float(sigma_rel))
+        target_gamma = gamma_from_sigma_rel(check_sigma_rel("`sigma_rel`", sigma_rel))
     elif gamma is None or not is_number(gamma) or not gamma > -1.0:
         raise ConfigError(f"`gamma` must be a number > -1, got {gamma!r}")
     else:

@@ -25,13 +25,14 @@ from typing import Any
 
 from torch import nn
 
-from ..config import MAX_SIGMA_REL, EMAConfig
+from ..config import EMAConfig
+from ..decay import check_sigma_rel
 from ..ema_folder import EMA_DIRNAME, STATE_NAME, load_ema, save_ema
 from ..errors import ConfigError, ConfigTypeError
 from ..model_ema import ModelEMA
 from ..utils.jsonio import write_json
 from ..utils.paths import POSTHOC_DIRNAME, posthoc_step
-from ..utils.validation import check_int, coerce_config, is_number
+from ..utils.validation import check_int, coerce_config
 
 __all__ = [
     "POSTHOC_DIRNAME",
@@ -67,8 +68,7 @@ class PostHocConfig:
         if len(self.sigma_rels) == 0 or len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise ConfigError(f"`sigma_rels` must hold at least one value and no duplicates, got {self.sigma_rels!r}")
         for s in self.sigma_rels:
-            if not is_number(s) or not 0.0 < s < MAX_SIGMA_REL:
-                raise ConfigError(f"`sigma_rels` entries must be in (0, {MAX_SIGMA_REL:.4f}), got {s!r}")
+            check_sigma_rel("`sigma_rels` entries", s)
         self.sigma_rels = tuple(float(s) for s in self.sigma_rels)
         if self.snapshot_every is not None:
             check_int("snapshot_every", self.snapshot_every, minimum=1)
@@ -200,27 +200,31 @@ class PostHocEMA:
         for ema, sigma_rel in zip(self.emas, self.config.sigma_rels):
             save_ema(ema, Path(folder) / _profile_dirname(sigma_rel))
 
-    def load_state(self, folder: str | os.PathLike) -> bool:
+    def load_state(self, folder: str | os.PathLike, allow_config_change: bool = False) -> bool:
         """Restore the EMAs from `save_state` output; returns whether every profile was found.
 
         Args:
             folder (`str` or `os.PathLike`): E.g. `checkpoint-N/ema_posthoc`.
+            allow_config_change (`bool`, *optional*, defaults to `False`): See [`load_ema`].
         """
         folders = [Path(folder) / _profile_dirname(s) for s in self.config.sigma_rels]
         if not all((f / STATE_NAME).is_file() for f in folders):
             return False
         for ema, f in zip(self.emas, folders):
-            load_ema(ema, f)
+            load_ema(ema, f, allow_config_change=allow_config_change)
         return True
 
     # ------------------------------------------------------------------ Trainer events (called by EMACallback)
-    def on_train_begin(self, args: Any, state: Any, resume_candidates: Sequence[Path]) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, resume_candidates: Sequence[Path], allow_config_change: bool = False
+    ) -> None:
         """Start at the Trainer's step and, when resuming, restore from the checkpoint.
 
         Args:
             args (`TrainingArguments`): The training arguments.
             state (`TrainerState`): The trainer state.
             resume_candidates (`Sequence[Path]`): Checkpoint folders (or their `ema/`) to restore from, in order.
+            allow_config_change (`bool`, *optional*, defaults to `False`): See [`load_ema`].
         """
         self.step = state.global_step
         root = Path(args.output_dir) / POSTHOC_DIRNAME
@@ -238,7 +242,7 @@ class PostHocEMA:
             return
         for candidate in resume_candidates:
             base = candidate.parent if candidate.name == EMA_DIRNAME else candidate
-            if self.load_state(base / POSTHOC_DIRNAME):
+            if self.load_state(base / POSTHOC_DIRNAME, allow_config_change):
                 logger.info("post-hoc EMAs restored from %s", base / POSTHOC_DIRNAME)
                 break
         else:

@@ -20,7 +20,7 @@ from ..ema_folder import EMA_DIRNAME, STATE_NAME, atomic_folder
 from ..errors import CheckpointError, ConfigError, ConfigTypeError
 from ..utils.jsonio import write_json
 from ..utils.output import mark_output, prepare_output
-from ..utils.validation import check_int, check_number, is_number
+from ..utils.validation import check_bool, check_int, check_number, is_number
 from ..weighted_sum import WeightFolder, check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
 
 __all__ = ["MERGE_RECIPE_NAME", "SCHEDULES", "decay_multipliers", "ema_weights", "merge_checkpoints", "wsm_weights"]
@@ -146,6 +146,7 @@ def merge_checkpoints(
     sort_by_step: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    allow_config_mismatch: bool = False,
 ) -> Path:
     """Average saved checkpoints into a new `from_pretrained`-loadable folder, streamed tensor by tensor.
 
@@ -184,12 +185,17 @@ def merge_checkpoints(
             `output_dir` may never be, contain or lie inside a checkpoint, nor be a training run folder or a
             non-empty folder hf-ema did not write (see [`prepare_output`]).
         progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+        allow_config_mismatch (`bool`, *optional*, defaults to `False`): Merge checkpoints whose `config.json` (or
+            `adapter_config.json`) differ in what the weights mean (e.g. the number of attention heads, with the
+            same tensor shapes); the output takes the newest checkpoint's config. Differences in names, paths,
+            dtype and versions never count (`weighted_sum.CONFIG_KEYS_IGNORED`).
 
     Returns:
         `Path`: the output folder.
 
     Raises:
         `CheckpointError`: when a checkpoint is missing or the checkpoints do not hold the same model.
+        `ConfigMismatchError`: their configs describe different models and `allow_config_mismatch` is `False`.
         `ConfigError`: on invalid arguments.
     """
     if isinstance(checkpoints, (str, os.PathLike)) or not isinstance(checkpoints, Sequence):
@@ -201,6 +207,7 @@ def merge_checkpoints(
     if len(set(resolved)) != len(resolved):
         dup = next(str(p) for p, r in zip(paths, resolved) if resolved.count(r) > 1)
         raise ConfigError(f"`checkpoints` lists `{dup}` more than once")
+    check_bool("allow_config_mismatch", allow_config_mismatch)
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {list(METHODS)}, got {method!r}")
     if schedule is not None and method != "wsm":
@@ -215,7 +222,7 @@ def merge_checkpoints(
         order.sort(key=lambda i: steps[i] or 0)  # all set (checked just above)
     paths = [paths[i] for i in order]
     folders = [folders[i] for i in order]
-    check_compatible(folders)
+    check_compatible(folders, allow_config_mismatch=allow_config_mismatch)
 
     n = len(folders)
     recipe: dict = {"method": method, "use_ema": use_ema}

@@ -15,7 +15,7 @@ from ..compat.transformers import check_transformers, find_calling_trainer, wrap
 from ..compat.transformers import output_dir as output_dir_of
 from ..config import EMAConfig
 from ..ema_folder import load_ema, save_ema
-from ..errors import CheckpointError, StateError
+from ..errors import CheckpointError, ConfigMismatchError, StateError
 from ..model_ema import ModelEMA
 from ..posthoc import PostHocConfig, PostHocEMA, resolve_posthoc
 from ..selection import select_tensors, unwrap_model
@@ -50,8 +50,14 @@ def _is_complete_checkpoint(checkpoint: Path) -> bool:
     return (checkpoint / TRAINER_STATE_NAME).is_file()
 
 
-def _complete_checkpoints_text(output_dir: str | os.PathLike) -> str:
-    complete = [c.name for c in list_checkpoints(output_dir) if _is_complete_checkpoint(c) and _has_complete_ema(c)]
+def _complete_checkpoints_text(output_dir: str | os.PathLike, exclude: Path | None = None) -> str:
+    complete = [
+        c.name
+        for c in list_checkpoints(output_dir)
+        if _is_complete_checkpoint(c)
+        and _has_complete_ema(c)
+        and (exclude is None or c.resolve() != exclude.resolve())
+    ]
     return "complete: " + ", ".join(complete) if complete else "none is left"
 
 
@@ -96,6 +102,11 @@ class EMACallback(TrainerCallback):
             the EMA from the resumed weights with a warning instead of stopping with an error. With
             `resume_from_checkpoint=True` the Trainer first falls back to the newest checkpoint whose EMA is complete,
             so the EMA stays exact; this flag only matters when there is none.
+        allow_config_change (`bool`, *optional*, defaults to `False`): When training resumes from a checkpoint whose
+            EMA was saved with settings that change the average (the schedule, `dtype`, the tensors averaged; see
+            [`load_ema`]), go on with this callback's settings from the resume step instead of stopping before
+            training with an error naming each changed field. Tensors newly averaged start from the resumed weights
+            (with a warning naming them), tensors no longer averaged leave the EMA, a new `dtype` casts the EMA.
         max_shard_size (`int` or `str`, *optional*): Largest weights file of each `ema/` folder, e.g. `"2GB"` or a
             number of bytes; a bigger EMA is split into `model-0000i-of-0000N.safetensors` files with an index, as
             `save_pretrained(max_shard_size=...)` splits a model. Defaults to the model's `save_pretrained` default.
@@ -113,6 +124,7 @@ class EMACallback(TrainerCallback):
         swap_at_end: bool = False,
         posthoc: bool | dict | PostHocConfig | None = None,
         allow_ema_restart: bool = False,
+        allow_config_change: bool = False,
         max_shard_size: int | str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -123,6 +135,7 @@ class EMACallback(TrainerCallback):
             ("eval_ema", eval_ema),
             ("swap_at_end", swap_at_end),
             ("allow_ema_restart", allow_ema_restart),
+            ("allow_config_change", allow_config_change),
         ):
             check_bool(name, flag)
         check_path("resume_from", resume_from, optional=True)
@@ -130,6 +143,7 @@ class EMACallback(TrainerCallback):
         self.config = config
         self.resume_from = resume_from
         self.allow_ema_restart = allow_ema_restart
+        self.allow_config_change = allow_config_change
         self.save_final = save_final
         self.ema: ModelEMA | None = None
         self.swap_at_end = swap_at_end
@@ -278,7 +292,9 @@ class EMACallback(TrainerCallback):
             self._restore(args, state)
         if self.posthoc_config is not None:
             self.posthoc = PostHocEMA(model, self.posthoc_config, base=self.config)
-            self.posthoc.on_train_begin(args, state, self._resume_candidates(args, state))
+            self.posthoc.on_train_begin(
+                args, state, self._resume_candidates(args, state), allow_config_change=self.allow_config_change
+            )
 
     # ------------------------------------------------------------------ resume
     def _resume_candidates(self, args: TrainingArguments, state: TrainerState) -> list[Path]:
@@ -306,7 +322,7 @@ class EMACallback(TrainerCallback):
             folder = candidate if is_ema_folder(candidate) else candidate / EMA_DIRNAME
             recover_folder(folder)  # a replace interrupted between its two renames
             if is_ema_folder(folder):
-                meta = load_ema(self._require_ema(), folder)
+                meta = self._load(folder, output_dir_of(args))
                 if meta["step"] != state.global_step:
                     logger.warning(
                         "EMA restored from %s is at step %s but training resumes at step %s",
@@ -333,6 +349,20 @@ class EMACallback(TrainerCallback):
             f"from a checkpoint whose `{EMA_DIRNAME}/` is complete ({_complete_checkpoints_text(output_dir_of(args))}), "
             f"or pass `EMACallback(allow_ema_restart=True)` to restart the EMA from the current weights"
         )
+
+    def _load(self, folder: Path, output_dir: str) -> dict[str, Any]:
+        """`load_ema` of the resume; a damaged folder's error names the checkpoints to resume from instead."""
+        try:
+            return load_ema(self._require_ema(), folder, allow_config_change=self.allow_config_change)
+        except ConfigMismatchError:
+            raise  # it names its own way on
+        except CheckpointError as err:
+            others = _complete_checkpoints_text(output_dir, exclude=folder.parent)
+            raise CheckpointError(
+                f"cannot resume the EMA: {err}. Resume from another checkpoint whose `{EMA_DIRNAME}/` is complete "
+                f"({others}), or pass `EMACallback(allow_ema_restart=True)` to restart the EMA from the current "
+                f"weights"
+            ) from None
 
     # ------------------------------------------------------------------ training events
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

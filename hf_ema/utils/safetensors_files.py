@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
+
 __all__ = [
     "FileLayout",
     "TensorSpec",
@@ -292,15 +294,25 @@ def read_header(path: str | os.PathLike) -> tuple[int, dict[str, dict], dict[str
     Returns:
         `tuple`: the byte offset where the data starts, `{key: {"dtype", "shape", "data_offsets"}}` and the
         metadata.
+
+    Raises:
+        `CheckpointError`: `path` is not a safetensors file (too short, a damaged or truncated header), named in
+            the message.
     """
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise CheckpointError(f"`{path}` is not a safetensors file (shorter than 8 bytes)")
         (length,) = struct.unpack("<Q", raw)
         if length > 100 * 2**20:
-            raise ValueError(f"{path} is not a safetensors file (header of {length} bytes)")
-        header = json.loads(f.read(length))
+            raise CheckpointError(f"`{path}` is not a safetensors file (header of {length} bytes)")
+        text = f.read(length)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"`{path}` is corrupt: its safetensors header is not JSON ({err})") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for k, v in header.items() if k != "__metadata__"):
+        raise CheckpointError(f"`{path}` is corrupt: its safetensors header is not a table of tensors")
     metadata = header.pop("__metadata__", None) or {}
     return 8 + length, header, metadata
 
@@ -331,7 +343,7 @@ def read_elements(
             while view.nbytes:
                 got = f.readinto(view)
                 if not got:
-                    raise ValueError(f"{path} is truncated: expected {count * size} more bytes at {offset}")
+                    raise CheckpointError(f"`{path}` is truncated: expected {count * size} more bytes at {offset}")
                 view = view[got:]
             if not direct:
                 flat[begin : begin + count].copy_(target)
