@@ -54,8 +54,10 @@ TRAINING_FIELDS = (
     "steps", "warmup_steps", "save_every", "learning_rate", "batch_size", "block_size", "hidden_size", "num_layers",
     "num_heads", "vocab_size", "ema_decays", "posthoc_tracked", "bema",
 )  # fmt: skip
-#: The method name and the checkpoint folder of the bias-corrected EMA (BEMA).
+#: The method names of the bias-corrected EMA (BEMA), and of its plain EMA alone (BEMA's schedule, no correction:
+#: the `ema_state.safetensors` of the same folder), which tells the correction's share from the schedule's.
 BEMA_METHOD = "bema"
+BEMA_PLAIN_METHOD = "bema-ema"
 
 
 @dataclass
@@ -155,6 +157,8 @@ def describe(method: str, cfg: ExperimentConfig) -> str:
         return "constant LR (raw)"
     if method == BEMA_METHOD:
         return f"constant + BEMA (burn-in {cfg.warmup_steps} steps)"
+    if method == BEMA_PLAIN_METHOD:
+        return "constant + BEMA's EMA alone (no correction)"
     family, _, rest = method.partition("-")
     if family == "ema":
         return f"constant + EMA {rest} (~{1 / (1 - float(rest)):.0f} steps)"
@@ -264,13 +268,15 @@ class Evaluator:
         # Tied output embeddings are not stored in `save_pretrained` folders.
         self.tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, file: str = "model.safetensors") -> None:
         from safetensors.torch import load_file
 
-        path = Path(folder) / "model.safetensors"
+        path = Path(folder) / file
         if not path.is_file():
-            raise CheckpointError(f"`folder` has no model.safetensors, got {str(folder)!r}")
-        missing, unexpected = self.model.load_state_dict(load_file(str(path)), strict=False)
+            raise CheckpointError(f"`folder` has no {file}, got {str(folder)!r}")
+        # `ema_state.safetensors` of a BEMA folder also holds theta_0 (keys `bema_theta0.<name>`).
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("bema_theta0.")}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - self.tied:
             raise CheckpointError(f"weights in {str(folder)!r} do not match the model: {missing=} {unexpected=}")
 
@@ -285,8 +291,8 @@ class Evaluator:
             count += n
         return total / count
 
-    def __call__(self, folder: Path) -> float:
-        self.load(folder)
+    def __call__(self, folder: Path, file: str = "model.safetensors") -> float:
+        self.load(folder, file)
         return self.loss()
 
 
@@ -324,7 +330,9 @@ def plan_evaluations(cfg: ExperimentConfig, seed_dir: Path) -> list[dict[str, An
         for decay in cfg.ema_decays:
             jobs.append({"step": step, "method": ema_method(decay), "folder": ckpt / cfg.ema_dirname(decay)})
         if cfg.bema:
-            jobs.append({"step": step, "method": BEMA_METHOD, "folder": ckpt / f"ema-{BEMA_METHOD}"})
+            folder = ckpt / f"ema-{BEMA_METHOD}"
+            jobs.append({"step": step, "method": BEMA_METHOD, "folder": folder})
+            jobs.append({"step": step, "method": BEMA_PLAIN_METHOD, "folder": folder, "file": "ema_state.safetensors"})
         windows = set(cfg.merge_windows) | {cfg.curve_window} if step == cfg.steps else {cfg.curve_window}
         for k in sorted(windows):
             if i + 1 < k:
@@ -380,7 +388,7 @@ def run_experiment(
                     folder = posthoc_ema(run_dir, seed_dir / "merged-tmp", sigma_rel)
                 else:
                     folder = job["folder"]
-                loss = evaluator(folder)
+                loss = evaluator(folder, job.get("file", "model.safetensors"))
                 rows.append(
                     {
                         "seed": seed,
@@ -474,7 +482,7 @@ def _verdict(summary: list[dict], cfg: ExperimentConfig) -> list[str]:
             else "The constant-LR raw model is not worse than cosine: this setting shows nothing about decay."
         )
     ]
-    families = (("ema-", "EMA"), (BEMA_METHOD, "BEMA"), ("merge-", "checkpoint merge"), ("posthoc-", "post-hoc EMA"))
+    families = (("ema-", "EMA"), ("bema", "BEMA"), ("merge-", "checkpoint merge"), ("posthoc-", "post-hoc EMA"))
     for family, name in families:
         cands = [s for s in summary if s["method"].startswith(family)]
         if not cands:
@@ -508,7 +516,7 @@ def _verdict(summary: list[dict], cfg: ExperimentConfig) -> list[str]:
 def curve_methods(cfg: ExperimentConfig, rows: list[dict]) -> list[str]:
     """The methods evaluated at every checkpoint (the curves of the plot and the per-step table)."""
     present = set(_methods(rows))
-    wanted = ["cosine", "constant", *(ema_method(d) for d in sorted(cfg.ema_decays)), BEMA_METHOD]
+    wanted = ["cosine", "constant", *(ema_method(d) for d in sorted(cfg.ema_decays)), BEMA_METHOD, BEMA_PLAIN_METHOD]
     wanted += [merge_method(s, cfg.curve_window) for s in cfg.merge_schedules]
     return [m for m in wanted if m in present]
 
@@ -563,7 +571,7 @@ def render_plot(rows: list[dict], cfg: ExperimentConfig, path: Path) -> None:
 
     methods = curve_methods(cfg, rows)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.1, 1]})
-    colors = {"cosine": "black", "constant": "tab:red", BEMA_METHOD: "tab:cyan"}
+    colors = {"cosine": "black", "constant": "tab:red", BEMA_METHOD: "tab:cyan", BEMA_PLAIN_METHOD: "teal"}
     blues = plt.cm.Blues([0.45 + 0.5 * i / max(1, len(cfg.ema_decays) - 1) for i in range(len(cfg.ema_decays))])
     for decay, c in zip(sorted(cfg.ema_decays), blues):
         colors[ema_method(decay)] = c
