@@ -284,9 +284,14 @@ def test_resume_without_any_complete_ema_stops_before_training(tmp_path, tokeniz
         train_dataset=lm_data[0],
         callbacks=[callback],
     )
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_ema.trainer.callback"):
         trainer.train(resume_from_checkpoint=True)
-    assert any("allow_ema_restart=True" in r.getMessage() for r in caplog.records)
+    # Said once, on one line, naming the checkpoint (it used to be said twice, worded differently).
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_ema.trainer.callback"]
+    assert len(warnings) == 1, warnings
+    assert "restarts from the resumed weights (allow_ema_restart=True)" in warnings[0]
+    assert "checkpoint-4" in warnings[0] and "\n" not in warnings[0]
     assert callback.ema.step == 6 and callback.ema.num_updates == 2
 
 
@@ -301,6 +306,35 @@ def test_bad_configuration_fails_before_training(tmp_path, tiny_model, lm_data, 
             callbacks=[EMACallback(include=["not_a_layer"])],
         )
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("metric", ["eval_ema_loss", "ema_loss"])
+def test_ema_best_metric_without_ema_evaluation_fails_when_bound(tmp_path, tiny_model, lm_data, metric):
+    """`metric_for_best_model="eval_ema_loss"` with `EMACallback(eval_ema=False)`: one line naming both, raised when
+    the callback is bound (at `Trainer(...)`, at `bind`, or at `train()` for `add_callback`), before step 1 (the
+    Trainer itself would stop at its first evaluation with a `KeyError`)."""
+    args = make_args(
+        tmp_path, eval_strategy="steps", eval_steps=2, save_steps=2, metric_for_best_model=metric, load_best_model_at_end=True
+    )
+    common = dict(model=tiny_model, args=args, train_dataset=lm_data[0], eval_dataset=lm_data[1].select(range(8)))
+    expected = rf"^`metric_for_best_model` is '{metric}', which only the EMA evaluation logs, but the callback was built with `eval_ema=False`: pass `EMACallback\(eval_ema=True\)`"
+
+    with pytest.raises(ConfigError, match=expected) as err:
+        Trainer(**common, callbacks=[EMACallback(decay=0.9, eval_ema=False)])
+    assert "\n" not in str(err.value)
+
+    trainer = Trainer(**common)
+    with pytest.raises(ConfigError, match=expected):
+        EMACallback(decay=0.9, eval_ema=False).bind(trainer)
+
+    trainer.add_callback(EMACallback(decay=0.9, eval_ema=False))
+    with pytest.raises(ConfigError, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+    # With the EMA evaluation on (the default), the same arguments are fine.
+    Trainer(**common, callbacks=[EMACallback(decay=0.9)])
 
 
 def test_callback_added_after_init_binds_at_train_begin(tmp_path, tokenizer, lm_data):

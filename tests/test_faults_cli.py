@@ -359,3 +359,21 @@ def test_push_unreachable_or_offline(posthoc_run, hub_env):
 
     proc = hf_ema("push", str(posthoc_run), "--repo-id", "user/x", "--token", "fake", env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(proc, "push", "HF_HUB_OFFLINE is set")
+
+
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--repo-id", "bad id!!"], ["`--repo-id` must be a Hub repository id like `user/my-model`, got 'bad id!!'"]),
+        (["--repo-id", "user/a--b"], ["got 'user/a--b'", "Cannot have -- or .."]),
+        (["--repo-id", "a/b/c"], ["got 'a/b/c'", "'repo_name' or 'namespace/repo_name'"]),
+        (["--repo-id", "user/x", "--subfolder", "ema/.git"], ["`--subfolder` must be a folder the Hub accepts", "'.git/'"]),
+    ],
+    ids=["characters", "double-dash", "three-parts", "git-subfolder"],
+)
+def test_push_names_the_hub_refuses_fail_before_the_network(posthoc_run, hub_env, flags, needles):
+    """huggingface_hub's own checks of the repository id and the folder in it: one line, exit 2, no connection."""
+    with SilentServer() as server:
+        proc = hf_ema("push", str(posthoc_run), *flags, "--token", "fake", env={**hub_env, **server.env})
+        assert_one_line_error(proc, "push", *needles)
+        assert server.connections == 0

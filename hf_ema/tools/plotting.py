@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.jsonio import read_json
-from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step
+from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step, is_ema_folder
 
 __all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run"]
 
@@ -109,8 +109,10 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     The training loss is drawn faintly for context.
 
     Args:
-        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder.
-        out_path (`str` or `os.PathLike`, *optional*): The PNG to write; defaults to `run_dir/ema_eval.png`.
+        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder (or an `ema/` folder in one: the
+            plot is of the folder holding it).
+        out_path (`str` or `os.PathLike`, *optional*): The PNG to write; defaults to `ema_eval.png` in the run or
+            checkpoint folder (never inside an `ema/` folder, which is loaded and uploaded as a whole).
 
     Returns:
         `Path`: the PNG written.
@@ -122,7 +124,9 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     series = history["series"]
     if not history["pairs"] and "eval_loss" not in series and "loss" not in series:
         raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history['source']})")
-    out_path = _check_out_path(Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png", history)
+    # The history of an `ema/` folder is its checkpoint's (see `find_trainer_state`), and so is the plot.
+    folder = Path(run_dir).parent if is_ema_folder(run_dir) else Path(run_dir)
+    out_path = _check_out_path(Path(out_path) if out_path is not None else folder / "ema_eval.png", history)
 
     # The object API renders with Agg and touches no global pyplot state (safe in a Gradio server's threads).
     from matplotlib.figure import Figure
@@ -161,7 +165,7 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     if best_step is not None:
         ax.axvline(best_step, color="0.4", ls=":", lw=1, label="best checkpoint")
     ax.set_ylabel("loss")
-    ax.set_title(f"raw vs EMA: {Path(run_dir).resolve().name} (step {history['global_step']})")
+    ax.set_title(f"raw vs EMA: {folder.resolve().name} (step {history['global_step']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if stability:
@@ -205,6 +209,12 @@ def _check_out_path(out_path: Path, history: dict[str, Any]) -> Path:
             if not parent.is_dir():
                 raise ConfigError(f"`out_path` `{out_path}` cannot be written: `{parent}` is a file")
             break
+    inside = next((p for p in out_path.parents if is_ema_folder(p)), None)
+    if inside is not None:
+        raise ConfigError(
+            f"`out_path` `{out_path}` lies inside the EMA folder `{inside}`, which hf-ema never writes into (it is "
+            "loaded and uploaded as a whole); write the PNG beside it"
+        )
     source = history.get("source")
     if out_path.exists() and source is not None and out_path.resolve() == Path(source).resolve():
         raise ConfigError(f"`out_path` `{out_path}` is the run's history the plot reads; choose another file")
