@@ -59,3 +59,63 @@ def test_diffusers_unet_example(tmp_path):
     )
     assert resumed["ema"].step == 6
     assert all(torch.equal(a, b) for a, b in zip(resumed["ema"].shadow, full["ema"].shadow))
+
+
+@pytest.mark.slow
+@pytest.mark.trainer
+def test_quickstart(tmp_path):
+    """examples/quickstart.py, shortened to 12 steps: the best checkpoint is the one with the lowest `eval_ema_loss`;
+    the resumed run's EMA equals the uninterrupted run's bit for bit; `ema/` loads with `from_pretrained` and equals
+    the EMA the callback held; `pipeline` generates from it; the post-hoc EMA and the merge are the weighted sums
+    their recipes name, recomputed here from the snapshot and checkpoint files."""
+    import json
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    source = (EXAMPLES / "quickstart.py").read_text()
+    assert "hf_ema.demo" not in source  # a template for a user's own script: built from transformers' own classes
+    out = tmp_path / "qs"
+    result = _load("quickstart").main(["--output-dir", str(out), "--max-steps", "12", "--save-steps", "4"])
+
+    state = result["trainer"].state
+    evals = [(e["eval_ema_loss"], e["step"]) for e in state.log_history if "eval_ema_loss" in e]
+    assert [step for _, step in evals] == [4, 8, 12]
+    best_loss, best_step = min(evals)
+    assert state.best_metric == best_loss
+    assert state.best_model_checkpoint == str(out / f"checkpoint-{best_step}")
+
+    assert result["resume_from"] == str(out / "checkpoint-4")
+    assert result["resumed_trainer"].state.global_step == 12
+    final, resumed = result["final_ema"], result["resumed_ema"]
+    assert final.keys() == resumed.keys()
+    assert all(torch.equal(final[name], resumed[name]) for name in final)
+
+    loaded = AutoModelForCausalLM.from_pretrained(out / "ema").state_dict()
+    assert final.keys() <= loaded.keys()
+    assert all(torch.equal(loaded[name], final[name]) for name in final)
+    assert result["sample"].startswith("The for statement") and len(result["sample"]) > len("The for statement")
+
+    def weighted_sum(entries, folder_of):
+        tensors = [(entry["weight"], load_file(str(folder_of(entry) / "model.safetensors"))) for entry in entries]
+        return {name: sum(w * t[name].double() for w, t in tensors) for name in tensors[0][1]}
+
+    recipe = json.loads((result["posthoc"] / "posthoc_recipe.json").read_text())
+    assert recipe["step"] == 12 and {sn["step"] for sn in recipe["snapshots"]} == {4, 8, 12}
+    want = weighted_sum(recipe["snapshots"], lambda entry: Path(entry["path"]))
+    got = AutoModelForCausalLM.from_pretrained(result["posthoc"]).state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].double(), value, rtol=0, atol=1e-5)
+
+    recipe = json.loads((result["merged"] / "merge_recipe.json").read_text())
+    assert [entry["step"] for entry in recipe["checkpoints"]] == [4, 8, 12] and recipe["method"] == "wsm"
+    want = weighted_sum(recipe["checkpoints"], lambda entry: Path(entry["weights_from"]))
+    got = AutoModelForCausalLM.from_pretrained(result["merged"]).state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].double(), value, rtol=0, atol=1e-5)
+
+    losses = result["losses"]
+    assert set(losses) == {"raw", "EMA", "post-hoc EMA sigma_rel=0.15", "WSM merge of 3 checkpoints"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["EMA"] == pytest.approx(evals[-1][0], rel=1e-4)  # the EMA evaluated again from its folder
