@@ -73,7 +73,7 @@ def load_model(tokenizer: PreTrainedTokenizerFast):
 
 
 def load_datasets(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[Dataset, Dataset]:
-    # With your own data: load_dataset("text", data_files={"train": "train.txt"})["train"], then the same two maps.
+    # With your own text files: texts = load_dataset("text", data_files="train.txt")["train"]["text"]
     def to_blocks(batch):  # concatenate the documents and cut them into blocks of BLOCK_SIZE tokens
         ids = [token for doc in tokenizer(batch["text"])["input_ids"] for token in [*doc, tokenizer.eos_token_id]]
         return {"input_ids": [ids[i : i + BLOCK_SIZE] for i in range(0, len(ids) - BLOCK_SIZE + 1, BLOCK_SIZE)]}

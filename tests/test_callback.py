@@ -314,7 +314,12 @@ def test_ema_best_metric_without_ema_evaluation_fails_when_bound(tmp_path, tiny_
     the callback is bound (at `Trainer(...)`, at `bind`, or at `train()` for `add_callback`), before step 1 (the
     Trainer itself would stop at its first evaluation with a `KeyError`)."""
     args = make_args(
-        tmp_path, eval_strategy="steps", eval_steps=2, save_steps=2, metric_for_best_model=metric, load_best_model_at_end=True
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        metric_for_best_model=metric,
+        load_best_model_at_end=True,
     )
     common = dict(model=tiny_model, args=args, train_dataset=lm_data[0], eval_dataset=lm_data[1].select(range(8)))
     expected = rf"^`metric_for_best_model` is '{metric}', which only the EMA evaluation logs, but the callback was built with `eval_ema=False`: pass `EMACallback\(eval_ema=True\)`"

@@ -39,7 +39,16 @@ def test_env_is_complete_and_imports_nothing_heavy():
     code, out, modules = json.loads(proc.stdout)
     assert code == 0
     rows = dict(line[2:].split(": ", 1) for line in out.splitlines())
-    for name in ("torch", "transformers", "accelerate", "peft", "huggingface_hub", "safetensors", "gradio", "datasets"):
+    for name in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "huggingface_hub",
+        "safetensors",
+        "gradio",
+        "datasets",
+    ):
         assert name in PACKAGES
         assert rows[name] == importlib.metadata.version(name), name
     assert rows["hf-ema"] == __version__
@@ -70,7 +79,8 @@ def test_demo_without_the_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--no-serve", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "hf-ema demo: error: the tiny demo model needs datasets, which is not installed: pip install 'hf-ema[demo]'"
+        "hf-ema demo: error: the tiny demo model needs datasets, which is not installed: install hf-ema's `demo` "
+        "extra (pip install '.[demo]' in a clone of hf-ema)"
     )
     assert not out.exists()
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import builtins
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 
 def _load(name):
@@ -119,3 +123,75 @@ def test_quickstart(tmp_path):
     assert set(losses) == {"raw", "EMA", "post-hoc EMA sigma_rel=0.15", "WSM merge of 3 checkpoints"}
     assert all(math.isfinite(v) for v in losses.values())
     assert losses["EMA"] == pytest.approx(evals[-1][0], rel=1e-4)  # the EMA evaluated again from its folder
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def _calls(code: str) -> dict[str, list[ast.Call]]:
+    """Every call in `code`, by its dotted name (`EMACallback`, `hf_ema.reconstruct`, `trainer.train`)."""
+    out: dict[str, list[ast.Call]] = {}
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call):
+            out.setdefault(ast.unparse(node.func), []).append(node)
+    return out
+
+
+def _keywords(calls: list[ast.Call]) -> dict[str, str]:
+    return {kw.arg: ast.unparse(kw.value) for call in calls for kw in call.keywords if kw.arg is not None}
+
+
+def test_readme_quickstart_defines_every_name_and_is_the_script():
+    """The README's quickstart uses no name it does not define or import, and makes the calls of
+    `examples/quickstart.py` (which `test_quickstart` runs): the same callback, best metric, resume, loading,
+    post-hoc EMA and merge."""
+    section = (ROOT / "README.md").read_text().split("\n## Quickstart\n")[1].split("\n## ")[0]
+    code = _python_blocks(section)[0]
+    defined, used = set(dir(builtins)), set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            (defined if isinstance(node.ctx, ast.Store) else used).add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+    assert used <= defined, sorted(used - defined)
+
+    readme, script = _calls(code), _calls((EXAMPLES / "quickstart.py").read_text())
+    for name in (
+        "Dataset.from_dict",
+        "TrainingArguments",
+        "Trainer",
+        "DataCollatorForLanguageModeling",
+        "EMACallback",
+        "AutoModelForCausalLM.from_pretrained",
+        "pipeline",
+        "hf_ema.reconstruct",
+        "hf_ema.merge_checkpoints",
+    ):
+        assert name in readme and name in script, name
+    for name, keyword, value in (
+        ("EMACallback", "posthoc", "True"),
+        ("TrainingArguments", "metric_for_best_model", "'eval_ema_loss'"),
+        ("TrainingArguments", "eval_strategy", "'steps'"),
+        ("hf_ema.merge_checkpoints", "method", "'wsm'"),
+    ):
+        assert _keywords(readme[name]).get(keyword) == value == _keywords(script[name]).get(keyword), (name, keyword)
+    for calls in (readme, script):
+        assert "resume_from_checkpoint" in _keywords(
+            [c for n, cs in calls.items() if n.endswith(".train") for c in cs]
+        )
+
+
+def test_getting_started_walks_through_the_quickstart():
+    """Every code block of the getting-started walk-through is a contiguous excerpt of `examples/quickstart.py`."""
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    section = page.split("\n## Your first run")[1].split("\n## ")[0]
+    script = [line.strip() for line in (EXAMPLES / "quickstart.py").read_text().splitlines() if line.strip()]
+    blocks = _python_blocks(section)
+    assert len(blocks) >= 5
+    for block in blocks:
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+        starts = [i for i, line in enumerate(script) if line == lines[0]]
+        assert any(script[i : i + len(lines)] == lines for i in starts), block

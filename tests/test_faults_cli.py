@@ -392,7 +392,10 @@ def test_push_unreachable_or_offline(posthoc_run, hub_env):
         (["--repo-id", "bad id!!"], ["`--repo-id` must be a Hub repository id like `user/my-model`, got 'bad id!!'"]),
         (["--repo-id", "user/a--b"], ["got 'user/a--b'", "Cannot have -- or .."]),
         (["--repo-id", "a/b/c"], ["got 'a/b/c'", "'repo_name' or 'namespace/repo_name'"]),
-        (["--repo-id", "user/x", "--subfolder", "ema/.git"], ["`--subfolder` must be a folder the Hub accepts", "'.git/'"]),
+        (
+            ["--repo-id", "user/x", "--subfolder", "ema/.git"],
+            ["`--subfolder` must be a folder the Hub accepts", "'.git/'"],
+        ),
     ],
     ids=["characters", "double-dash", "three-parts", "git-subfolder"],
 )

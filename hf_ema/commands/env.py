@@ -60,7 +60,9 @@ def rows() -> dict[str, str]:
     out.update({name: _version(name) for name in PACKAGES})
     out["CUDA runtime"] = _cuda_runtime()
     # Which kernel a bf16/fp16 model's fp32 EMA gets on CPU (see hf_ema.engine.kernels).
-    out["C compiler (native CPU kernel)"] = c_compiler() or "none: mixed-precision CPU updates use the fallback kernels"
+    out["C compiler (native CPU kernel)"] = (
+        c_compiler() or "none: mixed-precision CPU updates use the fallback kernels"
+    )
     return out
 
 

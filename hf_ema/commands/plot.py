@@ -20,7 +20,9 @@ def register(subparsers: SubParsers) -> None:
         "plot", help="plot raw vs EMA eval loss (and stability metrics) of a run from its trainer_state.json"
     )
     parser.add_argument(
-        "run_dir", metavar="RUN_DIR", help="a run folder (output_dir), one of its checkpoint-N folders, or an ema/ in one"
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run folder (output_dir), one of its checkpoint-N folders, or an ema/ in one",
     )
     parser.add_argument(
         "--out",
