@@ -16,6 +16,10 @@ def test_version_and_help(capsys):
     assert "<command>" in capsys.readouterr().out
 
 
+#: What a bug report needs from `hf-ema env`.
+_REPORTED = {"torch", "transformers", "accelerate", "peft", "huggingface_hub", "safetensors", "gradio", "datasets"}
+
+
 def test_env_is_complete_and_imports_nothing_heavy():
     """`hf-ema env` names every package a bug report needs (versions from the installed metadata, "not installed"
     otherwise), the OS and the compiler; it builds the whole CLI and answers without importing torch, transformers or
@@ -39,16 +43,7 @@ def test_env_is_complete_and_imports_nothing_heavy():
     code, out, modules = json.loads(proc.stdout)
     assert code == 0
     rows = dict(line[2:].split(": ", 1) for line in out.splitlines())
-    for name in (
-        "torch",
-        "transformers",
-        "accelerate",
-        "peft",
-        "huggingface_hub",
-        "safetensors",
-        "gradio",
-        "datasets",
-    ):
+    for name in sorted(_REPORTED):
         assert name in PACKAGES
         assert rows[name] == importlib.metadata.version(name), name
     assert rows["hf-ema"] == __version__
