@@ -1,6 +1,6 @@
 """A diffusers `UNet2DModel` trained as a denoiser in an `accelerate` loop, with an EMA of its weights.
 
-    pip install "hf-ema[diffusers]"
+    pip install ".[diffusers]"      # in a clone of hf-ema
     python examples/diffusers_unet.py                                   # offline: tiny UNet, synthetic images
     accelerate launch examples/diffusers_unet.py --max-steps 2000       # several processes: the EMA is sharded
 

@@ -17,6 +17,7 @@ __all__ = [
     "HubError",
     "MissingDependencyError",
     "StateError",
+    "install_hint",
 ]
 
 
@@ -60,4 +61,14 @@ class NonFiniteWeightsError(HfEmaError, FloatingPointError):
 
 
 class MissingDependencyError(HfEmaError, ImportError):
-    """An optional dependency is not installed; the message names the extra to install (`pip install 'hf-ema[demo]'`)."""
+    """An optional dependency is not installed; the message names the extra to install (see [`install_hint`])."""
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of hf-ema's extras, for the messages of [`MissingDependencyError`] and the CLI. hf-ema is
+    installed from a clone of its repository until it is published on the package index.
+
+    Args:
+        extra (`str`): The extra, e.g. `"demo"`.
+    """
+    return f"install hf-ema's `{extra}` extra (pip install '.[{extra}]' in a clone of hf-ema)"

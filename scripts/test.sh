@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv, then run the whole test suite.
+# The README's test command: set up the development .venv (scripts/setup.sh; it extends a demo .venv), then run the
+# whole test suite. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

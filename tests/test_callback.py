@@ -284,9 +284,14 @@ def test_resume_without_any_complete_ema_stops_before_training(tmp_path, tokeniz
         train_dataset=lm_data[0],
         callbacks=[callback],
     )
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_ema.trainer.callback"):
         trainer.train(resume_from_checkpoint=True)
-    assert any("allow_ema_restart=True" in r.getMessage() for r in caplog.records)
+    # Said once, on one line, naming the checkpoint (it used to be said twice, worded differently).
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_ema.trainer.callback"]
+    assert len(warnings) == 1, warnings
+    assert "restarts from the resumed weights (allow_ema_restart=True)" in warnings[0]
+    assert "checkpoint-4" in warnings[0] and "\n" not in warnings[0]
     assert callback.ema.step == 6 and callback.ema.num_updates == 2
 
 
@@ -301,6 +306,40 @@ def test_bad_configuration_fails_before_training(tmp_path, tiny_model, lm_data, 
             callbacks=[EMACallback(include=["not_a_layer"])],
         )
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("metric", ["eval_ema_loss", "ema_loss"])
+def test_ema_best_metric_without_ema_evaluation_fails_when_bound(tmp_path, tiny_model, lm_data, metric):
+    """`metric_for_best_model="eval_ema_loss"` with `EMACallback(eval_ema=False)`: one line naming both, raised when
+    the callback is bound (at `Trainer(...)`, at `bind`, or at `train()` for `add_callback`), before step 1 (the
+    Trainer itself would stop at its first evaluation with a `KeyError`)."""
+    args = make_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        metric_for_best_model=metric,
+        load_best_model_at_end=True,
+    )
+    common = dict(model=tiny_model, args=args, train_dataset=lm_data[0], eval_dataset=lm_data[1].select(range(8)))
+    expected = rf"^`metric_for_best_model` is '{metric}', which only the EMA evaluation logs, but the callback was built with `eval_ema=False`: pass `EMACallback\(eval_ema=True\)`"
+
+    with pytest.raises(ConfigError, match=expected) as err:
+        Trainer(**common, callbacks=[EMACallback(decay=0.9, eval_ema=False)])
+    assert "\n" not in str(err.value)
+
+    trainer = Trainer(**common)
+    with pytest.raises(ConfigError, match=expected):
+        EMACallback(decay=0.9, eval_ema=False).bind(trainer)
+
+    trainer.add_callback(EMACallback(decay=0.9, eval_ema=False))
+    with pytest.raises(ConfigError, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+    # With the EMA evaluation on (the default), the same arguments are fine.
+    Trainer(**common, callbacks=[EMACallback(decay=0.9)])
 
 
 def test_callback_added_after_init_binds_at_train_begin(tmp_path, tokenizer, lm_data):
@@ -328,3 +367,81 @@ def test_callback_added_after_init_binds_at_train_begin(tmp_path, tokenizer, lm_
     trainer, callback = trainer_with_added_callback(tmp_path / "second", max_steps=4)
     trainer.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "checkpoint-2"))
     assert callback.ema.step == 4 and callback.ema.num_updates == 4  # 2 restored + 2 new, not a restart
+
+
+# What the subprocess of `test_hf_ema_never_imports_deepspeed` runs: a custom-loop EMA saved and loaded, then a Trainer
+# run with EMACallback; every time the `deepspeed` package is executed, the call stack is recorded.
+_DEEPSPEED_PROBE = r"""
+import importlib.abc, importlib.machinery, json, sys, traceback
+
+stacks = []
+
+
+class Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "deepspeed":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and not hasattr(spec.loader, "probed"):
+            run = spec.loader.exec_module
+
+            def traced(module):  # the import itself, not a mere `importlib.util.find_spec("deepspeed")`
+                stacks.append([frame.filename for frame in traceback.extract_stack()[:-1]])
+                run(module)
+
+            spec.loader.exec_module, spec.loader.probed = traced, True
+        return spec
+
+
+sys.meta_path.insert(0, Probe())
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import hf_ema
+from hf_ema import EMACallback, ModelEMA
+
+out = sys.argv[1]
+config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+model = LlamaForCausalLM(config)
+ema = ModelEMA(model, decay=0.9)
+ema.update()
+hf_ema.save_ema(ema, out + "/loop-ema")
+hf_ema.load_ema(ModelEMA(LlamaForCausalLM(config), decay=0.9), out + "/loop-ema")
+
+data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(8)]
+args = TrainingArguments(out + "/run", max_steps=2, save_steps=2, eval_strategy="steps", eval_steps=2,
+                         report_to=[], use_cpu=True, disable_tqdm=True, metric_for_best_model="eval_ema_loss")
+Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[EMACallback(decay=0.9)]).train()
+print(json.dumps(stacks))
+"""
+
+
+def test_hf_ema_never_imports_deepspeed(tmp_path):
+    """DeepSpeed, once imported on a machine without a GPU, logs `[real_accelerator.py] Setting accelerator to CPU`.
+    hf-ema never imports it (`hf_ema/compat/deepspeed.py` only reads the attributes of ZeRO-3 parameters). When it is
+    installed, upstream code imports it in every run: accelerate's `extract_model_from_parallel`, which transformers
+    calls in `Trainer.__init__` and in every `save_pretrained`. So the line is the environment's (the `dev` extra
+    installs DeepSpeed for the ZeRO-3 tests; the `serve` and `demo` extras do not), and this test checks that no
+    import of `deepspeed` in a custom-loop EMA or a Trainer run with `EMACallback` is made by hf-ema itself."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import hf_ema
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (the `test` extra installs it on Linux)")
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEEPSPEED_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stacks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stacks, "DeepSpeed is installed but was never imported: the upstream paths named above changed"
+    package = Path(hf_ema.__file__).resolve().parent
+    for stack in stacks:
+        importer = next(f for f in reversed(stack) if not f.startswith("<frozen"))
+        assert not Path(importer).resolve().is_relative_to(package), stack
+        assert "site-packages" in importer, stack  # an upstream library (accelerate), not hf-ema

@@ -16,13 +16,41 @@ def test_version_and_help(capsys):
     assert "<command>" in capsys.readouterr().out
 
 
-def test_env_lists_versions(capsys):
-    assert main(["env"]) == 0
-    out = capsys.readouterr().out
-    assert f"- hf-ema: {__version__}" in out and "- torch: " in out
+#: What a bug report needs from `hf-ema env`.
+_REPORTED = {"torch", "transformers", "accelerate", "peft", "huggingface_hub", "safetensors", "gradio", "datasets"}
+
+
+def test_env_is_complete_and_imports_nothing_heavy():
+    """`hf-ema env` names every package a bug report needs (versions from the installed metadata, "not installed"
+    otherwise), the OS and the compiler; it builds the whole CLI and answers without importing torch, transformers or
+    any other package it reports on, so it is fast and works when one of them is broken."""
+    import importlib.metadata
+    import json
+    import platform
+
+    from hf_ema.commands.env import PACKAGES
     from hf_ema.engine.native import compiler
 
-    assert f"- C compiler (native CPU kernel): {compiler() or 'none'}" in out
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from hf_ema.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    code = main(['env'])\n"
+        "print(json.dumps([code, out.getvalue(), sorted(sys.modules)]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code, out, modules = json.loads(proc.stdout)
+    assert code == 0
+    rows = dict(line[2:].split(": ", 1) for line in out.splitlines())
+    for name in sorted(_REPORTED):
+        assert name in PACKAGES
+        assert rows[name] == importlib.metadata.version(name), name
+    assert rows["hf-ema"] == __version__
+    assert rows["OS"] == f"{platform.platform()} ({platform.machine()})"
+    assert rows["C compiler (native CPU kernel)"].startswith(compiler() or "none: ")
+    heavy = {"torch", "transformers", "accelerate", "peft", "huggingface_hub", "safetensors", "numpy", "gradio"}
+    assert not heavy & {m.split(".")[0] for m in modules}, sorted(heavy & {m.split(".")[0] for m in modules})
 
 
 def test_importing_hf_ema_does_not_import_gradio():
@@ -46,7 +74,8 @@ def test_demo_without_the_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--no-serve", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "hf-ema demo: error: the tiny demo model needs datasets, which is not installed: pip install 'hf-ema[demo]'"
+        "hf-ema demo: error: the tiny demo model needs datasets, which is not installed: install hf-ema's `demo` "
+        "extra (pip install '.[demo]' in a clone of hf-ema)"
     )
     assert not out.exists()
 

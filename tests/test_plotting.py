@@ -122,6 +122,25 @@ def test_plot_run_and_cli_write_the_figure(run_dir, tmp_path):
     assert default == run_dir / "checkpoint-4" / "ema_eval.png" and default.is_file()
 
 
+@pytest.mark.trainer
+def test_plot_of_an_ema_folder_never_writes_into_it(run_dir, tmp_path, capsys):
+    """`hf-ema plot run/ema` plots the run's history beside `ema/`, not inside it (an `ema/` folder is loaded and
+    uploaded as a whole); an explicit `--out` inside it is one line, exit 2, before anything is drawn."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = sorted(p.name for p in (copy / "ema").iterdir())
+    assert main(["plot", str(copy / "ema")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {copy / 'ema_eval.png'}"
+    assert (copy / "ema_eval.png").is_file()
+    assert main(["plot", str(copy / "checkpoint-4" / "ema")]) == 0
+    assert (copy / "checkpoint-4" / "ema_eval.png").is_file()
+    inside = copy / "ema" / "plots" / "loss.png"
+    assert main(["plot", str(copy), "--out", str(inside)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hf-ema plot: error: `--out` `{inside}` lies inside the EMA folder")
+    assert sorted(p.name for p in (copy / "ema").iterdir()) == before
+
+
 def test_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         load_history(tmp_path)

@@ -181,7 +181,8 @@ def test_trainer_run_posthoc_cli(tmp_path, tokenizer, lm_data, capsys):
 
     out = tmp_path / "ema-0.08"
     assert cli_main(["posthoc", str(run), "--sigma-rel", "0.08", "--out", str(out), "--no-progress"]) == 0
-    assert "sigma_rel=0.08" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "sigma_rel=0.08" in said and "from 10 snapshots (sigma_rel 0.05 and 0.1 at 5 steps, 2–9)" in said
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     AutoTokenizer.from_pretrained(out)
     recipe = json.loads((out / "posthoc_recipe.json").read_text())
@@ -193,6 +194,21 @@ def test_trainer_run_posthoc_cli(tmp_path, tokenizer, lm_data, capsys):
     for name in final:
         want = sum(sn["weight"] * snaps[sn["path"]][name].double() for sn in recipe["snapshots"])
         torch.testing.assert_close(loaded[name].double(), want, rtol=0, atol=1e-5)
+
+    # An earlier step uses the snapshots taken at or before it, and says so; before the first one is an error.
+    early = tmp_path / "ema-0.08-step-4"
+    assert cli_main(["posthoc", str(run), "--sigma-rel", "0.08", "--step", "4", "--out", str(early)]) == 0
+    assert "at step 4 from 4 snapshots (sigma_rel 0.05 and 0.1 at 2 steps, 2–4)" in capsys.readouterr().out
+    recipe = json.loads((early / "posthoc_recipe.json").read_text())
+    assert sorted({sn["step"] for sn in recipe["snapshots"]}) == [2, 4]
+    assert sorted({round(sn["sigma_rel"], 6) for sn in recipe["snapshots"]}) == [0.05, 0.1]
+    assert cli_main(["posthoc", str(run), "--sigma-rel", "0.08", "--step", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "hf-ema posthoc: error: `--step` must be within the snapshots' range (2..9), got 1: the EMA at a step is "
+        "built from the snapshots taken at or before it"
+    ]
+    assert not (tmp_path / "x").exists()
 
     # Reconstructing a stored profile gives it back.
     same = reconstruct(run, 0.1, tmp_path / "ema-0.1", progress=False)

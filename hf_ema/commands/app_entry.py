@@ -6,7 +6,7 @@ import importlib.util
 from importlib.metadata import entry_points
 from types import ModuleType
 
-from ..errors import HfEmaError
+from ..errors import HfEmaError, install_hint
 
 __all__ = ["AppUnavailableError", "load_app"]
 
@@ -29,5 +29,5 @@ def load_app(name: str = "serve") -> ModuleType:
             f"the hf-ema app is not installed (no `{name}` entry point in `{APP_GROUP}`); reinstall hf-ema"
         )
     if importlib.util.find_spec("gradio") is None:
-        raise AppUnavailableError("the app needs Gradio: pip install 'hf-ema[serve]'")
+        raise AppUnavailableError(f"the app needs Gradio: {install_hint('serve')}")
     return found[0].load()

@@ -20,7 +20,13 @@ def register(subparsers: SubParsers) -> None:
         "plot", help="plot raw vs EMA eval loss (and stability metrics) of a run from its trainer_state.json"
     )
     parser.add_argument(
-        "run_dir", metavar="RUN_DIR", help="a run folder (output_dir) or one of its checkpoint-N folders"
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run folder (output_dir), one of its checkpoint-N folders, or an ema/ in one",
     )
-    parser.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/ema_eval.png)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the PNG to write, never inside an ema/ folder (default: ema_eval.png in the run or checkpoint folder)",
+    )
     parser.set_defaults(func=run, flags={"out_path": "--out"})

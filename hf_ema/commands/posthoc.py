@@ -10,7 +10,7 @@ from .output_options import add_output_options, output_options
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..posthoc import RECIPE_NAME, reconstruct
+    from ..posthoc import RECIPE_NAME, describe_snapshots, reconstruct
 
     out = reconstruct(
         args.run_dir,
@@ -20,9 +20,10 @@ def run(args: argparse.Namespace) -> int:
         **output_options(args),
     )
     recipe = read_json(out / RECIPE_NAME)
+    used = describe_snapshots((entry["step"], entry["sigma_rel"]) for entry in recipe["snapshots"])
     print(
         f"post-hoc EMA sigma_rel={recipe['sigma_rel']:g} (gamma {recipe['gamma']:.2f}) at step {recipe['step']} "
-        f"from {len(recipe['snapshots'])} snapshots: {out}"
+        f"from {used}: {out}"
     )
     print(f"relative profile fit error: {recipe['relative_profile_error']:.2e}")
     return 0

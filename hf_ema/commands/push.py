@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: SubParsers) -> None:
-    from ..tools.hub import DEFAULT_TIMEOUT
+    from ..compat.huggingface_hub import DEFAULT_TIMEOUT
 
     parser = subparsers.add_parser(
         "push",

@@ -20,7 +20,11 @@ from typing import Any
 
 from ._guard import missing_api
 
-__all__ = ["bounded_requests", "network_error_types"]
+__all__ = ["DEFAULT_TIMEOUT", "bounded_requests", "network_error_types"]
+
+#: Seconds any one Hub request of a push may go without progress (to connect, between two reads or two writes). Here,
+#: in a module that imports nothing heavy, so that the CLI's parser can show it without importing torch.
+DEFAULT_TIMEOUT = 30.0
 
 _FEATURE = "hf-ema push's network timeouts"
 

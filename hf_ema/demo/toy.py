@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, install_hint
 
 __all__ = [
     "DEMO_EXTRA_PACKAGES",
@@ -24,7 +24,7 @@ __all__ = [
     "train_tokenizer",
 ]
 
-#: What the `demo` extra installs (`pip install 'hf-ema[demo]'`): only the tiny model's tokenizer and corpus need them.
+#: What the `demo` extra installs: only the tiny model's tokenizer and corpus need them.
 DEMO_EXTRA_PACKAGES = ("datasets", "tokenizers")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
@@ -41,7 +41,7 @@ def require_demo_extra() -> None:
     if missing:
         raise MissingDependencyError(
             f"the tiny demo model needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-            "installed: pip install 'hf-ema[demo]'"
+            f"installed: {install_hint('demo')}"
         )
 
 

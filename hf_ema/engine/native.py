@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from ..utils.toolchain import c_compiler as compiler
 
 __all__ = ["NativeLerp", "NativeBuildError", "compiler", "load_library"]
 
@@ -208,17 +208,6 @@ _error: str | None = None
 
 class NativeBuildError(RuntimeError):
     """The native kernel could not be built or loaded here (no compiler, no OpenMP, an unsupported platform)."""
-
-
-def compiler() -> str | None:
-    """The C compiler the kernel is built with: `$CC` when set, else the first of `cc`, `gcc`, `clang` on the
-    `PATH`; `None` when there is none."""
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    for name in candidates:
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    return None
 
 
 def _build(out_dir: Path) -> Path:

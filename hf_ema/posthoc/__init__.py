@@ -2,7 +2,7 @@
 during training, and the least-squares reconstruction of any EMA width after training."""
 
 from .profiles import solve_posthoc_weights
-from .reconstruction import RECIPE_NAME, Snapshot, list_snapshots, reconstruct
+from .reconstruction import RECIPE_NAME, Snapshot, describe_snapshots, list_snapshots, reconstruct
 from .tracker import POSTHOC_DIRNAME, PostHocConfig, PostHocEMA, resolve_posthoc
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "PostHocConfig",
     "PostHocEMA",
     "Snapshot",
+    "describe_snapshots",
     "list_snapshots",
     "reconstruct",
     "resolve_posthoc",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..utils.validation import check_int, is_number
 from ..weighted_sum import check_compatible, copy_metadata, read_weight_folder, write_weighted_sum
 from .profiles import solve_posthoc_weights
 
-__all__ = ["RECIPE_NAME", "Snapshot", "list_snapshots", "reconstruct"]
+__all__ = ["RECIPE_NAME", "Snapshot", "describe_snapshots", "list_snapshots", "reconstruct"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,31 @@ class Snapshot:
     t: int
     gamma: float
     update_every: int
+
+    @property
+    def sigma_rel(self) -> float:
+        """The relative width of its profile (from `gamma`)."""
+        return sigma_rel_from_gamma(self.gamma)
+
+
+def describe_snapshots(snapshots: Iterable[tuple[int, float]]) -> str:
+    """How the CLI and the app name a set of snapshots: `"12 snapshots (sigma_rel 0.05 and 0.1 at 6 steps,
+    100–600)"`. One snapshot is one stored EMA: one width at one step.
+
+    Args:
+        snapshots (`Iterable[tuple[int, float]]`): The `(step, sigma_rel)` of each snapshot, e.g.
+            `[(s.step, s.sigma_rel) for s in list_snapshots(run)]`, or the `step` and `sigma_rel` of each entry of a
+            recipe's `snapshots`.
+    """
+    pairs = list(snapshots)
+    if not pairs:
+        return "no snapshots"
+    steps = sorted({int(step) for step, _ in pairs})
+    widths = sorted({float(f"{sigma:.6g}") for _, sigma in pairs})
+    width_text = " and ".join(f"{w:g}" for w in widths) if len(widths) <= 2 else ", ".join(f"{w:g}" for w in widths)
+    step_text = f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps, {steps[0]}–{steps[-1]}"
+    noun = "snapshot" if len(pairs) == 1 else "snapshots"
+    return f"{len(pairs)} {noun} (sigma_rel {width_text} at {step_text})"
 
 
 def _posthoc_root(run_dir: Path) -> Path:
@@ -160,17 +186,24 @@ def reconstruct(
         raise CheckpointError(f"snapshots in `{run_dir}` mix update intervals {intervals!r}; reconstruct needs one")
     k = intervals[0]
     offset = {s.step - s.t for s in snapshots}  # the EMAs' start step
+    first = min(snapshots, key=lambda s: s.t)
     last = max(snapshots, key=lambda s: s.t)
     if step is None:
         t_target = last.t
         step = last.step
     else:
         check_int("step", step)
-        start = min(offset)
         # The EMA at `step` is the one after the last update at or before it.
-        t_target = ((step - start) // k) * k
-        if not 0 < t_target <= last.t:
-            raise ConfigError(f"`step` must be within the snapshots' range ({start + k}..{last.step}), got {step!r}")
+        t_target = ((step - min(offset)) // k) * k
+        if not first.t <= t_target <= last.t:
+            raise ConfigError(
+                f"`step` must be within the snapshots' range ({first.step}..{last.step}), got {step!r}: the EMA at a "
+                "step is built from the snapshots taken at or before it"
+            )
+    # Only the snapshots taken at or before the target: a later one holds weights the wanted EMA has not seen
+    # (EDM2's reconstruct_phema.py keeps the inputs with `0 < nimg <= out_nimg` too).
+    snapshots = [s for s in snapshots if s.t <= t_target]
+    last = max(snapshots, key=lambda s: s.t)
     out_dir = Path(out_dir) if out_dir is not None else _run_root(run_dir) / f"ema-sigma_rel-{sigma_rel:g}"
     # Every folder read below: the snapshots, and where the configs and tokenizer are copied from. The run folder
     # itself holds the snapshots, so `out_dir` may lie in it but never be it or contain it.
@@ -200,7 +233,14 @@ def reconstruct(
         "update_every": k,
         "relative_profile_error": fit_error,
         "snapshots": [
-            {"path": str(s.folder), "step": s.step, "t": s.t, "gamma": s.gamma, "weight": float(w)}
+            {
+                "path": str(s.folder),
+                "step": s.step,
+                "t": s.t,
+                "gamma": s.gamma,
+                "sigma_rel": s.sigma_rel,
+                "weight": float(w),
+            }
             for s, w in zip(snapshots, x)
         ],
         "hf_ema_version": __version__,

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compat.huggingface_hub import bounded_requests, network_error_types
+from ..compat.huggingface_hub import DEFAULT_TIMEOUT, bounded_requests, network_error_types
 from ..ema_folder import read_ema_state
 from ..errors import ConfigError, ConfigTypeError, HubError
 from ..utils.paths import EMA_DIRNAME
@@ -21,15 +21,38 @@ __all__ = ["DEFAULT_TIMEOUT", "push_ema"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds any one Hub request may go without progress (to connect, between two reads or two writes).
-DEFAULT_TIMEOUT = 30.0
-
 
 def _check_str(name: str, value: Any, optional: bool = True) -> None:
     if value is None and optional:
         return
     if not isinstance(value, str) or not value.strip():
         raise ConfigTypeError(f"`{name}` must be a non-empty string, got {value!r}")
+
+
+def _check_hub_names(repo_id: str, target: str | None) -> None:
+    """huggingface_hub's own local checks of the repository id and of the folder in it, run before any work: they
+    would otherwise fail mid-push with its `HFValidationError` / `ValueError` and a traceback."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(
+            f"`repo_id` must be a Hub repository id like `user/my-model`, got {repo_id!r}: {_first_line(err)}"
+        ) from None
+    if target is not None:
+        try:
+            CommitOperationAdd(path_in_repo=f"{target}/{CARD_NAME}", path_or_fileobj=b"")
+        except ValueError as err:
+            raise ConfigError(
+                f"`subfolder` must be a folder the Hub accepts, got {target!r}: {_first_line(err)}"
+            ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split("\n")[0].split())
 
 
 def _files_to_upload(ema_dir: Path) -> list[tuple[str, Path]]:
@@ -83,7 +106,7 @@ def _hub_failure(err: BaseException, endpoint: str, timeout: float) -> HubError 
     if isinstance(err, HfHubHTTPError):
         response = getattr(err, "response", None)
         status = getattr(response, "status_code", None)
-        detail = " ".join(str(err).split("\n")[0].split())
+        detail = _first_line(err)
         if status in (401, 403):
             return HubError(f"the Hub at {endpoint} refused the token (HTTP {status}): pass a valid `token`; {detail}")
         return HubError(f"the Hub at {endpoint} refused the push (HTTP {status}): {detail}")
@@ -175,6 +198,7 @@ def push_ema(
     target = None if as_main or subfolder is None else subfolder.strip("/")
     if target is not None and (not target or ".." in target.split("/")):
         raise ConfigError(f"`subfolder` must be a relative folder inside the repository, got {subfolder!r}")
+    _check_hub_names(repo_id, target)
     if not is_number(timeout) or not (math.isfinite(timeout) and timeout > 0):
         raise ConfigError(f"`timeout` must be a number of seconds > 0, got {timeout!r}")
     _check_str("token", token)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, ConfigError
 from ..utils.jsonio import read_json
-from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step
+from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step, is_ema_folder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,7 +124,7 @@ def run_figure(run_dir: str | os.PathLike) -> Figure:
         `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
     """
     history = _history_with_loss(run_dir)
-    return _draw(history, Path(run_dir).resolve().name)
+    return _draw(history, _plotted_folder(run_dir).resolve().name)
 
 
 def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
@@ -135,8 +135,10 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     The training loss is drawn faintly for context.
 
     Args:
-        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder.
-        out_path (`str` or `os.PathLike`, *optional*): The PNG to write; defaults to `run_dir/ema_eval.png`.
+        run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder (or an `ema/` folder in one: the
+            plot is of the folder holding it).
+        out_path (`str` or `os.PathLike`, *optional*): The PNG to write; defaults to `ema_eval.png` in the run or
+            checkpoint folder (never inside an `ema/` folder, which is loaded and uploaded as a whole).
 
     Returns:
         `Path`: the PNG written.
@@ -145,11 +147,17 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
         `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
     """
     history = _history_with_loss(run_dir)
-    out_path = _check_out_path(Path(out_path) if out_path is not None else Path(run_dir) / "ema_eval.png", history)
-    fig = _draw(history, Path(run_dir).resolve().name)
+    folder = _plotted_folder(run_dir)
+    out_path = _check_out_path(Path(out_path) if out_path is not None else folder / "ema_eval.png", history)
+    fig = _draw(history, folder.resolve().name)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format="png")
     return out_path
+
+
+def _plotted_folder(run_dir: str | os.PathLike) -> Path:
+    # The history of an `ema/` folder is its checkpoint's (see `find_trainer_state`), and so is the plot.
+    return Path(run_dir).parent if is_ema_folder(run_dir) else Path(run_dir)
 
 
 def _history_with_loss(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ..utils.paths import (
     list_checkpoints,
 )
 from ..utils.validation import check_bool, check_path, check_size
-from .evaluation import EMAEvaluator
+from .evaluation import EMAEvaluator, check_best_metric
 from .hub_push import HubPushes
 from .swap_at_end import check_raw_folder, make_ema_final
 
@@ -191,9 +191,14 @@ class EMACallback(TrainerCallback):
 
         Returns:
             `EMACallback`: the callback itself.
+
+        Raises:
+            `ConfigError`: when `metric_for_best_model` is an EMA metric (`eval_ema_loss`) and the callback was built
+                with `eval_ema=False`.
         """
         if self.trainer is trainer:
             return self
+        check_best_metric(trainer.args.metric_for_best_model, eval_ema=self.evaluator is not None)
         self._trainer_ref = weakref.ref(trainer)
         wrap_train(trainer, self._record_resume)
         self.hub.install(trainer)  # a no-op at each save unless pushing under distributed training
@@ -247,10 +252,7 @@ class EMACallback(TrainerCallback):
                     )
                     return str(candidate)
         if self.allow_ema_restart:
-            logger.warning(
-                "%s has no complete EMA; the EMA restarts from the resumed weights (allow_ema_restart=True)", target
-            )
-            return resume
+            return resume  # `_restore` finds no EMA there and says once that it restarts
         raise CheckpointError(
             f"cannot resume the EMA: {target} has no complete `{EMA_DIRNAME}/` (the save was interrupted, or the "
             f"checkpoint was written without hf-ema). Resume from a checkpoint whose `{EMA_DIRNAME}/` is complete "
@@ -338,9 +340,10 @@ class EMACallback(TrainerCallback):
         where = ", ".join(str(c) for c in candidates)
         if self.allow_ema_restart:
             logger.warning(
-                "Resuming at step %s but no EMA was found in %s: the EMA restarts from the current weights "
-                "(allow_ema_restart=True).",
+                "resuming at step %s with no complete `%s/` in %s: the EMA restarts from the resumed weights "
+                "(allow_ema_restart=True)",
                 state.global_step,
+                EMA_DIRNAME,
                 where,
             )
             return

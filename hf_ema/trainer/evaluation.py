@@ -19,7 +19,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EMAEvaluator", "EMA_KEY_SUFFIX", "IS_RAW_KEY"]
+from ..errors import ConfigError
+
+__all__ = ["EMAEvaluator", "EMA_KEY_SUFFIX", "IS_RAW_KEY", "check_best_metric"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,30 @@ logger = logging.getLogger(__name__)
 EMA_KEY_SUFFIX = "ema"
 #: Metric (suffix of the EMA prefix) that is 1.0 when the `eval_ema_*` values are the raw weights' own.
 IS_RAW_KEY = "is_raw"
+
+
+def check_best_metric(metric_for_best_model: str | None, eval_ema: bool) -> None:
+    """Refuse a best-model metric that only the EMA evaluation logs (`eval_ema_loss`, `eval_<name>_ema_<metric>`)
+    when that evaluation is off: the Trainer would otherwise stop at its first evaluation, after training began,
+    with a `KeyError`.
+
+    Args:
+        metric_for_best_model (`str`, *optional*): `TrainingArguments.metric_for_best_model`; like the Trainer, a
+            name without the `eval_` prefix gets it.
+        eval_ema (`bool`): Whether the EMA is evaluated beside the raw weights.
+
+    Raises:
+        `ConfigError`: when the metric is an EMA metric and `eval_ema` is `False`.
+    """
+    if eval_ema or not metric_for_best_model:
+        return
+    key = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
+    if EMA_KEY_SUFFIX in key.split("_")[1:]:
+        raise ConfigError(
+            f"`metric_for_best_model` is {metric_for_best_model!r}, which only the EMA evaluation logs, but the "
+            f"callback was built with `eval_ema=False`: pass `EMACallback(eval_ema=True)` or choose a raw metric "
+            f"such as 'eval_loss'"
+        )
 
 
 class EMAEvaluator:

@@ -14,7 +14,6 @@ import os
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, ConfigTypeError
-from .safetensors_files import parse_size
 
 __all__ = [
     "check_bool",
@@ -196,6 +195,9 @@ def check_size(name: str, value: Any, optional: bool = False) -> int | str | Non
         return None
     if not isinstance(value, (int, str)) or isinstance(value, bool):
         raise ConfigTypeError(f"`{name}` must be a size such as '5GB' or a number of bytes, got {value!r}")
+    # Here, not at the top: `safetensors_files` imports torch, which the CLI's parsers (`hf-ema env`) never need.
+    from .safetensors_files import parse_size
+
     try:
         parse_size(value)
     except ValueError:
