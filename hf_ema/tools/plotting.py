@@ -251,6 +251,12 @@ def _check_out_path(out_path: Path, history: dict[str, Any]) -> Path:
             if not parent.is_dir():
                 raise ConfigError(f"`out_path` `{out_path}` cannot be written: `{parent}` is a file")
             break
+    inside = next((p for p in out_path.parents if is_ema_folder(p)), None)
+    if inside is not None:
+        raise ConfigError(
+            f"`out_path` `{out_path}` lies inside the EMA folder `{inside}`, which hf-ema never writes into (it is "
+            "loaded and uploaded as a whole); write the PNG beside it"
+        )
     source = history.get("source")
     if out_path.exists() and source is not None and out_path.resolve() == Path(source).resolve():
         raise ConfigError(f"`out_path` `{out_path}` is the run's history the plot reads; choose another file")
