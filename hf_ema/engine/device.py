@@ -189,6 +189,12 @@ class TritonGroup:
         )
         return _Part(self.ema[first], self.live[first], tables, len(block_tensor), tensor_base, aligned)
 
+    def refresh(self) -> None:
+        """Rebuild the tables when a tensor's storage moved (e.g. `model.to()`): the kernel must never write through
+        a stale pointer. Called once per update, before its launches."""
+        if self._current_ptrs() != self._ptrs:
+            self._plan()
+
     def locate(self, index: int) -> int:
         """The group's tensor index of global tensor index `index` (as reported by the `FIRST` flag).
 
@@ -210,8 +216,6 @@ class TritonGroup:
         """
         from .triton_kernels import CHECK, UNDO, kernel, tl
 
-        if self._current_ptrs() != self._ptrs:
-            self._plan()  # a tensor's storage moved (e.g. `model.to()`): never write through a stale pointer
         jitted = kernel()
         bits = getattr(tl, self._bits_name)
         for part in self._parts:
@@ -321,6 +325,8 @@ class DeviceUpdate:
                 that cannot be undone precisely: `weight > MAX_UNDO_WEIGHT`).
         """
         update, check, _, undo = self._modes
+        for part in self.parts:
+            part.refresh()
         if not self.check:
             self._each(update, 0, weight, checked=False)
             return
@@ -340,6 +346,8 @@ class DeviceUpdate:
             step (`int`): The optimizer step (reported in the outcome).
         """
         _, check, copy, _ = self._modes
+        for part in self.parts:
+            part.refresh()
         if not self.check:
             self._each(copy, 0, 1.0, checked=False)
             return
