@@ -320,6 +320,33 @@ def test_no_sync_raise_surfaces_at_the_next_update():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_on_cuda_equals_float64_reference(monkeypatch, dtype):
+    # The compiled kernel (not the interpreter), default block size, tensors of many blocks and odd tails.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    sizes = [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 100_003]
+    g = torch.Generator().manual_seed(0)
+    ema = [torch.randn(n, generator=g).cuda() for n in sizes]
+    live = [torch.randn(n, generator=g).to(dtype).cuda() for n in sizes]
+    ref = [e.double() for e in ema]
+    update = D.DeviceUpdate([(ema, live)], [0], check=True)
+    for weight in (0.01, 0.3):
+        update.fold(weight, step=1, force_check=weight > MAX_UNDO_WEIGHT)
+        w32 = torch.tensor(weight, dtype=torch.float32).double()
+        ref = [(1 - w32) * r + w32 * x.double() for r, x in zip(ref, live)]
+    assert [o.folded for o in update.wait()] == [True, True]
+    for e, r in zip(ema, ref):
+        torch.testing.assert_close(e.double(), r, rtol=2e-6, atol=2e-6)
+    before = [e.clone() for e in ema]
+    live[6][-1] = math.nan
+    update.fold(0.01, step=2)
+    (outcome,) = update.wait()
+    assert not outcome.folded and outcome.bad == (0, 6)
+    for e, b, w in zip(ema, before, live):
+        assert_restored(e.cpu(), b.cpu(), w.cpu(), 0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["skip", "raise", "ignore"])
 @pytest.mark.parametrize("config", [{}, {"cuda_stream": True}, {"start_step": 2}], ids=str)
 def test_no_sync_on_cuda(monkeypatch, mode, config):
