@@ -1,7 +1,7 @@
 """Quickstart: an EMA of a causal LM's weights with the Hugging Face `Trainer`, from training to post-hoc EMA.
 
-    python examples/quickstart.py                                   # offline, about two minutes on a laptop CPU
-    python examples/quickstart.py --output-dir runs/qs --max-steps 400
+    python examples/quickstart.py                                   # offline, a few minutes on a laptop CPU
+    python examples/quickstart.py --output-dir runs/qs --max-steps 1200 --save-steps 200
 
 The script is written the way you would write your own: swap in your tokenizer, model and data where the comments
 say so. It runs offline: the tokenizer is trained here on Python's own help text (`pydoc_data.topics`) and the
@@ -122,8 +122,8 @@ def eval_loss(folder: str, tokenizer, eval_ds, output_dir: str) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/quickstart")
-    parser.add_argument("--max-steps", type=int, default=240)
-    parser.add_argument("--save-steps", type=int, default=40, help="checkpoint, evaluation and snapshot interval")
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--save-steps", type=int, default=100, help="checkpoint, evaluation and snapshot interval")
     args = parser.parse_args(argv)
     out, steps, every = args.output_dir, args.max_steps, args.save_steps
 
