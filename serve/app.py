@@ -19,8 +19,8 @@ from typing import Any
 
 from hf_ema import CheckpointError, ConfigError, ConfigTypeError, HfEmaError
 
-from .compare import Comparison, stream_comparison
-from .generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, stream_pair, validate_prompt
+from .compare import Comparison, generate_pair, stream_comparison
+from .generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, validate_prompt
 from .loading import CheckpointCatalog, CheckpointRef
 from .render import pane_header, scores_html, token_view_html
 from .variants import KINDS, VariantSpec, VariantStore, run_folder, snapshot_note, snapshot_steps
@@ -193,12 +193,10 @@ def build_demo(
         """The raw and the EMA continuation of `prompt` (same settings and seed), generated together."""
         try:
             settings = settings_from(max_new_tokens, temperature, top_p, seed, greedy)
-            pair = catalog.get(checkpoint or None)
-            *_, last = stream_pair(pair, prompt, settings)
+            return generate_pair(store, prompt, settings, checkpoint=checkpoint or None)
         except HfEmaError as err:
             # Shown to the caller as an error; the server keeps serving.
             raise gr.Error(str(err), print_exception=False) from None
-        return last
 
     default = catalog.default_label
     # Loaded here, outside any handler, so a broken checkpoint fails at start-up with a CheckpointError.

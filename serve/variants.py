@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
 import math
 import re
 import shlex
 import shutil
 import tempfile
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +25,19 @@ from typing import Any
 from torch import nn
 
 from hf_ema import CheckpointError, ConfigError, ConfigTypeError, merge_checkpoints, reconstruct
-from hf_ema.utils.paths import checkpoint_step, list_checkpoints
+from hf_ema.posthoc import RECIPE_NAME as POSTHOC_RECIPE_NAME
+from hf_ema.tools import MERGE_RECIPE_NAME
+from hf_ema.utils.jsonio import read_json
+from hf_ema.utils.paths import POSTHOC_DIRNAME, checkpoint_step, list_checkpoints, posthoc_step
 
 from .batching import SingleVariant, VariantBatch, make_adapter_batch, make_variant_batch
-from .loading import EMA, RAW, CheckpointCatalog, CheckpointRef, ModelPair, has_raw_weights
+from .cache import BoundedCache
+from .loading import EMA, RAW, CheckpointCatalog, CheckpointRef, ModelPair, checked_load, has_raw_weights
 
 __all__ = [
     "KINDS",
     "MAX_PANES",
     "MERGE_METHODS",
-    "POSTHOC_DIRNAME",
     "Variant",
     "VariantSpec",
     "VariantStore",
@@ -55,9 +55,6 @@ KINDS = {
 }
 MERGE_METHODS = ("mean", "wsm")
 MAX_PANES = 4
-#: Where `EMACallback(posthoc=True)` writes the post-hoc snapshots, inside the run folder.
-POSTHOC_DIRNAME = "ema_posthoc"
-_RECIPE_NAME = "posthoc_recipe.json"
 #: Adapter batches kept per store (each holds only its adapters' stacked low-rank weights; the base is shared).
 _MAX_ADAPTER_BATCHES = 16
 _SPEC_RE = re.compile(
@@ -192,12 +189,8 @@ def snapshot_steps(run: Path | None) -> list[int]:
     """
     if run is None or not (run / POSTHOC_DIRNAME).is_dir():
         return []
-    steps = []
-    for child in (run / POSTHOC_DIRNAME).iterdir():
-        match = re.fullmatch(r"step-(\d+)", child.name)
-        if match and child.is_dir():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    found = (posthoc_step(child) for child in (run / POSTHOC_DIRNAME).iterdir() if child.is_dir())
+    return sorted(step for step in found if step is not None)
 
 
 def snapshot_note(ref: CheckpointRef) -> str:
@@ -229,6 +222,38 @@ def _checkpoint_folders(run: Path, up_to: int | None) -> list[tuple[int, Path]]:
     return [(step, child) for step, child in found if step is not None and (up_to is None or step <= up_to)]
 
 
+def _recipe(folder: Path, name: str) -> dict[str, Any]:
+    """The recipe `reconstruct` or `merge_checkpoints` wrote beside the weights (`{}` when it cannot be read: the
+    pane then shows no note)."""
+    try:
+        recipe = read_json(folder / name)
+    except (OSError, CheckpointError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _posthoc_note(recipe: dict[str, Any]) -> str:
+    try:
+        note = (
+            f"reconstructed from {len(recipe['snapshots'])} snapshots at step {recipe['step']}; "
+            f"profile fit error {recipe['relative_profile_error']:.1%}"
+        )
+    except (KeyError, TypeError, ValueError):
+        return ""
+    if recipe["relative_profile_error"] > 0.05:
+        note += " (a poor fit: the snapshots' widths are far from this one)"
+    return note
+
+
+def _merge_note(recipe: dict[str, Any]) -> str:
+    try:
+        return "weights " + ", ".join(
+            f"{Path(c['path']).name} {c['weight']:.3f}" for c in recipe.get("checkpoints", [])
+        )
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 class VariantStore:
     """Builds, caches and runs the variants of a catalog's checkpoints.
 
@@ -253,52 +278,36 @@ class VariantStore:
             atexit.register(shutil.rmtree, cache_dir, True)  # made here, removed here
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.max_models = max_models
-        self.max_batches = max_batches
-        self._models: OrderedDict[str, nn.Module] = OrderedDict()
-        # Built batches (see `_cached_batch`): stacked full models, and batches of adapters.
-        self._batches: OrderedDict[tuple, tuple[tuple, VariantBatch]] = OrderedDict()
-        self._adapter_batches: OrderedDict[tuple, tuple[tuple, VariantBatch]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._build_locks: dict[str, threading.Lock] = {}
+        self._folders: BoundedCache[str, Path] = BoundedCache(10**6, name="folders")
+        self._models: BoundedCache[str, nn.Module] = BoundedCache(max_models, name="max_models")
+        # Built batches keep their models alive (the value holds them), so no other model can take one of the ids
+        # that key them while they are kept.
+        self._batches: BoundedCache[tuple, tuple[Any, VariantBatch]] = BoundedCache(max_batches, name="max_batches")
+        self._adapter_batches: BoundedCache[tuple, tuple[Any, VariantBatch]] = BoundedCache(_MAX_ADAPTER_BATCHES)
 
     # ------------------------------------------------------------------------------------------------ building
-    def _build_lock(self, key: str) -> threading.Lock:
-        with self._lock:
-            return self._build_locks.setdefault(key, threading.Lock())
-
     def _cached_folder(self, key: str, build: Callable[[Path], Any]) -> Path:
         """`cache_dir/<digest>`, built by `build(folder)` the first time (one builder at a time per key)."""
         folder = self.cache_dir / hashlib.sha1(key.encode()).hexdigest()[:16]
-        with self._build_lock(key):
+
+        def make() -> Path:
             if not folder.is_dir():
                 build(folder)
-        return folder
+            return folder
+
+        return self._folders.get_or_build(folder.name, make)
 
     def _load_full(self, folder: str, pair: ModelPair, subfolder: str | None = None) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        key = f"{folder}::{subfolder}"
-        with self._build_lock("load:" + key):
-            with self._lock:
-                if key in self._models:
-                    self._models.move_to_end(key)
-                    return self._models[key]
+        def load() -> nn.Module:
             kwargs = {k: v for k, v in self.catalog.load_kwargs.items() if k in ("dtype", "trust_remote_code")}
             if subfolder:
                 kwargs["subfolder"] = subfolder
-            try:
-                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            except Exception as err:  # corrupt or unreadable files: one clear line for the page
-                raise CheckpointError(
-                    f"could not load the weights in `{folder}`: {type(err).__name__}: {err}"
-                ) from err
-            model = model.to(pair.device).eval()
-            with self._lock:
-                self._models[key] = model
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-            return model
+            model = checked_load("weights", folder, AutoModelForCausalLM.from_pretrained, folder, **kwargs)
+            return checked_load("weights", folder, lambda: model.to(pair.device).eval())
+
+        return self._models.get_or_build(f"{folder}::{subfolder}", load)
 
     def _load_adapter(self, folder: str, pair: ModelPair, subfolder: str | None = None) -> str:
         peft_model = pair.models[RAW]
@@ -306,12 +315,7 @@ class VariantStore:
         with pair.lock:
             if name not in peft_model.peft_config:
                 kwargs = {"subfolder": subfolder} if subfolder else {}
-                try:
-                    peft_model.load_adapter(folder, adapter_name=name, **kwargs)
-                except Exception as err:
-                    raise CheckpointError(
-                        f"could not load the adapter in `{folder}`: {type(err).__name__}: {err}"
-                    ) from err
+                checked_load("adapter", folder, peft_model.load_adapter, folder, adapter_name=name, **kwargs)
                 peft_model.eval()
         return name
 
@@ -337,20 +341,11 @@ class VariantStore:
             raise ConfigTypeError(f"`spec` must be a VariantSpec, got {type(spec).__name__}")
         ref = self.catalog.ref(checkpoint)
         pair = self.catalog.get(ref.label)
-        if spec.kind == "raw":
-            variant = Variant(spec, f"raw · {ref.label}", ref.location, self._raw_command(ref))
-            if pair.is_peft:
-                variant.adapter = RAW
-            else:
-                variant.model = pair.models[RAW]
-            return variant
-        if spec.kind == "ema" or (spec.kind == "checkpoint_ema" and spec.checkpoint == ref.label):
-            variant = Variant(spec, f"EMA · {ref.label}", ref.ema_location, self._push_command(ref))
-            if pair.is_peft:
-                variant.adapter = EMA
-            else:
-                variant.model = pair.models[EMA]
-            return variant
+        own = {"raw": RAW, "ema": EMA}.get(spec.kind)
+        if spec.kind == "checkpoint_ema" and spec.checkpoint == ref.label:
+            own = EMA
+        if own is not None:  # the checkpoint's own raw or EMA weights, loaded with it
+            return self._own(ref, pair, spec, own)
         if spec.kind == "checkpoint_ema":
             other = self.catalog.ref(spec.checkpoint)
             variant = Variant(spec, f"EMA · {other.label}", other.ema_location, self._push_command(other))
@@ -360,6 +355,17 @@ class VariantStore:
         if spec.kind == "posthoc":
             return self._posthoc(ref, pair, spec)
         return self._merge(ref, pair, spec)
+
+    def _own(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec, which: str) -> Variant:
+        if which == RAW:
+            variant = Variant(spec, f"raw · {ref.label}", ref.location, self._raw_command(ref))
+        else:
+            variant = Variant(spec, f"EMA · {ref.label}", ref.ema_location, self._push_command(ref))
+        if pair.is_peft:
+            variant.adapter = which
+        else:
+            variant.model = pair.models[which]
+        return variant
 
     def _local_run(self, ref: CheckpointRef, what: str) -> Path:
         run = run_folder(ref)
@@ -380,18 +386,7 @@ class VariantStore:
         out = run / (f"ema-sigma_rel-{spec.sigma_rel:g}" + (f"-step-{step}" if step is not None else ""))
         command = f"hf-ema posthoc {_quote(run)} --sigma-rel {spec.sigma_rel:g}"
         command += (f" --step {step}" if step is not None else "") + f" --out {_quote(out)}"
-        note = ""
-        try:
-            with open(folder / _RECIPE_NAME, encoding="utf-8") as f:
-                recipe = json.load(f)
-            note = (
-                f"reconstructed from {len(recipe['snapshots'])} snapshots at step {recipe['step']}; "
-                f"profile fit error {recipe['relative_profile_error']:.1%}"
-            )
-            if recipe["relative_profile_error"] > 0.05:
-                note += " (a poor fit: the snapshots' widths are far from this one)"
-        except (OSError, KeyError, ValueError):
-            pass
+        note = _posthoc_note(_recipe(folder, POSTHOC_RECIPE_NAME))
         variant = Variant(spec, f"post-hoc EMA σ_rel={spec.sigma_rel:g} · {ref.label}", str(folder), command, note)
         return self._attach(variant, pair, str(folder))
 
@@ -415,15 +410,7 @@ class VariantStore:
         out = run / f"merged-{spec.method}-last{spec.k}"
         command = "hf-ema merge " + " ".join(_quote(p) for p in chosen)
         command += f" --method {spec.method} --out {_quote(out)}"
-        note = ""
-        try:
-            with open(folder / "merge_recipe.json", encoding="utf-8") as f:
-                recipe = json.load(f)
-            note = "weights " + ", ".join(
-                f"{Path(c['path']).name} {c['weight']:.3f}" for c in recipe.get("checkpoints", [])
-            )
-        except (OSError, KeyError, ValueError):
-            pass
+        note = _merge_note(_recipe(folder, MERGE_RECIPE_NAME))
         name = "mean" if spec.method == "mean" else "WSM"
         variant = Variant(spec, f"{name} of the last {spec.k} checkpoints · {ref.label}", str(folder), command, note)
         return self._attach(variant, pair, str(folder))
@@ -442,7 +429,7 @@ class VariantStore:
 
     # ----------------------------------------------------------------------------------------------- running
     def batch(self, checkpoint: str | None, variants: Sequence[Variant]) -> VariantBatch:
-        """The variants as one [`VariantBatch`]: one mixed-adapter batch (PEFT) or one stacked model (full).
+        """The variants as one [`VariantBatch`]: one stacked model (adapters or full models), built once and kept.
 
         Args:
             checkpoint (`str`, *optional*): The catalog label the variants were resolved for.
@@ -455,36 +442,10 @@ class VariantStore:
             # Adapters are never unloaded and their names stand for their files, so the model and the names key the
             # batch. A stacked adapter batch holds only the adapters' low-rank weights: many are kept.
             peft_model, names = pair.models[RAW], [v.adapter for v in variants]
-            build = lambda: make_adapter_batch(peft_model, names, lock=pair.lock)  # noqa: E731
-            return self._cached_batch(self._adapter_batches, _MAX_ADAPTER_BATCHES, (peft_model,), names, build)
+            key = (id(peft_model), *names)
+            build = lambda: (peft_model, make_adapter_batch(peft_model, names, lock=pair.lock))  # noqa: E731
+            return self._adapter_batches.get_or_build(key, build)[1]
         models = [v.model for v in variants]
         if len(models) == 1:
             return SingleVariant(models[0])
-        build = lambda: make_variant_batch(models)  # noqa: E731
-        return self._cached_batch(self._batches, self.max_batches, tuple(models), [], build)
-
-    def _cached_batch(
-        self,
-        cache: OrderedDict[tuple, Any],
-        limit: int,
-        models: tuple[nn.Module, ...],
-        names: Sequence[str],
-        build: Callable[[], VariantBatch],
-    ) -> VariantBatch:
-        """The batch of `models` (and adapter `names`), from `cache` or built and kept there.
-
-        Keyed by the models' ids; an entry keeps its models alive, so no other model can take one of those ids while
-        it is cached.
-        """
-        key = (tuple(id(m) for m in models), tuple(names))
-        with self._lock:
-            entry = cache.get(key)
-            if entry is not None:
-                cache.move_to_end(key)
-                return entry[1]
-        batch = build()
-        with self._lock:
-            cache[key] = (models, batch)
-            while len(cache) > limit:
-                cache.popitem(last=False)
-        return batch
+        return self._batches.get_or_build(tuple(map(id, models)), lambda: (models, make_variant_batch(models)))[1]

@@ -18,9 +18,11 @@ import pytest
 from _app_page import CHROMIUM, CHROMIUM_ARGS, choose_pane, free_port, generate_and_wait
 from test_serve_compare import broken_run, independent_models, own_scores
 
-from serve.generation import GenerationSettings, generate_pair
+from serve.compare import generate_pair
+from serve.generation import GenerationSettings
 from serve.launch import start_app
-from serve.loading import find_checkpoints, load_pair
+from serve.loading import CheckpointCatalog
+from serve.variants import VariantStore
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -134,8 +136,8 @@ def test_page_checkpoint_picker_switches_models(full_run, full_app, browser):
     page.get_by_label("checkpoint", exact=True).click()
     page.get_by_role("option", name="checkpoint-4").click()
     page.wait_for_function("document.querySelector('#ema-info').innerText.includes('EMA step 4')", timeout=30_000)
-    pair = load_pair(find_checkpoints(full_run / "checkpoint-4")[0], device="cpu")
-    expected = generate_pair(pair, PROMPT, GenerationSettings(max_new_tokens=12, greedy=True))
+    store = VariantStore(CheckpointCatalog(full_run / "checkpoint-4", device="cpu"))
+    expected = generate_pair(store, PROMPT, GenerationSettings(max_new_tokens=12, greedy=True))
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#max-new-tokens input").fill("12")
     page.locator("#greedy input").check()
@@ -196,8 +198,8 @@ def test_eight_concurrent_client_requests_complete(full_run, full_app):
     ]
     results = [tuple(job.result(timeout=300)) for job in jobs]
     # Each request samples with its own seeded generators, so running them at once changes nothing.
-    pair = load_pair(find_checkpoints(full_run)[-1], device="cpu")
-    assert results == [generate_pair(pair, PROMPT, s) for s in settings]
+    store = VariantStore(CheckpointCatalog(full_run, device="cpu"))
+    assert results == [generate_pair(store, PROMPT, s) for s in settings]
     assert len(set(results)) > 1
 
 
