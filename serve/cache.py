@@ -39,7 +39,7 @@ class BoundedCache(Generic[K, V]):
         max_bytes (`int`, *optional*): The most the entries' sizes may add up to; no bound when `None`.
         size (`Callable[[V], int]`, *optional*): An entry's size (needed with `max_bytes`); 0 when not given.
         on_evict (`Callable[[K, V], None]`, *optional*): Called with each evicted entry, outside the cache's lock.
-        name (`str`, *optional*, defaults to `"cache"`): The argument name used in error messages.
+        name (`str`, *optional*, defaults to `"cache"`): The argument that sets the bound, named in error messages.
     """
 
     def __init__(
@@ -52,9 +52,9 @@ class BoundedCache(Generic[K, V]):
         name: str = "cache",
     ) -> None:
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
-            raise ConfigError(f"`{name}` must keep at least 1 entry, got max_items={max_items!r}")
+            raise ConfigError(f"`{name}` must be an int >= 1, got {max_items!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
-            raise ConfigError(f"`{name}` must be bounded by a positive number of bytes, got max_bytes={max_bytes!r}")
+            raise ConfigError(f"`{name}` needs a positive number of bytes as its bound, got {max_bytes!r}")
         if max_bytes is not None and size is None:
             raise ConfigError(f"`{name}` is bounded by bytes, so it needs a `size` function")
         self.max_items = max_items

@@ -8,19 +8,22 @@ where the panes differ.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from hf_ema import ConfigError, ConfigTypeError, HfEmaError
+from hf_ema import CheckpointError, ConfigError, ConfigTypeError, HfEmaError
 
 from .batching import DecodeState, VariantBatch, decode, score_continuations
 from .generation import GenerationSettings, encode_prompt, validate_prompt
 from .loading import ModelPair
+from .specs import MAX_PANES, VariantSpec
 from .tokens import TokenPieces, first_divergence
-from .variants import MAX_PANES, Variant, VariantSpec, VariantStore
+from .variants import Variant, VariantStore
 
 __all__ = [
     "Comparison",
@@ -30,6 +33,9 @@ __all__ = [
     "stream_comparison",
     "stream_pair",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +97,34 @@ class Comparison:
         """
         return math.exp(nll) if nll < 700 else math.inf
 
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON data (what the app's `/compare` and `/generate` endpoints return): `texts` (one
+        per pane, `""` for a pane that could not be built), `panes` (each pane's `variant`, `label`, `text`,
+        `error`, `command`, `note`, `tokens` and each token's probability `token_probs`), `scores` (`scores[i][j]`:
+        the mean per-token NLL of pane `scored[j]`'s text under pane `scored[i]`'s model), `scored`,
+        `reference_scores` and `divergence` (the first token where the panes' texts differ, or `None`)."""
+        panes = [
+            {
+                "variant": str(pane.spec),
+                "label": pane.label,
+                "text": pane.text,
+                "error": pane.error,
+                "command": pane.command,
+                "note": pane.note,
+                "tokens": list(pane.tokens),
+                "token_probs": list(pane.probs),
+            }
+            for pane in self.panes
+        ]
+        return {
+            "texts": [pane.text for pane in self.panes],
+            "panes": panes,
+            "scores": self.nll,
+            "scored": list(self.scored),
+            "reference_scores": self.reference_nll,
+            "divergence": self.divergence,
+        }
+
 
 @dataclass
 class _Request:
@@ -148,6 +182,17 @@ def _check_request(
     return _Request(specs, settings, label, pair, input_ids, reference_ids)
 
 
+def _pane_error(spec: VariantSpec, err: Exception) -> HfEmaError:
+    """`err` as the one-line `HfEmaError` a pane shows. A library error already is one; anything else (a `ValueError`
+    from the math for a width too small to compute...) is logged as one line, without a traceback, and wrapped."""
+    if isinstance(err, HfEmaError):
+        return err
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    logger.warning("pane %s could not be built: %s: %s", spec, type(err).__name__, first_line)
+    kind = ConfigError if isinstance(err, (ValueError, TypeError)) else CheckpointError
+    return kind(f"could not build `{spec}`: {first_line}")
+
+
 def _build_variants(
     store: VariantStore,
     request: _Request,
@@ -163,9 +208,10 @@ def _build_variants(
             on_build(i, spec)
         try:
             variant = store.resolve(request.checkpoint, spec)
-        except HfEmaError as err:
-            result.panes[i].error = str(err)
-            first_error = first_error or err
+        except Exception as err:  # noqa: BLE001 (one pane's failure is that pane's message; the others still run)
+            error = _pane_error(spec, err)
+            result.panes[i].error = str(error)
+            first_error = first_error or error
             yield result
             continue
         pane = result.panes[i]
@@ -209,7 +255,6 @@ def _score(
     streams: list[TokenPieces],
 ) -> None:
     """Fill in the score matrix, each token's probability, the exact final texts and the first divergence."""
-    result.status = "scoring"
     texts = [result.panes[i].tokens for i, _ in built]
     # Each distinct text is scored once per model, and not at all under a model whose own text it is: decoding
     # already gave those scores (same tokens, same model), and greedy panes often agree.
@@ -268,12 +313,15 @@ def stream_comparison(
 
     Yields:
         `Comparison`: after each built variant, after every token, and the scored final state (`done=True`).
+        The last token's state comes with `status="scoring"`, while the scores are computed.
     """
     request = _check_request(store, prompt, variants, settings, checkpoint, reference)
     result = Comparison(panes=[PaneResult(spec) for spec in request.specs])
     built = yield from _build_variants(store, request, result, on_build)
     batch = store.batch(request.checkpoint, [variant for _, variant in built])
     state, streams = yield from _decode_panes(batch, request, result, built)
+    result.status = "scoring"
+    yield result  # every pane's last token, while the scores are computed
     _score(batch, request, result, built, state, streams)
     yield result
 

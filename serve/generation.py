@@ -121,9 +121,14 @@ def encode_prompt(pair: ModelPair, prompt: str, settings: GenerationSettings) ->
     if n_prompt == 0:
         raise ConfigError(f"`prompt` encodes to no tokens, got {prompt!r}")
     limit = pair.context_length
+    if limit is not None and n_prompt >= limit:  # no room for even one new token, whatever `max_new_tokens` is
+        raise ConfigError(
+            f"`prompt` is too long for the model's context of {limit} tokens: it is {n_prompt} tokens, "
+            f"{n_prompt - limit + 1} more than leave room for one new token; shorten it"
+        )
     if limit is not None and n_prompt + settings.max_new_tokens > limit:
         raise ConfigError(
-            f"`max_new_tokens` must be at most {max(limit - n_prompt, 0)} for this {n_prompt}-token prompt "
+            f"`max_new_tokens` must be at most {limit - n_prompt} for this {n_prompt}-token prompt "
             f"(the model's context is {limit} tokens), got {settings.max_new_tokens}"
         )
     return input_ids.to(pair.device)

@@ -29,13 +29,15 @@ from hf_ema.utils.paths import (
 )
 from hf_ema.weighted_sum import check_safetensors_file
 
-from .cache import BoundedCache
+from .cache import BoundedCache, K, V
 
 __all__ = [
+    "LOAD_LOCK",
     "CheckpointCatalog",
     "CheckpointRef",
     "ModelPair",
     "find_checkpoints",
+    "load_once",
     "load_pair",
 ]
 
@@ -43,6 +45,13 @@ logger = logging.getLogger(__name__)
 
 #: Adapter names of the two PEFT adapters loaded on the one base model.
 RAW, EMA = "raw", "ema"
+
+#: Held around every model load in the app, whatever thread asks: the catalog's checkpoints, the variants' models and
+#: adapters, and the reconstructions and merges that build them. transformers' `from_pretrained` is not thread-safe:
+#: two loads in two threads can leave `PreTrainedModel.tie_weights` replaced by the no-op of its `no_tie_weights()`
+#: context for good, after which every load in the process fails with "Cannot copy out of meta tensor". Reentrant, so
+#: a load may call another (a variant's load asks the catalog for its checkpoint).
+LOAD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,24 @@ def _read_adapter_config(ref: CheckpointRef) -> dict[str, Any] | None:
         raise CheckpointError(f"could not read {path}: {err}") from None
 
 
+def load_once(cache: BoundedCache[K, V], key: K, load: Callable[[], V]) -> V:
+    """`cache`'s entry for `key`, loaded by `load()` under [`LOAD_LOCK`] when it is missing.
+
+    The process-wide lock is always taken before the cache's own per-key lock, so two loads can never wait for each
+    other in the opposite order.
+
+    Args:
+        cache (`BoundedCache`): Where the loaded object is kept.
+        key (`Hashable`): Its key.
+        load (`Callable`): Loads it.
+    """
+    value = cache.get(key)
+    if value is not None:
+        return value
+    with LOAD_LOCK:
+        return cache.get_or_build(key, load)
+
+
 def _check_weight_files(ref: CheckpointRef, is_adapter: bool) -> None:
     """A truncated or garbled weights file: one clear error before anything loads."""
     if not ref.is_local:
@@ -362,7 +389,8 @@ def load_pair(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> ModelPair:
-    """Load a checkpoint's raw model and its EMA (for PEFT: the base model once, and both adapters on it).
+    """Load a checkpoint's raw model and its EMA (for PEFT: the base model once, and both adapters on it), holding
+    [`LOAD_LOCK`] while the models load.
 
     Args:
         ref (`CheckpointRef`): The checkpoint, from [`find_checkpoints`].
@@ -388,8 +416,9 @@ def load_pair(
     if adapter_config is not None:
         base_id = str(base_model or adapter_config.get("base_model_name_or_path") or "") or None
     _check_weight_files(ref, is_adapter=adapter_config is not None)
-    models = _load_models(ref, adapter_config, base_id, device, **load_kwargs)
-    tokenizer = _load_tokenizer(ref, base_id, trust_remote_code)
+    with LOAD_LOCK:
+        models = _load_models(ref, adapter_config, base_id, device, **load_kwargs)
+        tokenizer = _load_tokenizer(ref, base_id, trust_remote_code)
     return ModelPair(ref=ref, tokenizer=tokenizer, models=models, is_peft=adapter_config is not None, info=info)
 
 
@@ -445,4 +474,4 @@ class CheckpointCatalog:
             logger.info("loading %s", ref.location)
             return load_pair(ref, **self.load_kwargs)
 
-        return self._loaded.get_or_build(ref.label, load)
+        return load_once(self._loaded, ref.label, load)

@@ -70,8 +70,8 @@ def test_get_or_build_builds_each_key_once_at_a_time_and_keeps_no_failure():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_items": 0}, "must keep at least 1 entry, got max_items=0"),
-        ({"max_items": 2, "max_bytes": 0, "size": len}, "positive number of bytes, got max_bytes=0"),
+        ({"max_items": 0}, "`cache` must be an int >= 1, got 0"),
+        ({"max_items": 2, "max_bytes": 0, "size": len}, "positive number of bytes as its bound, got 0"),
         ({"max_items": 2, "max_bytes": 10}, "needs a `size` function"),
     ],
 )

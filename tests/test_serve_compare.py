@@ -15,8 +15,9 @@ from serve.batching import StackedVariants, decode, score_continuations
 from serve.compare import compare, stream_comparison
 from serve.generation import GenerationSettings
 from serve.loading import CheckpointCatalog
+from serve.specs import VariantSpec
 from serve.tokens import TokenPieces, first_divergence, token_pieces
-from serve.variants import VariantSpec, VariantStore
+from serve.variants import VariantStore
 
 PROMPT = "The return value of"
 FOUR = ["raw", "ema", "posthoc:0.15", "merge:mean:3"]
