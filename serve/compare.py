@@ -206,6 +206,7 @@ def _build_variants(
         result.status = f"building pane {i + 1}: {spec}"
         if on_build is not None:
             on_build(i, spec)
+        yield result  # a reconstruction or a merge can take a while: say which pane is being built
         try:
             variant = store.resolve(request.checkpoint, spec)
         except Exception as err:  # noqa: BLE001 (one pane's failure is that pane's message; the others still run)
@@ -312,8 +313,8 @@ def stream_comparison(
         on_build (`Callable[[int, VariantSpec], None]`, *optional*): Called before each variant is built.
 
     Yields:
-        `Comparison`: after each built variant, after every token, and the scored final state (`done=True`).
-        The last token's state comes with `status="scoring"`, while the scores are computed.
+        `Comparison`: before and after building each variant, after every token (the last one with
+        `status="scoring"`, while the scores are computed), and the scored final state (`done=True`).
     """
     request = _check_request(store, prompt, variants, settings, checkpoint, reference)
     result = Comparison(panes=[PaneResult(spec) for spec in request.specs])

@@ -152,15 +152,19 @@ class AppHandlers:
             ):
                 yield self._panes_view(last, specs, errors, settings.max_new_tokens)
         except HfEmaError as err:
-            view = self._panes_view(last, specs, errors, settings.max_new_tokens) if last is not None else {}
-            yield {**view, page.status: error_line(str(err))}
+            if last is None:  # refused before any work (a prompt longer than the model's context...)
+                yield {page.status: error_line(str(err))}
+                return
+            # No pane could be built: each pane already says why in its header.
+            view = self._panes_view(last, specs, errors, settings.max_new_tokens)
+            yield {**view, page.status: error_line("no pane could be built; each pane says why")}
 
     def _settings_from(self, values: dict) -> GenerationSettings:
         page = self.page
+        greedy = bool(values[page.greedy])
         return self.context.settings(
-            values[page.max_new_tokens], values[page.temperature], values[page.top_p], values[page.seed],
-            bool(values[page.greedy]),
-        )  # fmt: skip
+            values[page.max_new_tokens], values[page.temperature], values[page.top_p], values[page.seed], greedy
+        )
 
     def _panes_view(
         self, result: Comparison | None, specs: list[VariantSpec | None], errors: dict[int, str], max_new: int
@@ -181,7 +185,8 @@ class AppHandlers:
             elif done:
                 view.update(pane.show(shown, divergence=result.divergence, done=True))
             else:
-                view.update(pane.show(shown, progress=(len(shown.tokens), max_new) if decoding else (0, 0)))
+                built = decoding or bool(shown.label)  # a built pane waits for the others at 0 tokens
+                view.update(pane.show(shown, progress=(len(shown.tokens), max_new) if built else (0, 0)))
         view[page.scores] = scores_html(result) if done and result is not None else ""
         view[page.status] = "" if result is None or done else f"*{result.status}…*"
         return view

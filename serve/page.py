@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -21,6 +21,10 @@ from .loading import CheckpointRef
 from .render import ema_settings, pane_header, token_view_html
 from .specs import KINDS, VariantSpec
 from .variants import TEMP_PREFIX, run_folder, snapshot_note, snapshot_steps
+
+if TYPE_CHECKING:
+    from .handlers import AppContext
+    from .loading import CheckpointCatalog
 
 __all__ = ["OFF", "Page", "PaneControls", "build_page", "loss_plot", "page_style"]
 
@@ -200,7 +204,7 @@ class Page:
         return [c for p in self.panes for c in p.outputs] + [self.scores, self.status]
 
 
-def _default_panes(catalog) -> list[dict[str, Any]]:
+def _default_panes(catalog: CheckpointCatalog) -> list[dict[str, Any]]:
     """Raw, EMA, then a post-hoc EMA when the run has snapshots and a merge when it has several checkpoints."""
     ref = catalog.ref()
     run = run_folder(ref)
@@ -213,7 +217,7 @@ def _default_panes(catalog) -> list[dict[str, Any]]:
     return panes
 
 
-def build_header(context, title: str) -> dict[str, Any]:
+def build_header(context: AppContext, title: str) -> dict[str, Any]:
     """The title, the checkpoint picker with its EMA's settings and post-hoc snapshots, and the loss plot."""
     catalog = context.catalog
     default = catalog.default_label
@@ -251,7 +255,7 @@ def build_header(context, title: str) -> dict[str, Any]:
     return {"checkpoint": checkpoint, "info": info, "plot": plot_box, "posthoc_note": posthoc_note}
 
 
-def build_request(context) -> dict[str, Any]:
+def build_request(context: AppContext) -> dict[str, Any]:
     """The prompt, the reference text and the settings (their bounds from the loaded model), and the button."""
     with gr.Row(equal_height=True):
         prompt = gr.Textbox(
@@ -292,7 +296,7 @@ def build_request(context) -> dict[str, Any]:
     }
 
 
-def build_pane(catalog, index: int, default: dict[str, Any]) -> PaneControls:
+def build_pane(catalog: CheckpointCatalog, index: int, default: dict[str, Any]) -> PaneControls:
     """One pane: its kind and fields, then its header, text, token view and command."""
     kind_value = default["kind"]
     name = f"pane-{index + 1}"
@@ -354,7 +358,7 @@ def build_pane(catalog, index: int, default: dict[str, Any]) -> PaneControls:
     return PaneControls(index, kind, sigma_rel, k, method, other, header, text, tokens, command)
 
 
-def build_page(context, title: str) -> Page:
+def build_page(context: AppContext, title: str) -> Page:
     """Every part of the page, top to bottom, inside the current `gr.Blocks`."""
     header = build_header(context, title)
     request = build_request(context)
