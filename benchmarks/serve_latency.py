@@ -184,6 +184,60 @@ def thread_counts(text: str, default: int) -> list[tuple[str, int]]:
     return out
 
 
+#: The alternatives' rows, and which runs they are measured on.
+TITLES = {
+    "per-variant": "stacked, each variant's own linear layers",
+    "sequential": "one forward pass per variant",
+    "vmap": "`vmap` + `functional_call`, no KV cache",
+    "peft-mixed": "peft's mixed-adapter batch (`adapter_names`)",
+    "peft-sequential": "one pass per adapter (peft's forward, the adapter active)",
+}
+ALTERNATIVES = {"full": ["per-variant", "sequential", "vmap"], "lora": ["peft-mixed", "peft-sequential"]}
+
+
+def report_kind(kind: str, catalog, app_threads: list, alt_threads: list, args: argparse.Namespace) -> None:
+    """Measure one run (`"full"` or `"lora"`) and print its table and summary lines."""
+    label = "LoRA (one base model)" if kind == "lora" else "full model"
+    app_title = "the app's (" + ("stacked LoRA updates" if kind == "lora" else "stacked, batched matmul") + ")"
+    print(f"### {label}\n")
+    print("| batching | threads | 1 variant | 2 variants | 4 variants | 2 / 1 | 4 / 1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    best: dict[int, float] = {}  # the app's fastest time per number of variants, over the thread counts
+    configs = {}
+    for config in dict.fromkeys(app_threads + alt_threads):
+        names = ["app"] + (ALTERNATIVES[kind] if config in alt_threads else [])
+        configs[config] = {name: timed_store(catalog, name) for name in names}
+    p50s = measure(configs, args.rounds, args.max_new_tokens)
+    for config, p50 in p50s.items():
+        base = p50["app", 1]
+        if config in app_threads:
+            for n in VARIANTS:
+                best[n] = min(best.get(n, float("inf")), p50["app", n])
+        for name in configs[config]:
+            if name == "app" and config not in app_threads:
+                continue
+            two, four = p50[name, 2], p50[name, 4]
+            print(
+                f"| {app_title if name == 'app' else TITLES[name]} | {config[0]} | {base * 1000:.0f} ms "
+                f"| {two * 1000:.0f} ms | {four * 1000:.0f} ms | {two / base:.2f}x | {four / base:.2f}x |"
+            )
+    print()
+    for config, p50 in p50s.items():
+        if ("peft-sequential", 1) in p50:
+            print(
+                f"One variant through peft's own forward (the adapter active), {config[0]} threads: "
+                f"{p50['peft-sequential', 1] * 1000:.0f} ms; the app's: {p50['app', 1] * 1000:.0f} ms.\n"
+            )
+    if len(app_threads) > 1:
+        # A second thread does little for the one-variant request (its decoding steps are small) and speeds up the
+        # batched ones: compare each with the fastest one-variant time.
+        print(
+            f"The app's fastest request at any of these thread counts: 1 variant {best[1] * 1000:.0f} ms, "
+            f"2 variants {best[2] * 1000:.0f} ms ({best[2] / best[1]:.2f}x), 4 variants "
+            f"{best[4] * 1000:.0f} ms ({best[4] / best[1]:.2f}x).\n"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/serve-latency", help="where the two demo runs are trained")
@@ -216,14 +270,6 @@ def main() -> None:
         "App request latency: 1, 2 and 4 weight variants decoded together",
         intro=__doc__.split("\n\n", 1)[1].split("Usage:")[0],
     )
-    titles = {
-        "per-variant": "stacked, each variant's own linear layers",
-        "sequential": "one forward pass per variant",
-        "vmap": "`vmap` + `functional_call`, no KV cache",
-        "peft-mixed": "peft's mixed-adapter batch (`adapter_names`)",
-        "peft-sequential": "one pass per adapter (peft's forward, the adapter active)",
-    }
-    alternatives = {"full": ["per-variant", "sequential", "vmap"], "lora": ["peft-mixed", "peft-sequential"]}
     with page.capture():
         print(
             f"Demo model (hidden 128, 4 layers), the demo run's final checkpoint; {args.max_new_tokens} new tokens, "
@@ -231,49 +277,7 @@ def main() -> None:
         )
         print()
         for kind, run in runs.items():
-            catalog = CheckpointCatalog(run, device="cpu")
-            label = "LoRA (one base model)" if kind == "lora" else "full model"
-            app_title = "the app's (" + ("stacked LoRA updates" if kind == "lora" else "stacked, batched matmul") + ")"
-            print(f"### {label}\n")
-            print("| batching | threads | 1 variant | 2 variants | 4 variants | 2 / 1 | 4 / 1 |")
-            print("|---|---:|---:|---:|---:|---:|---:|")
-            best: dict[int, float] = {}  # the app's fastest time per number of variants, over the thread counts
-            configs = {}
-            for config in dict.fromkeys(app_threads + alt_threads):
-                names = ["app"]
-                if config in alt_threads:
-                    names += alternatives[kind]
-                configs[config] = {name: timed_store(catalog, name) for name in names}
-            p50s = measure(configs, args.rounds, args.max_new_tokens)
-            for config, p50 in p50s.items():
-                threads_label = config[0]
-                base = p50["app", 1]
-                if config in app_threads:
-                    for n in VARIANTS:
-                        best[n] = min(best.get(n, float("inf")), p50["app", n])
-                for name in configs[config]:
-                    if name == "app" and config not in app_threads:
-                        continue
-                    two, four = p50[name, 2], p50[name, 4]
-                    print(
-                        f"| {app_title if name == 'app' else titles[name]} | {threads_label} | {base * 1000:.0f} ms "
-                        f"| {two * 1000:.0f} ms | {four * 1000:.0f} ms | {two / base:.2f}x | {four / base:.2f}x |"
-                    )
-            print()
-            for config, p50 in p50s.items():
-                if ("peft-sequential", 1) in p50:
-                    print(
-                        f"One variant through peft's own forward (the adapter active), {config[0]} threads: "
-                        f"{p50['peft-sequential', 1] * 1000:.0f} ms; the app's: {p50['app', 1] * 1000:.0f} ms.\n"
-                    )
-            if len(app_threads) > 1:
-                # A second thread does little for the one-variant request (its decoding steps are small) and
-                # speeds up the batched ones: compare each with the fastest one-variant time.
-                print(
-                    f"The app's fastest request at any of these thread counts: 1 variant {best[1] * 1000:.0f} ms, "
-                    f"2 variants {best[2] * 1000:.0f} ms ({best[2] / best[1]:.2f}x), 4 variants "
-                    f"{best[4] * 1000:.0f} ms ({best[4] / best[1]:.2f}x).\n"
-                )
+            report_kind(kind, CheckpointCatalog(run, device="cpu"), app_threads, alt_threads, args)
         print("Targets: 2 variants at most 1.3x one variant, 4 at most 2x (the app's rows).")
     torch.set_num_threads(default_threads)
     page.write(args.page)

@@ -69,12 +69,13 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # and compat/deepspeed.py: the FSDP1/FSDP2/DDP/ZeRO-3-layout launch of test_sharding. Not test_sharding's Trainer +
 # DDP resume: transformers < 5.18 loads the optimizer state onto `args.device` under DDP, which torch 2.13 cannot
 # restore on a CPU-only machine (a Trainer limitation of CPU DDP, not hf-ema's; the main suite runs it).
-# The app's serve/batching.py reads peft's LoRA layers (lora_A, lora_B, scaling, lora_variant, use_dora) to stack
-# adapters, and transformers' cache and forward arguments: test_serve_compare.
+# The app's serve/batching/ reads peft's LoRA layers (lora_A, lora_B, scaling, lora_variant, use_dora) to stack
+# adapters, and transformers' cache and forward arguments: test_serve_batching and test_serve_compare.
 status=0
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_layers.py tests/test_config.py tests/test_model_ema.py tests/test_serialization.py \
-    tests/test_callback.py tests/test_evaluation.py tests/test_hub.py tests/test_serve_compare.py "$@" || status=$?
+    tests/test_callback.py tests/test_evaluation.py tests/test_hub.py tests/test_serve_batching.py \
+    tests/test_serve_compare.py "$@" || status=$?
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_sharding.py \
     -k "zero3_layout or fsdp1_without_orig_params" "$@" || status=$?
 echo "minimum-versions job: exit $status in $(( $(date +%s) - start )) s"

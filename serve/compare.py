@@ -8,27 +8,34 @@ where the panes differ.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from hf_ema import ConfigError, ConfigTypeError, HfEmaError
+from hf_ema import CheckpointError, ConfigError, ConfigTypeError, HfEmaError
 
-from .batching import decode, score_continuations
+from .batching import DecodeState, VariantBatch, decode, score_continuations
 from .generation import GenerationSettings, encode_prompt, validate_prompt
-from .variants import MAX_PANES, Variant, VariantSpec, VariantStore
+from .loading import ModelPair
+from .specs import MAX_PANES, VariantSpec
+from .tokens import TokenPieces, first_divergence
+from .variants import Variant, VariantStore
 
 __all__ = [
     "Comparison",
     "PaneResult",
-    "TokenPieces",
     "compare",
-    "first_divergence",
+    "generate_pair",
     "stream_comparison",
-    "token_pieces",
+    "stream_pair",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,123 +97,49 @@ class Comparison:
         """
         return math.exp(nll) if nll < 700 else math.inf
 
-
-def _piece(text: str, previous: str) -> str:
-    """What `text` adds to `previous` (the text before the token): the new tail when `text` extends `previous`; when
-    decoding the longer list rewrote the end (a multi-byte character completed), the part past `previous`'s length."""
-    common = 0
-    while common < min(len(text), len(previous)) and text[common] == previous[common]:
-        common += 1
-    return text[common:] if common == len(previous) else text[len(previous) :]
-
-
-def token_pieces(tokenizer, tokens: Sequence[int]) -> list[str]:
-    """The text each token adds (they concatenate to `decode(tokens, skip_special_tokens=True)`); special tokens
-    (end of sequence...) as their own name, so the token view shows them.
-
-    Decodes the growing prefix at every token (quadratic, but right for any tokenizer); [`TokenPieces`] gives the
-    same pieces as the tokens arrive, decoding only a short window at each.
-
-    Args:
-        tokenizer: The tokenizer.
-        tokens (`Sequence[int]`): Token ids.
-    """
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    pieces, previous = [], ""
-    for i, token in enumerate(tokens):
-        if token in special:
-            pieces.append(tokenizer.convert_ids_to_tokens(int(token)))
-            continue
-        # Decoding the growing prefix keeps word-start spaces right; a token that ends inside a multi-byte
-        # character shows nothing until the token that completes it.
-        text = tokenizer.decode(list(tokens[: i + 1]), skip_special_tokens=True)
-        if text.endswith("\ufffd") and i < len(tokens) - 1:
-            pieces.append("")
-            continue
-        pieces.append(_piece(text, previous))
-        previous = text
-    return pieces
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON data (what the app's `/compare` and `/generate` endpoints return): `texts` (one
+        per pane, `""` for a pane that could not be built), `panes` (each pane's `variant`, `label`, `text`,
+        `error`, `command`, `note`, `tokens` and each token's probability `token_probs`), `scores` (`scores[i][j]`:
+        the mean per-token NLL of pane `scored[j]`'s text under pane `scored[i]`'s model), `scored`,
+        `reference_scores` and `divergence` (the first token where the panes' texts differ, or `None`)."""
+        panes = [
+            {
+                "variant": str(pane.spec),
+                "label": pane.label,
+                "text": pane.text,
+                "error": pane.error,
+                "command": pane.command,
+                "note": pane.note,
+                "tokens": list(pane.tokens),
+                "token_probs": list(pane.probs),
+            }
+            for pane in self.panes
+        ]
+        return {
+            "texts": [pane.text for pane in self.panes],
+            "panes": panes,
+            "scores": self.nll,
+            "scored": list(self.scored),
+            "reference_scores": self.reference_nll,
+            "divergence": self.divergence,
+        }
 
 
-class TokenPieces:
-    """[`token_pieces`] and the decoded text of a token list that grows one token at a time, at a small cost per
-    token: each new token decodes only the tokens since the text last ended on a whole character (at most about
-    `window` of them), not the whole prefix.
+@dataclass
+class _Request:
+    """A comparison request, checked before any work starts: the variants, the settings and the encoded texts."""
 
-    That split is exact for byte-level tokenizers (GPT-2, Llama 3, Qwen, the demo's): their text is the UTF-8
-    decoding of the tokens' bytes, so a prefix that ends on a whole character decodes on its own. Tokenizers that
-    decode a window differently from the same tokens in context (SentencePiece drops a word-start space at the
-    start of a text; clean-up rules join across the split) can stream slightly different interim text;
-    [`TokenPieces.finish`] checks the pieces against one decode of all the tokens and, on any difference, takes
-    [`token_pieces`] instead, so the final pieces and text are always exact.
+    specs: list[VariantSpec]
+    settings: GenerationSettings
+    checkpoint: str
+    pair: ModelPair
+    input_ids: torch.Tensor
+    reference_ids: list[int]
 
-    Args:
-        tokenizer: The tokenizer.
-        window (`int`, *optional*, defaults to 16): Tokens after which the decoded window restarts (when it ends
-            on a whole character).
-    """
-
-    def __init__(self, tokenizer, window: int = 16) -> None:
-        self.tokenizer = tokenizer
-        self.window = window
-        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        self.tokens: list[int] = []
-        self.pieces: list[str] = []
-        self.text = ""
-        self._window: list[int] = []
-        self._previous = ""  # the window's text up to the last token that got its piece
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        """Append tokens.
-
-        Args:
-            tokens (`Sequence[int]`): Token ids.
-        """
-        for token in tokens:
-            token = int(token)
-            self.tokens.append(token)
-            if token in self.special:
-                self.pieces.append(self.tokenizer.convert_ids_to_tokens(token))
-                continue
-            self._window.append(token)
-            text = self.tokenizer.decode(self._window, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                self.pieces.append("")  # inside a multi-byte character: shown with the token that completes it
-                continue
-            piece = _piece(text, self._previous)
-            self.pieces.append(piece)
-            self.text += piece
-            self._previous = text
-            if len(self._window) >= self.window:
-                self._window, self._previous = [], ""
-
-    def finish(self) -> None:
-        """Make `pieces` and `text` exactly [`token_pieces`] and `decode(tokens, skip_special_tokens=True)`."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.tokens and self.tokens[-1] not in self.special and self.pieces[-1] == "":
-            # The text ends inside a multi-byte character: the last token shows the replacement character.
-            self.pieces[-1] = _piece(self.tokenizer.decode(self._window, skip_special_tokens=True), self._previous)
-        kept = "".join(p for p, t in zip(self.pieces, self.tokens) if t not in self.special)
-        if kept != text:
-            self.pieces = token_pieces(self.tokenizer, self.tokens)
-        self.text = text
-
-
-def first_divergence(token_lists: Sequence[Sequence[int]]) -> int | None:
-    """The first position where the sequences differ (one ending before another counts), or `None` when they are
-    equal or fewer than two.
-
-    Args:
-        token_lists (`Sequence[Sequence[int]]`): Token id sequences.
-    """
-    if len(token_lists) < 2:
-        return None
-    longest = max(len(t) for t in token_lists)
-    for i in range(longest):
-        column = {tuple(t[i : i + 1]) for t in token_lists}
-        if len(column) > 1:
-            return i
-    return None
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.input_ids[0].tolist()
 
 
 def _parse_specs(specs: Sequence[VariantSpec | str]) -> list[VariantSpec]:
@@ -215,6 +148,143 @@ def _parse_specs(specs: Sequence[VariantSpec | str]) -> list[VariantSpec]:
     if not 1 <= len(specs) <= MAX_PANES:
         raise ConfigError(f"`variants` must hold 1 to {MAX_PANES} variants, got {len(specs)}")
     return [s if isinstance(s, VariantSpec) else VariantSpec.parse(s) for s in specs]
+
+
+def _check_request(
+    store: VariantStore,
+    prompt: str,
+    variants: Sequence[VariantSpec | str],
+    settings: GenerationSettings | None,
+    checkpoint: str | None,
+    reference: str | None,
+) -> _Request:
+    settings = GenerationSettings() if settings is None else settings
+    if not isinstance(settings, GenerationSettings):
+        raise ConfigTypeError(f"`settings` must be a GenerationSettings, got {type(settings).__name__}")
+    prompt = validate_prompt(prompt)
+    specs = _parse_specs(variants)
+    if reference is not None and not isinstance(reference, str):
+        raise ConfigTypeError(f"`reference` must be a string, got {type(reference).__name__}")
+    pair = store.catalog.get(checkpoint)
+    input_ids = encode_prompt(pair, prompt, settings)
+    reference_ids: list[int] = []
+    if reference is not None and reference.strip():
+        reference_ids = pair.tokenizer(reference, add_special_tokens=False)["input_ids"]
+        limit = pair.context_length
+        if not reference_ids:
+            raise ConfigError(f"`reference` encodes to no tokens, got {reference!r}")
+        if limit is not None and input_ids.shape[1] + len(reference_ids) > limit:
+            raise ConfigError(
+                f"`reference` must fit in the model's context with the prompt ({limit} tokens); it is "
+                f"{len(reference_ids)} tokens after a {input_ids.shape[1]}-token prompt"
+            )
+    label = store.catalog.ref(checkpoint).label
+    return _Request(specs, settings, label, pair, input_ids, reference_ids)
+
+
+def _pane_error(spec: VariantSpec, err: Exception) -> HfEmaError:
+    """`err` as the one-line `HfEmaError` a pane shows. A library error already is one; anything else (a `ValueError`
+    from the math for a width too small to compute...) is logged as one line, without a traceback, and wrapped."""
+    if isinstance(err, HfEmaError):
+        return err
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    logger.warning("pane %s could not be built: %s: %s", spec, type(err).__name__, first_line)
+    kind = ConfigError if isinstance(err, (ValueError, TypeError)) else CheckpointError
+    return kind(f"could not build `{spec}`: {first_line}")
+
+
+def _build_variants(
+    store: VariantStore,
+    request: _Request,
+    result: Comparison,
+    on_build: Callable[[int, VariantSpec], None] | None,
+) -> Generator[Comparison, None, list[tuple[int, Variant]]]:
+    """Build each pane's variant (yielding after each); a pane that cannot be built gets its reason instead."""
+    built: list[tuple[int, Variant]] = []
+    first_error: HfEmaError | None = None
+    for i, spec in enumerate(request.specs):
+        result.status = f"building pane {i + 1}: {spec}"
+        if on_build is not None:
+            on_build(i, spec)
+        yield result  # a reconstruction or a merge can take a while: say which pane is being built
+        try:
+            variant = store.resolve(request.checkpoint, spec)
+        except Exception as err:  # noqa: BLE001 (one pane's failure is that pane's message; the others still run)
+            error = _pane_error(spec, err)
+            result.panes[i].error = str(error)
+            first_error = first_error or error
+            yield result
+            continue
+        pane = result.panes[i]
+        pane.label, pane.command, pane.note = variant.label, variant.command, variant.note
+        built.append((i, variant))
+        yield result
+    if not built:
+        raise first_error  # type: ignore[misc]  # every pane failed, so there is one
+    return built
+
+
+def _decode_panes(
+    batch: VariantBatch, request: _Request, result: Comparison, built: list[tuple[int, Variant]]
+) -> Generator[Comparison, None, tuple[DecodeState, list[TokenPieces]]]:
+    """Decode the built variants together, streaming each pane's text (yielding after every token but the last)."""
+    result.status = "generating"
+    streams = [TokenPieces(request.pair.tokenizer) for _ in built]
+    state = DecodeState(tokens=[])
+    for state in decode(
+        batch,
+        request.input_ids,
+        eos_token_ids=request.pair.eos_token_ids,
+        score_own=True,  # the score matrix's diagonal, from the decoding logits
+        **request.settings.decode_kwargs(),
+    ):
+        for (i, _), tokens, stream in zip(built, state.tokens, streams):
+            stream.extend(tokens[len(stream.tokens) :])
+            result.panes[i].tokens = list(tokens)
+            result.panes[i].text = stream.text
+        if not all(state.finished):
+            yield result
+    return state, streams
+
+
+def _score(
+    batch: VariantBatch,
+    request: _Request,
+    result: Comparison,
+    built: list[tuple[int, Variant]],
+    state: DecodeState,
+    streams: list[TokenPieces],
+) -> None:
+    """Fill in the score matrix, each token's probability, the exact final texts and the first divergence."""
+    texts = [result.panes[i].tokens for i, _ in built]
+    # Each distinct text is scored once per model, and not at all under a model whose own text it is: decoding
+    # already gave those scores (same tokens, same model), and greedy panes often agree.
+    distinct: list[list[int]] = []
+    which: list[int] = []  # pane a's text is distinct[which[a]]
+    for tokens in texts:
+        if tokens not in distinct:
+            distinct.append(tokens)
+        which.append(distinct.index(tokens))
+    continuations = distinct + ([request.reference_ids] if request.reference_ids else [])
+    own = {(a, which[a]) for a in range(len(texts))}
+    nll, _ = score_continuations(batch, request.prompt_ids, continuations, skip=own)
+    own_nll = state.own_nll or []  # decoded with score_own=True: one list per pane
+    own_mean = [float(torch.tensor(t, dtype=torch.float64).mean()) for t in own_nll]
+    result.scored = [i for i, _ in built]
+    result.nll = [
+        [own_mean[a] if which[b] == which[a] else float(nll[a, which[b]]) for b in range(len(texts))]
+        for a in range(len(built))
+    ]
+    if request.reference_ids:
+        result.reference_nll = [float(nll[a, len(distinct)]) for a in range(len(built))]
+    for a, ((i, _), stream) in enumerate(zip(built, streams)):
+        stream.finish()
+        pane = result.panes[i]
+        pane.text, pane.pieces = stream.text, stream.pieces
+        pane.probs = [math.exp(-x) for x in own_nll[a]]
+    result.divergence = first_divergence(texts)
+    result.status = "done"
+    result.done = True
 
 
 def stream_comparison(
@@ -243,99 +313,17 @@ def stream_comparison(
         on_build (`Callable[[int, VariantSpec], None]`, *optional*): Called before each variant is built.
 
     Yields:
-        `Comparison`: after each built variant, after every token, and the scored final state (`done=True`).
+        `Comparison`: before and after building each variant, after every token (the last one with
+        `status="scoring"`, while the scores are computed), and the scored final state (`done=True`).
     """
-    settings = GenerationSettings() if settings is None else settings
-    if not isinstance(settings, GenerationSettings):
-        raise ConfigTypeError(f"`settings` must be a GenerationSettings, got {type(settings).__name__}")
-    prompt = validate_prompt(prompt)
-    specs = _parse_specs(variants)
-    if reference is not None and not isinstance(reference, str):
-        raise ConfigTypeError(f"`reference` must be a string, got {type(reference).__name__}")
-    pair = store.catalog.get(checkpoint)
-    checkpoint = store.catalog.ref(checkpoint).label
-    tokenizer = pair.tokenizer
-    input_ids = encode_prompt(pair, prompt, settings)
-    prompt_ids = input_ids[0].tolist()
-    reference_ids: list[int] = []
-    if reference is not None and reference.strip():
-        reference_ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
-        limit = pair.context_length
-        if not reference_ids:
-            raise ConfigError(f"`reference` encodes to no tokens, got {reference!r}")
-        if limit is not None and len(prompt_ids) + len(reference_ids) > limit:
-            raise ConfigError(
-                f"`reference` must fit in the model's context with the prompt ({limit} tokens); it is "
-                f"{len(reference_ids)} tokens after a {len(prompt_ids)}-token prompt"
-            )
-
-    result = Comparison(panes=[PaneResult(spec) for spec in specs])
-    built: list[tuple[int, Variant]] = []
-    first_error: HfEmaError | None = None
-    for i, spec in enumerate(specs):
-        result.status = f"building pane {i + 1}: {spec}"
-        if on_build is not None:
-            on_build(i, spec)
-        try:
-            variant = store.resolve(checkpoint, spec)
-        except HfEmaError as err:
-            result.panes[i].error = str(err)
-            first_error = first_error or err
-            yield result
-            continue
-        pane = result.panes[i]
-        pane.label, pane.command, pane.note = variant.label, variant.command, variant.note
-        built.append((i, variant))
-        yield result
-    if not built:
-        raise first_error
-
-    batch = store.batch(checkpoint, [v for _, v in built])
-    result.status = "generating"
-    streams = [TokenPieces(tokenizer) for _ in built]
-    for state in decode(
-        batch,
-        input_ids,
-        eos_token_ids=pair.eos_token_ids,
-        score_own=True,  # the score matrix's diagonal, from the decoding logits
-        **settings.decode_kwargs(),
-    ):
-        for (i, _), tokens, stream in zip(built, state.tokens, streams):
-            stream.extend(tokens[len(stream.tokens) :])
-            result.panes[i].tokens = list(tokens)
-            result.panes[i].text = stream.text
-        if not all(state.finished):
-            yield result
-
+    request = _check_request(store, prompt, variants, settings, checkpoint, reference)
+    result = Comparison(panes=[PaneResult(spec) for spec in request.specs])
+    built = yield from _build_variants(store, request, result, on_build)
+    batch = store.batch(request.checkpoint, [variant for _, variant in built])
+    state, streams = yield from _decode_panes(batch, request, result, built)
     result.status = "scoring"
-    texts = [result.panes[i].tokens for i, _ in built]
-    # Each distinct text is scored once per model, and not at all under a model whose own text it is: decoding
-    # already gave those scores (same tokens, same model), and greedy panes often agree.
-    distinct: list[list[int]] = []
-    which: list[int] = []  # pane a's text is distinct[which[a]]
-    for tokens in texts:
-        if tokens not in distinct:
-            distinct.append(tokens)
-        which.append(distinct.index(tokens))
-    continuations = distinct + ([reference_ids] if reference_ids else [])
-    own = {(a, which[a]) for a in range(len(texts))}
-    nll, _ = score_continuations(batch, prompt_ids, continuations, skip=own)
-    own_mean = [float(torch.tensor(t, dtype=torch.float64).mean()) for t in state.own_nll]
-    result.scored = [i for i, _ in built]
-    result.nll = [
-        [own_mean[a] if which[b] == which[a] else float(nll[a, which[b]]) for b in range(len(texts))]
-        for a in range(len(built))
-    ]
-    if reference_ids:
-        result.reference_nll = [float(nll[a, len(distinct)]) for a in range(len(built))]
-    for a, ((i, _), stream) in enumerate(zip(built, streams)):
-        stream.finish()
-        pane = result.panes[i]
-        pane.text, pane.pieces = stream.text, stream.pieces
-        pane.probs = [math.exp(-x) for x in state.own_nll[a]]
-    result.divergence = first_divergence(texts)
-    result.status = "done"
-    result.done = True
+    yield result  # every pane's last token, while the scores are computed
+    _score(batch, request, result, built, state, streams)
     yield result
 
 
@@ -356,4 +344,46 @@ def compare(
         **kwargs: `checkpoint`, `reference`, `on_build` (see [`stream_comparison`]).
     """
     *_, last = stream_comparison(store, prompt, variants, settings, **kwargs)
+    return last
+
+
+def stream_pair(
+    store: VariantStore,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+    *,
+    checkpoint: str | None = None,
+) -> Iterator[tuple[str, str]]:
+    """The raw and the EMA continuation of `prompt` as they grow: [`stream_comparison`] with those two variants.
+
+    Args:
+        store (`VariantStore`): Builds and runs the variants.
+        prompt (`str`): The prompt (the texts hold only the continuation).
+        settings (`GenerationSettings`, *optional*): Sampling settings (the defaults when not given).
+        checkpoint (`str`, *optional*): The catalog label (default: the newest checkpoint).
+
+    Yields:
+        `tuple[str, str]`: the raw and the EMA text after every token; the last pair is the exact final text.
+    """
+    for result in stream_comparison(store, prompt, ["raw", "ema"], settings, checkpoint=checkpoint):
+        if result.status in ("generating", "done"):
+            yield result.panes[0].text, result.panes[1].text
+
+
+def generate_pair(
+    store: VariantStore,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+    *,
+    checkpoint: str | None = None,
+) -> tuple[str, str]:
+    """The raw and the EMA continuation of `prompt` with the same settings ([`stream_pair`] run to the end).
+
+    Args:
+        store (`VariantStore`): Builds and runs the variants.
+        prompt (`str`): The prompt.
+        settings (`GenerationSettings`, *optional*): Sampling settings.
+        checkpoint (`str`, *optional*): The catalog label (default: the newest checkpoint).
+    """
+    *_, last = stream_pair(store, prompt, settings, checkpoint=checkpoint)
     return last

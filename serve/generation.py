@@ -1,14 +1,13 @@
-"""Generating from the raw and the EMA model with the same prompt, seed and settings, token by token.
+"""A request's generation settings and prompt, checked before any work starts.
 
-Usable without Gradio. Both models run in one batched forward pass per token (`serve.batching`); each samples with
-its own `torch.Generator` seeded with the request's seed, so a request's output does not depend on what else runs at
-the same time, and greedy decoding gives exactly what `model.generate(do_sample=False)` gives.
+Usable without Gradio. Every variant of a request decodes with these settings (`serve.batching.decode`); each samples
+with its own `torch.Generator` seeded with the request's seed, so a request's output does not depend on what else
+runs at the same time, and greedy decoding gives exactly what `model.generate(do_sample=False)` gives.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,17 +15,13 @@ import torch
 
 from hf_ema.errors import ConfigError, ConfigTypeError
 
-from .batching import VariantBatch, decode, make_adapter_batch, make_variant_batch
-from .loading import EMA, RAW, ModelPair
+from .loading import ModelPair
 
 __all__ = [
     "MAX_NEW_TOKENS_LIMIT",
     "MAX_SEED",
     "GenerationSettings",
     "encode_prompt",
-    "generate_pair",
-    "pair_batch",
-    "stream_pair",
     "validate_prompt",
 ]
 
@@ -126,65 +121,14 @@ def encode_prompt(pair: ModelPair, prompt: str, settings: GenerationSettings) ->
     if n_prompt == 0:
         raise ConfigError(f"`prompt` encodes to no tokens, got {prompt!r}")
     limit = pair.context_length
+    if limit is not None and n_prompt >= limit:  # no room for even one new token, whatever `max_new_tokens` is
+        raise ConfigError(
+            f"`prompt` is too long for the model's context of {limit} tokens: it is {n_prompt} tokens, "
+            f"{n_prompt - limit + 1} more than leave room for one new token; shorten it"
+        )
     if limit is not None and n_prompt + settings.max_new_tokens > limit:
         raise ConfigError(
-            f"`max_new_tokens` must be at most {max(limit - n_prompt, 0)} for this {n_prompt}-token prompt "
+            f"`max_new_tokens` must be at most {limit - n_prompt} for this {n_prompt}-token prompt "
             f"(the model's context is {limit} tokens), got {settings.max_new_tokens}"
         )
     return input_ids.to(pair.device)
-
-
-def stream_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | None = None) -> Iterator[tuple[str, str]]:
-    """Generate from the raw and the EMA model together, yielding both texts so far after every token.
-
-    Both run in one batched forward pass per token (see `serve.batching`); each samples with its own generator
-    seeded with `settings.seed`, so each text is what that model alone would generate.
-
-    Args:
-        pair (`ModelPair`): The loaded models.
-        prompt (`str`): The prompt (the outputs hold only the continuation).
-        settings (`GenerationSettings`, *optional*): Sampling settings; the defaults when not given.
-
-    Yields:
-        `tuple[str, str]`: the raw and the EMA continuation decoded so far.
-    """
-    settings = GenerationSettings() if settings is None else settings
-    if not isinstance(settings, GenerationSettings):
-        raise ConfigTypeError(f"`settings` must be a GenerationSettings, got {type(settings).__name__}")
-    prompt = validate_prompt(prompt)
-    input_ids = encode_prompt(pair, prompt, settings)
-    batch = pair_batch(pair)
-    for state in decode(batch, input_ids, eos_token_ids=pair.eos_token_ids, **settings.decode_kwargs()):
-        yield tuple(pair.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in state.tokens)
-
-
-def pair_batch(pair: ModelPair) -> VariantBatch:
-    """The pair's raw and EMA models as one [`VariantBatch`] (built once per pair and kept with it).
-
-    Args:
-        pair (`ModelPair`): The loaded models.
-    """
-    batch = pair.runtime.get("batch")
-    if batch is None:
-        if pair.is_peft:  # built under the pair's lock (the adapters must not change meanwhile)
-            batch = make_adapter_batch(pair.models[RAW], [RAW, EMA], lock=pair.lock)
-        else:
-            batch = make_variant_batch([pair.models[RAW], pair.models[EMA]])
-        # Two first requests at once may both build one; the first kept is the one every request uses.
-        batch = pair.runtime.setdefault("batch", batch)
-    return batch
-
-
-def generate_pair(pair: ModelPair, prompt: str, settings: GenerationSettings | None = None) -> tuple[str, str]:
-    """Generate the raw and the EMA continuation of `prompt` with the same settings (no streaming).
-
-    Args:
-        pair (`ModelPair`): The loaded models.
-        prompt (`str`): The prompt.
-        settings (`GenerationSettings`, *optional*): Sampling settings.
-
-    Returns:
-        `tuple[str, str]`: the raw and the EMA continuation.
-    """
-    *_, last = stream_pair(pair, prompt, settings)
-    return last

@@ -6,42 +6,52 @@ models (for a PEFT checkpoint: the base model once, both adapters on it), [`Chec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hf_ema.ema_folder import EMA_DIRNAME, STATE_NAME, read_ema_state
+from hf_ema import read_ema_state
 from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
-from hf_ema.utils.paths import checkpoint_step, list_checkpoints
+from hf_ema.utils.jsonio import read_json
+from hf_ema.utils.paths import (
+    ADAPTER_CONFIG_NAME,
+    EMA_DIRNAME,
+    STATE_NAME,
+    WEIGHT_NAMES,
+    checkpoint_step,
+    list_checkpoints,
+)
 from hf_ema.weighted_sum import check_safetensors_file
 
+from .cache import BoundedCache, K, V
+
 __all__ = [
+    "LOAD_LOCK",
     "CheckpointCatalog",
     "CheckpointRef",
     "ModelPair",
     "find_checkpoints",
+    "load_once",
     "load_pair",
 ]
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "adapter_model.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 #: Adapter names of the two PEFT adapters loaded on the one base model.
 RAW, EMA = "raw", "ema"
+
+#: Held around every model load in the app, whatever thread asks: the catalog's checkpoints, the variants' models and
+#: adapters, and the reconstructions and merges that build them. transformers' `from_pretrained` is not thread-safe:
+#: two loads in two threads can leave `PreTrainedModel.tie_weights` replaced by the no-op of its `no_tie_weights()`
+#: context for good, after which every load in the process fails with "Cannot copy out of meta tensor". Reentrant, so
+#: a load may call another (a variant's load asks the catalog for its checkpoint).
+LOAD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -72,9 +82,9 @@ class CheckpointRef:
 
 
 def _has_raw_weights(folder: Path) -> bool:
-    if (folder / ADAPTER_CONFIG).is_file():
+    if (folder / ADAPTER_CONFIG_NAME).is_file():
         return True
-    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_NAMES)
 
 
 def has_raw_weights(folder: str | os.PathLike) -> bool:
@@ -157,7 +167,7 @@ def find_checkpoints(path: str | os.PathLike) -> list[CheckpointRef]:
             f"`{EMA_DIRNAME}/` folder; was it trained with hf_ema.EMACallback?"
         )
     raise CheckpointError(
-        f"`path` {text!r} is not a checkpoint folder: no config.json with weights, no {ADAPTER_CONFIG}, "
+        f"`path` {text!r} is not a checkpoint folder: no config.json with weights, no {ADAPTER_CONFIG_NAME}, "
         "no checkpoint-N/ subfolders"
     )
 
@@ -176,10 +186,7 @@ def ema_info(ref: CheckpointRef) -> dict[str, Any]:
         ref (`CheckpointRef`): The checkpoint.
     """
     if ref.is_local:
-        try:
-            return read_ema_state(ref.ema_location)
-        except (json.JSONDecodeError, OSError) as err:
-            raise CheckpointError(f"could not read {Path(ref.ema_location) / STATE_NAME}: {err}") from None
+        return read_ema_state(ref.ema_location)  # a missing, unreadable or damaged file: one CheckpointError
     try:
         from huggingface_hub import hf_hub_download
 
@@ -187,8 +194,7 @@ def ema_info(ref: CheckpointRef) -> dict[str, Any]:
     except Exception as err:  # offline, private or no such file: the page just shows less
         logger.warning("no %s/%s in %s: %s", EMA_DIRNAME, STATE_NAME, ref.location, err)
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def _default_device() -> str:
@@ -199,8 +205,8 @@ def _default_device() -> str:
 class ModelPair:
     """A checkpoint's raw and EMA models, ready to generate, plus what the page shows about them.
 
-    For a PEFT checkpoint both names map to the same `PeftModel` holding two adapters, `"raw"` and `"ema"`;
-    [`ModelPair.forward`] switches between them under a lock, so concurrent requests never see the wrong one.
+    For a PEFT checkpoint both names map to the same `PeftModel` holding two adapters, `"raw"` and `"ema"` (and the
+    other variants' adapters the app loads on it); its `lock` is held while adapters are loaded or switched.
 
     Args:
         ref (`CheckpointRef`): Where the models came from.
@@ -208,8 +214,6 @@ class ModelPair:
         models (`dict[str, torch.nn.Module]`): `"raw"` and `"ema"` models.
         is_peft (`bool`, *optional*, defaults to `False`): Whether both are adapters on one `PeftModel`.
         info (`dict`, *optional*): The EMA's `ema_state.json`.
-        runtime (`dict`, *optional*): What the app builds from the models and keeps with them (the batched
-            runner of `serve.generation.pair_batch`).
     """
 
     ref: CheckpointRef
@@ -217,7 +221,6 @@ class ModelPair:
     models: dict[str, torch.nn.Module]
     is_peft: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    runtime: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -248,38 +251,13 @@ class ModelPair:
 
     @property
     def lock(self) -> threading.Lock:
-        """Held while the models run or change (a PEFT model's active adapter, adapters being loaded)."""
+        """Held while a PEFT model's adapters change (loaded, switched) or run through peft's own batching."""
         return self._lock
-
-    @torch.inference_mode()
-    def forward(self, which: str, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
-        """One decoding step of the raw or the EMA model.
-
-        Args:
-            which (`str`): `"raw"` or `"ema"`.
-            input_ids (`torch.Tensor`): The new tokens, shape `(1, n)`.
-            cache (*optional*): The KV cache of the previous steps (grown in place); a new one when `None`.
-
-        Returns:
-            `tuple`: the last position's logits (fp32, shape `(1, vocab)`) and the cache.
-        """
-        from .batching import SingleVariant
-
-        if which not in self.models:
-            raise ConfigError(f"`which` must be 'raw' or 'ema', got {which!r}")
-        with self._lock:
-            model = self.models[which]
-            if self.is_peft:
-                model.set_adapter(which)
-            step = SingleVariant(model)
-            cache = step.new_cache() if cache is None else cache
-            logits = step.forward(input_ids, cache, last_only=True)
-        return logits[:, -1, :].float(), cache
 
 
 def _read_adapter_config(ref: CheckpointRef) -> dict[str, Any] | None:
     if ref.is_local:
-        path = Path(ref.location) / ADAPTER_CONFIG
+        path = Path(ref.location) / ADAPTER_CONFIG_NAME
         if not path.is_file():
             return None
     else:
@@ -287,7 +265,7 @@ def _read_adapter_config(ref: CheckpointRef) -> dict[str, Any] | None:
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
-            path = hf_hub_download(ref.location, ADAPTER_CONFIG)
+            path = Path(hf_hub_download(ref.location, ADAPTER_CONFIG_NAME))
         except EntryNotFoundError as err:
             if not isinstance(err, LocalEntryNotFoundError):  # the repo is there but is no PEFT adapter
                 return None
@@ -301,10 +279,106 @@ def _read_adapter_config(ref: CheckpointRef) -> dict[str, Any] | None:
                 f"{type(err).__name__}: {err}"
             ) from err
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+        return read_json(path)
+    except OSError as err:
         raise CheckpointError(f"could not read {path}: {err}") from None
+
+
+def load_once(cache: BoundedCache[K, V], key: K, load: Callable[[], V]) -> V:
+    """`cache`'s entry for `key`, loaded by `load()` under [`LOAD_LOCK`] when it is missing.
+
+    The process-wide lock is always taken before the cache's own per-key lock, so two loads can never wait for each
+    other in the opposite order.
+
+    Args:
+        cache (`BoundedCache`): Where the loaded object is kept.
+        key (`Hashable`): Its key.
+        load (`Callable`): Loads it.
+    """
+    value = cache.get(key)
+    if value is not None:
+        return value
+    with LOAD_LOCK:
+        return cache.get_or_build(key, load)
+
+
+def _check_weight_files(ref: CheckpointRef, is_adapter: bool) -> None:
+    """A truncated or garbled weights file: one clear error before anything loads."""
+    if not ref.is_local:
+        return
+    kind = "adapter" if is_adapter else "model"
+    for what, folder in ((f"raw {kind}", ref.location), (f"EMA {kind}", ref.ema_location)):
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            try:
+                check_safetensors_file(path)
+            except CheckpointError as err:
+                raise CheckpointError(f"could not load the {what} from `{folder}`: {err}") from None
+
+
+def checked_load(what: str, where: str | os.PathLike, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, with any failure (corrupt, truncated or unreadable files, a device that refuses the
+    weights) as one `CheckpointError` line naming `what` and `where`.
+
+    Args:
+        what (`str`): What is loaded, e.g. `"EMA model"`.
+        where (`str` or `os.PathLike`): The folder or repo id it is loaded from.
+        fn (`Callable`): The loading call.
+        *args, **kwargs: Its arguments.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"could not load the {what} from `{where}`: {type(err).__name__}: {err}") from err
+
+
+def _load_models(
+    ref: CheckpointRef, adapter_config: dict[str, Any] | None, base_id: str | None, device: str, **load_kwargs: Any
+) -> dict[str, torch.nn.Module]:
+    """The raw and EMA models (for PEFT: both names on one `PeftModel`), on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    ema_sub = {"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}
+    if adapter_config is None:
+        load = AutoModelForCausalLM.from_pretrained
+        raw = checked_load("raw model", ref.location, load, ref.location, **load_kwargs)
+        ema = checked_load("EMA model", ref.ema_location, load, ref.ema_location, **load_kwargs, **ema_sub)
+        raw = checked_load("raw model", ref.location, lambda: raw.to(device).eval())
+        ema = checked_load("EMA model", ref.ema_location, lambda: ema.to(device).eval())
+        return {RAW: raw, EMA: ema}
+    from peft import PeftModel
+
+    if not base_id:
+        raise CheckpointError(
+            f"the adapter in `{ref.location}` names no base model (`base_model_name_or_path` is empty); "
+            "pass `base_model`, the base model's folder or Hub repo id"
+        )
+    base = checked_load("base model", base_id, AutoModelForCausalLM.from_pretrained, base_id, **load_kwargs)
+    peft_model = checked_load(
+        "raw adapter", ref.location, PeftModel.from_pretrained, base, ref.location, adapter_name=RAW
+    )
+    checked_load(
+        "EMA adapter", ref.ema_location, peft_model.load_adapter, ref.ema_location, adapter_name=EMA, **ema_sub
+    )
+    peft_model = checked_load("adapters", ref.location, lambda: peft_model.to(device).eval())
+    return {RAW: peft_model, EMA: peft_model}
+
+
+def _load_tokenizer(ref: CheckpointRef, base_id: str | None, trust_remote_code: bool):
+    """The tokenizer, from the first place that has one: the checkpoint, its `ema/`, the base model of an adapter."""
+    from transformers import AutoTokenizer
+
+    sources = [(ref.location, {}), (ref.ema_location, {"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {})]
+    if base_id:
+        sources.append((base_id, {}))
+    errors = []
+    for source, extra in sources:
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        except Exception as err:  # try the next place a tokenizer may be saved
+            errors.append(f"{source}: {type(err).__name__}")
+    raise CheckpointError(f"no loadable tokenizer for `{ref.location}` (tried {'; '.join(errors)})")
 
 
 def load_pair(
@@ -315,7 +389,8 @@ def load_pair(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> ModelPair:
-    """Load a checkpoint's raw model and its EMA (for PEFT: the base model once, and both adapters on it).
+    """Load a checkpoint's raw model and its EMA (for PEFT: the base model once, and both adapters on it), holding
+    [`LOAD_LOCK`] while the models load.
 
     Args:
         ref (`CheckpointRef`): The checkpoint, from [`find_checkpoints`].
@@ -331,77 +406,20 @@ def load_pair(
     Raises:
         `CheckpointError`: when a weights, config or tokenizer file cannot be read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = device or _default_device()
     info = ema_info(ref)
     load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     adapter_config = _read_adapter_config(ref)
-    if ref.is_local:  # a truncated or garbled weights file: one clear error before anything loads
-        kind = "model" if adapter_config is None else "adapter"
-        for what, folder in ((f"raw {kind}", ref.location), (f"EMA {kind}", ref.ema_location)):
-            for path in sorted(Path(folder).glob("*.safetensors")):
-                try:
-                    check_safetensors_file(path)
-                except CheckpointError as err:
-                    raise CheckpointError(f"could not load the {what} from `{folder}`: {err}") from None
-
-    def _load(what: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CheckpointError:
-            raise
-        except Exception as err:  # corrupt, truncated or unreadable files: one clear line for the user
-            where = args[-1] if args and isinstance(args[-1], (str, os.PathLike)) else ref.location
-            raise CheckpointError(f"could not load the {what} from `{where}`: {type(err).__name__}: {err}") from err
-
-    if adapter_config is None:
-        raw = _load("raw model", AutoModelForCausalLM.from_pretrained, ref.location, **load_kwargs)
-        ema = _load(
-            "EMA model",
-            AutoModelForCausalLM.from_pretrained,
-            ref.ema_location,
-            **load_kwargs,
-            **({"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}),
-        )
-        models = {RAW: raw.to(device).eval(), EMA: ema.to(device).eval()}
-        is_peft = False
-    else:
-        from peft import PeftModel
-
-        base_id = base_model or adapter_config.get("base_model_name_or_path")
-        if not base_id:
-            raise CheckpointError(
-                f"the adapter in `{ref.location}` names no base model (`base_model_name_or_path` is empty); "
-                "pass `base_model` (`--base-model` on the command line)"
-            )
-        base = _load("base model", AutoModelForCausalLM.from_pretrained, str(base_id), **load_kwargs)
-        peft_model = _load("raw adapter", PeftModel.from_pretrained, base, ref.location, adapter_name=RAW)
-        sub = {"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}
-        _load("EMA adapter", peft_model.load_adapter, ref.ema_location, adapter_name=EMA, **sub)
-        peft_model = peft_model.to(device).eval()
-        models = {RAW: peft_model, EMA: peft_model}
-        is_peft = True
-
-    tokenizer = None
-    tokenizer_sources = [
-        (ref.location, {}),
-        (ref.ema_location, {"subfolder": ref.ema_subfolder} if ref.ema_subfolder else {}),
-    ]
-    if adapter_config is not None and (base_model or adapter_config.get("base_model_name_or_path")):
-        tokenizer_sources.append((str(base_model or adapter_config["base_model_name_or_path"]), {}))
-    errors = []
-    for source, extra in tokenizer_sources:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-            break
-        except Exception as err:  # try the next place a tokenizer may be saved
-            errors.append(f"{source}: {type(err).__name__}")
-    if tokenizer is None:
-        raise CheckpointError(f"no loadable tokenizer for `{ref.location}` (tried {'; '.join(errors)})")
-    return ModelPair(ref=ref, tokenizer=tokenizer, models=models, is_peft=is_peft, info=info)
+    base_id = None
+    if adapter_config is not None:
+        base_id = str(base_model or adapter_config.get("base_model_name_or_path") or "") or None
+    _check_weight_files(ref, is_adapter=adapter_config is not None)
+    with LOAD_LOCK:
+        models = _load_models(ref, adapter_config, base_id, device, **load_kwargs)
+        tokenizer = _load_tokenizer(ref, base_id, trust_remote_code)
+    return ModelPair(ref=ref, tokenizer=tokenizer, models=models, is_peft=adapter_config is not None, info=info)
 
 
 class CheckpointCatalog:
@@ -420,8 +438,7 @@ class CheckpointCatalog:
         self.refs = find_checkpoints(path)
         self.max_loaded = max_loaded
         self.load_kwargs = load_kwargs
-        self._loaded: OrderedDict[str, ModelPair] = OrderedDict()
-        self._lock = threading.Lock()
+        self._loaded: BoundedCache[str, ModelPair] = BoundedCache(max_loaded, name="max_loaded")
 
     @property
     def labels(self) -> list[str]:
@@ -452,14 +469,9 @@ class CheckpointCatalog:
             label (`str`, *optional*): A label from [`CheckpointCatalog.labels`].
         """
         ref = self.ref(label)
-        # One lock for loading: two requests for the same checkpoint load it once.
-        with self._lock:
-            pair = self._loaded.get(ref.label)
-            if pair is None:
-                logger.info("loading %s", ref.location)
-                pair = load_pair(ref, **self.load_kwargs)
-                self._loaded[ref.label] = pair
-                while len(self._loaded) > self.max_loaded:
-                    self._loaded.popitem(last=False)
-            self._loaded.move_to_end(ref.label)
-            return pair
+
+        def load() -> ModelPair:
+            logger.info("loading %s", ref.location)
+            return load_pair(ref, **self.load_kwargs)
+
+        return load_once(self._loaded, ref.label, load)

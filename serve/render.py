@@ -1,17 +1,20 @@
-"""HTML and Markdown for the comparison page: the token view, the score matrix, each pane's header.
+"""HTML and Markdown for the comparison page: the EMA settings, each pane's header and progress, the token view, the
+score matrix.
 
-Pure functions of a `serve.compare.Comparison` (no Gradio), so the page's content can be checked without a browser.
-Numbers the page shows rounded are also in `data-` attributes at full precision.
+Pure functions (no Gradio), so the page's content can be checked without a browser. Numbers the page shows rounded
+are also in `data-` attributes at full precision.
 """
 
 from __future__ import annotations
 
 import html
 import math
+from typing import Any
 
 from .compare import Comparison, PaneResult
+from .loading import CheckpointRef
 
-__all__ = ["pane_header", "scores_html", "token_view_html"]
+__all__ = ["ema_settings", "pane_header", "scores_html", "token_view_html"]
 
 #: Tokens are shaded by `1 - p`: an unlikely token (under the pane's own model) is dark, a near-certain one clear.
 _SHADE_RGB = "255, 120, 0"
@@ -21,33 +24,93 @@ def _pane_name(index: int, pane: PaneResult) -> str:
     return f"pane {index + 1}: {pane.label or pane.spec}"
 
 
-def pane_header(index: int, pane: PaneResult | None) -> str:
-    """Markdown above a pane's text: its title and note, or why it could not be built.
+def _averaging(config: dict[str, Any]) -> str:
+    """How the EMA averages, from its saved config: its decay, half-life or power-function width."""
+    if config.get("sigma_rel") is not None:
+        return f"power function, σ_rel {config['sigma_rel']:g}"
+    if config.get("half_life") is not None:
+        text = f"half-life {config['half_life']:g} steps"
+    elif config.get("decay") is not None:
+        text = f"decay {config['decay']:g}"
+    else:
+        return "n/a"
+    if config.get("warmup"):
+        text += f", warm-up (power {config.get('power', 2 / 3):.3g})"
+    return text
+
+
+def ema_settings(info: dict[str, Any], ref: CheckpointRef) -> str:
+    """Markdown for the page's header: the checkpoint, then its EMA's settings as one short table (how it averages,
+    the last decay, its dtype, its update interval, the step and the number of updates).
+
+    Args:
+        info (`dict`): The EMA's `ema_state.json` (`{}` when there is none).
+        ref (`CheckpointRef`): The checkpoint.
+    """
+    where = ref.location if ref.is_local else f"{ref.location} (Hub)"
+    head = f"**Checkpoint** `{ref.label}` · `{where}`"
+    if not info:
+        return f"{head}\n\nNo `ema_state.json` found: the EMA's step and settings are unknown."
+    config = info.get("config") or {}
+    every = config.get("update_every", 1)
+    decay = info.get("decay")
+    updates = str(info.get("num_updates", "n/a"))
+    if info.get("num_skipped"):
+        updates += f" ({info['num_skipped']} skipped)"
+    row = [
+        _averaging(config),
+        f"{decay:.6g}" if isinstance(decay, (int, float)) else "n/a",
+        str(config.get("dtype", "n/a")),
+        "every step" if every == 1 else f"every {every} steps",
+        str(info.get("step", "n/a")),
+        updates,
+    ]
+    return f"{head}\n\n| EMA | last decay | dtype | updated | step | updates |\n|---|---|---|---|---|---|\n| {' | '.join(row)} |"
+
+
+def _progress_bar(done: int, total: int, width: int = 12) -> str:
+    filled = round(width * done / total) if total else width
+    return "▰" * filled + "▱" * (width - filled) + f" {done} / {total} tokens"
+
+
+def pane_header(index: int, pane: PaneResult | None, progress: tuple[int, int] | None = None) -> str:
+    """Markdown above a pane's text: its title and note, its progress while it runs, or why it could not be built.
 
     Args:
         index (`int`): The pane's position (0-based).
         pane (`PaneResult`, *optional*): The pane's result; `None` for a pane that is off.
+        progress (`tuple[int, int]`, *optional*): While the pane runs: the tokens decoded so far and the most it
+            decodes; `(0, 0)` while its variant is being built.
     """
     if pane is None:
         return f"**pane {index + 1}** · off"
     if pane.error:
         return f"**pane {index + 1}** · `{pane.spec}`\n\n⚠️ {pane.error}"
-    lines = [f"**pane {index + 1}** · {pane.label}"]
-    if pane.note:
+    lines = [f"**pane {index + 1}** · {pane.label or pane.spec}"]
+    if progress is not None:
+        lines.append("building its weights…" if progress == (0, 0) else _progress_bar(*progress))
+    elif pane.note:
         lines.append(f"<small>{html.escape(pane.note)}</small>")
     return "\n\n".join(lines)
 
 
-def _visible(piece: str) -> str:
-    # Newlines and tabs would be invisible in a token box: show them, keep the line break.
-    return html.escape(piece).replace("\t", "⇥").replace("\n", "↵\n")
+def _newlines_only(piece: str) -> bool:
+    return "\n" in piece and not piece.strip()
+
+
+def _visible(piece: str, line_break: bool) -> str:
+    # Newlines and tabs would be invisible in a token box: shown as ↵ and ⇥, with one real line break after a token
+    # that ends a line.
+    return html.escape(piece).replace("\t", "⇥").replace("\n", "↵") + ("\n" if line_break else "")
 
 
 def token_view_html(index: int, pane: PaneResult | None, divergence: int | None) -> str:
     """The pane's tokens, each shaded by its probability under the pane's own model, the first divergence marked.
 
     Each token is a `span.tok` with `data-i` (its position) and `data-p` (its probability); the token at the first
-    divergence also has the class `diverge` and is preceded by a `▼` marker.
+    divergence also has the class `diverge` and is preceded by a `▼` marker. Newlines show as `↵`; a run of tokens
+    that are only newlines shares one line, with one line break after the run, so a text full of blank lines stays
+    compact (the text box above shows the text as it is).
 
     Args:
         index (`int`): The pane's position (0-based).
@@ -57,31 +120,30 @@ def token_view_html(index: int, pane: PaneResult | None, divergence: int | None)
     if pane is None or pane.error or not pane.pieces:
         return f'<div class="hfema-tokens" id="hfema-tokens-{index + 1}" data-count="0"></div>'
     spans = []
-    for i, (piece, p) in enumerate(zip(pane.pieces, pane.probs)):
+    pieces = pane.pieces
+    for i, (piece, p) in enumerate(zip(pieces, pane.probs)):
+        line_break = "\n" in piece and not (i + 1 < len(pieces) and _newlines_only(pieces[i + 1]))
         alpha = 0.85 * (1.0 - p)
-        style = f"background: rgba({_SHADE_RGB}, {alpha:.3f}); border-radius: 3px; padding: 0 1px;"
+        style = f"background: rgba({_SHADE_RGB}, {alpha:.3f});"
         classes = "tok"
         marker = ""
         if divergence is not None and i == divergence:
             classes += " diverge"
-            style += " outline: 2px solid #c00000; outline-offset: 1px;"
-            marker = '<span class="diverge-marker" style="color: #c00000; font-weight: bold;">▼</span>'
+            marker = '<span class="diverge-marker">▼</span>'
         spans.append(
             f'{marker}<span class="{classes}" data-i="{i}" data-p="{p!r}" title="token {i}: p = {p:.4f}" '
-            f'style="{style}">{_visible(piece)}</span>'
+            f'style="{style}">{_visible(piece, line_break)}</span>'
         )
     where = "none" if divergence is None else str(divergence)
     return (
         f'<div class="hfema-tokens" id="hfema-tokens-{index + 1}" data-count="{len(spans)}" '
-        f'data-divergence="{where}" style="white-space: pre-wrap; overflow-wrap: anywhere; font-family: monospace; line-height: 1.7;">'
-        + "".join(spans)
-        + "</div>"
+        f'data-divergence="{where}">' + "".join(spans) + "</div>"
     )
 
 
 def _cell(nll: float, row: int, col: str, best: bool) -> str:
     ppl = math.exp(nll) if nll < 700 else math.inf
-    text = f"{nll:.4f}<br><small>ppl {ppl:.4g}</small>"
+    text = f"{nll:.4f} <small>(ppl {ppl:.4g})</small>"
     if best:
         text = f"<b>{text}</b>"
     return f'<td data-row="{row}" data-col="{col}" data-nll="{nll!r}" data-ppl="{ppl!r}">{text}</td>'
@@ -135,8 +197,8 @@ def scores_html(result: Comparison) -> str:
     if len(result.scored) < 2:
         divergence = ""
     return (
-        f'<div id="hfema-scores-table"><table class="hfema-scores" style="border-collapse: collapse;">'
-        f"<caption style='caption-side: top; text-align: left;'>{caption}</caption>"
+        f'<div id="hfema-scores-table"><p class="hfema-caption">{caption}</p>'
+        f'<table class="hfema-scores" style="border-collapse: collapse;">'
         f"<tr><th>model ↓ · text →</th>{head}</tr>{''.join(rows)}</table>{summary}"
         f'<p id="hfema-divergence" data-divergence="{result.divergence if result.divergence is not None else "none"}">'
         f"{divergence}</p></div>"

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
-import math
+import os
 import re
 import shlex
 import shutil
 import tempfile
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,125 +25,51 @@ from typing import Any
 from torch import nn
 
 from hf_ema import CheckpointError, ConfigError, ConfigTypeError, merge_checkpoints, reconstruct
-from hf_ema.utils.paths import checkpoint_step, list_checkpoints
+from hf_ema.posthoc import RECIPE_NAME as POSTHOC_RECIPE_NAME
+from hf_ema.tools import MERGE_RECIPE_NAME
+from hf_ema.utils.jsonio import read_json
+from hf_ema.utils.paths import MARKER_NAME, POSTHOC_DIRNAME, checkpoint_step, list_checkpoints, posthoc_step
+from hf_ema.utils.safetensors_files import parse_size
+from hf_ema.utils.validation import check_size
 
 from .batching import SingleVariant, VariantBatch, make_adapter_batch, make_variant_batch
-from .loading import EMA, RAW, CheckpointCatalog, CheckpointRef, ModelPair, has_raw_weights
+from .cache import BoundedCache
+from .loading import (
+    EMA,
+    LOAD_LOCK,
+    RAW,
+    CheckpointCatalog,
+    CheckpointRef,
+    ModelPair,
+    checked_load,
+    has_raw_weights,
+    load_once,
+)
+from .specs import VariantSpec
 
 __all__ = [
-    "KINDS",
-    "MAX_PANES",
-    "MERGE_METHODS",
-    "POSTHOC_DIRNAME",
+    "DEFAULT_CACHE_SIZE",
+    "DEFAULT_CACHE_VARIANTS",
     "Variant",
-    "VariantSpec",
     "VariantStore",
+    "run_folder",
+    "snapshot_note",
+    "snapshot_steps",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Variant kinds, with the name the page shows for each.
-KINDS = {
-    "raw": "raw weights",
-    "ema": "EMA",
-    "posthoc": "post-hoc EMA (any sigma_rel)",
-    "merge": "merge of the last k checkpoints",
-    "checkpoint_ema": "another checkpoint's EMA",
-}
-MERGE_METHODS = ("mean", "wsm")
-MAX_PANES = 4
-#: Where `EMACallback(posthoc=True)` writes the post-hoc snapshots, inside the run folder.
-POSTHOC_DIRNAME = "ema_posthoc"
-_RECIPE_NAME = "posthoc_recipe.json"
+#: Post-hoc reconstructions and merges kept on disk by default: at most this many folders ...
+DEFAULT_CACHE_VARIANTS = 8
+#: ... holding at most this much (the least recently used folder is removed first).
+DEFAULT_CACHE_SIZE = "20GB"
+#: The app's temporary folders start with this (all removed at exit).
+TEMP_PREFIX = "hf_ema_serve_"
+_DIGEST_RE = re.compile(r"[0-9a-f]{16}")
 #: Adapter batches kept per store (each holds only its adapters' stacked low-rank weights; the base is shared).
 _MAX_ADAPTER_BATCHES = 16
-_SPEC_RE = re.compile(
-    r"^(?:posthoc:(?P<sigma>[^:]+)|merge:(?P<method>[a-z]+):(?P<k>[^:]+)|ema@(?P<ckpt>.+)|(?P<kind>raw|ema))$"
-)
 #: The placeholder shown in publish commands.
 REPO_PLACEHOLDER = "<user>/<model>"
-
-
-def _as_number(name: str, value: Any) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"`{name}` must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"`{name}` must be a number, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """What one pane shows; validated when built.
-
-    Args:
-        kind (`str`): One of [`KINDS`]: `"raw"`, `"ema"`, `"posthoc"`, `"merge"` or `"checkpoint_ema"`.
-        sigma_rel (`float`, *optional*): The post-hoc EMA's relative width (`kind="posthoc"`); its range is checked
-            by `hf_ema.reconstruct`.
-        k (`int`, *optional*): How many of the newest checkpoints to merge (`kind="merge"`), at least 2.
-        method (`str`, *optional*): `"mean"` or `"wsm"` (`kind="merge"`; defaults to `"mean"`).
-        checkpoint (`str`, *optional*): The checkpoint whose EMA to show (`kind="checkpoint_ema"`).
-    """
-
-    kind: str
-    sigma_rel: float | None = None
-    k: int | None = None
-    method: str | None = None
-    checkpoint: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}")
-        if self.kind == "posthoc":
-            if self.sigma_rel is None:
-                raise ConfigError("`sigma_rel` must be given for a post-hoc EMA, got None")
-            object.__setattr__(self, "sigma_rel", _as_number("sigma_rel", self.sigma_rel))
-        if self.kind == "merge":
-            k = _as_number("k", self.k) if self.k is not None else None
-            if k is None or not k.is_integer() or k < 2:
-                raise ConfigError(f"`k` (checkpoints to merge) must be a whole number >= 2, got {self.k!r}")
-            object.__setattr__(self, "k", int(k))
-            method = self.method or "mean"
-            if method not in MERGE_METHODS:
-                raise ConfigError(f"`method` must be one of {list(MERGE_METHODS)}, got {self.method!r}")
-            object.__setattr__(self, "method", method)
-        if self.kind == "checkpoint_ema" and (not isinstance(self.checkpoint, str) or not self.checkpoint):
-            raise ConfigError(f"`checkpoint` must name the checkpoint whose EMA to show, got {self.checkpoint!r}")
-
-    @classmethod
-    def parse(cls, text: str) -> VariantSpec:
-        """A spec from its short form: `raw`, `ema`, `posthoc:0.15`, `merge:mean:3`, `merge:wsm:4`, `ema@checkpoint-8`.
-
-        Args:
-            text (`str`): The short form.
-        """
-        if not isinstance(text, str):
-            raise ConfigTypeError(f"`variant` must be a string such as 'posthoc:0.15', got {text!r}")
-        match = _SPEC_RE.match(text.strip())
-        if match is None:
-            raise ConfigError(
-                "`variant` must be raw, ema, posthoc:SIGMA_REL, merge:mean:K, merge:wsm:K or ema@CHECKPOINT, "
-                f"got {text!r}"
-            )
-        if match["kind"]:
-            return cls(match["kind"])
-        if match["sigma"] is not None:
-            return cls("posthoc", sigma_rel=_as_number("sigma_rel", match["sigma"]))
-        if match["method"] is not None:
-            return cls("merge", k=_as_number("k", match["k"]), method=match["method"])
-        return cls("checkpoint_ema", checkpoint=match["ckpt"])
-
-    def __str__(self) -> str:
-        if self.kind == "posthoc":
-            return f"posthoc:{self.sigma_rel:g}"
-        if self.kind == "merge":
-            return f"merge:{self.method}:{self.k}"
-        if self.kind == "checkpoint_ema":
-            return f"ema@{self.checkpoint}"
-        return self.kind
 
 
 @dataclass
@@ -192,12 +115,8 @@ def snapshot_steps(run: Path | None) -> list[int]:
     """
     if run is None or not (run / POSTHOC_DIRNAME).is_dir():
         return []
-    steps = []
-    for child in (run / POSTHOC_DIRNAME).iterdir():
-        match = re.fullmatch(r"step-(\d+)", child.name)
-        if match and child.is_dir():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    found = (posthoc_step(child) for child in (run / POSTHOC_DIRNAME).iterdir() if child.is_dir())
+    return sorted(step for step in found if step is not None)
 
 
 def snapshot_note(ref: CheckpointRef) -> str:
@@ -229,89 +148,152 @@ def _checkpoint_folders(run: Path, up_to: int | None) -> list[tuple[int, Path]]:
     return [(step, child) for step, child in found if step is not None and (up_to is None or step <= up_to)]
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _remove_folder(name: str, folder: Path) -> None:
+    logger.info("removing the cached variant %s (the cache is full)", folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _recipe(folder: Path, name: str) -> dict[str, Any]:
+    """The recipe `reconstruct` or `merge_checkpoints` wrote beside the weights (`{}` when it cannot be read: the
+    pane then shows no note)."""
+    try:
+        recipe = read_json(folder / name)
+    except (OSError, CheckpointError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _posthoc_note(recipe: dict[str, Any]) -> str:
+    try:
+        note = (
+            f"reconstructed from {len(recipe['snapshots'])} snapshots at step {recipe['step']}; "
+            f"profile fit error {recipe['relative_profile_error']:.1%}"
+        )
+    except (KeyError, TypeError, ValueError):
+        return ""
+    if recipe["relative_profile_error"] > 0.05:
+        note += " (a poor fit: the snapshots' widths are far from this one)"
+    return note
+
+
+def _merge_note(recipe: dict[str, Any]) -> str:
+    try:
+        return "weights " + ", ".join(
+            f"{Path(c['path']).name} {c['weight']:.3f}" for c in recipe.get("checkpoints", [])
+        )
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 class VariantStore:
     """Builds, caches and runs the variants of a catalog's checkpoints.
 
-    Reconstructed and merged weights go to `cache_dir` (a temporary folder removed at exit when not given), keyed by
-    what produced them, so asking twice builds once. Full models are kept in memory up to `max_models`, stacked
-    batches (`serve.batching`) up to `max_batches`. PEFT variants are loaded as extra adapters on the checkpoint's
+    Reconstructed and merged weights go to `cache_dir`, one folder per recipe, so asking twice builds once. The
+    folders kept there are bounded by count and by bytes: the least recently used folder is removed first (the one
+    just built is always kept). A temporary `cache_dir` (the default) is removed at exit; a `cache_dir` you name is
+    kept, and the folders an earlier app left in it are used again. Every model load, reconstruction and merge holds
+    `serve.loading.LOAD_LOCK`. Full models are kept in memory up to `max_models`, stacked batches
+    (`serve.batching`) up to `max_batches`; PEFT variants are loaded as extra adapters on the checkpoint's
     `PeftModel`.
 
     Args:
         catalog (`CheckpointCatalog`): The checkpoints.
-        cache_dir (`str` or `os.PathLike`, *optional*): Where to write reconstructions and merges.
+        cache_dir (`str` or `os.PathLike`, *optional*): Where to write reconstructions and merges (kept at exit);
+            a temporary folder, removed at exit, when not given.
+        max_cached_variants (`int`, *optional*, defaults to `DEFAULT_CACHE_VARIANTS` (8)): Built folders kept.
+        max_cache_size (`int` or `str`, *optional*, defaults to `DEFAULT_CACHE_SIZE` (`"20GB"`)): The most the
+            built folders may hold, in bytes or as a size such as `"5GB"`.
         max_models (`int`, *optional*, defaults to 6): Extra full models kept loaded.
         max_batches (`int`, *optional*, defaults to 2): Stacked variant batches kept.
     """
 
-    def __init__(self, catalog: CheckpointCatalog, cache_dir=None, max_models: int = 6, max_batches: int = 2) -> None:
+    def __init__(
+        self,
+        catalog: CheckpointCatalog,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        max_cached_variants: int = DEFAULT_CACHE_VARIANTS,
+        max_cache_size: int | str = DEFAULT_CACHE_SIZE,
+        max_models: int = 6,
+        max_batches: int = 2,
+    ) -> None:
         if not isinstance(catalog, CheckpointCatalog):
             raise ConfigTypeError(f"`catalog` must be a CheckpointCatalog, got {type(catalog).__name__}")
+        check_size("max_cache_size", max_cache_size)
         self.catalog = catalog
+        self._folders: BoundedCache[str, Path] = BoundedCache(
+            max_cached_variants,
+            max_bytes=parse_size(max_cache_size),
+            size=_folder_bytes,
+            on_evict=_remove_folder,
+            name="max_cached_variants",
+        )
+        self.keep_cache = cache_dir is not None
         if cache_dir is None:
-            cache_dir = tempfile.mkdtemp(prefix="hf_ema_serve_variants_")
+            cache_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX + "variants_")
             atexit.register(shutil.rmtree, cache_dir, True)  # made here, removed here
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.max_models = max_models
-        self.max_batches = max_batches
-        self._models: OrderedDict[str, nn.Module] = OrderedDict()
-        # Built batches (see `_cached_batch`): stacked full models, and batches of adapters.
-        self._batches: OrderedDict[tuple, tuple[tuple, VariantBatch]] = OrderedDict()
-        self._adapter_batches: OrderedDict[tuple, tuple[tuple, VariantBatch]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._build_locks: dict[str, threading.Lock] = {}
+        self._adopt_folders()
+        self._models: BoundedCache[str, nn.Module] = BoundedCache(max_models, name="max_models")
+        # Built batches keep their models alive (the value holds them), so no other model can take one of the ids
+        # that key them while they are kept.
+        self._batches: BoundedCache[tuple, tuple[Any, VariantBatch]] = BoundedCache(max_batches, name="max_batches")
+        self._adapter_batches: BoundedCache[tuple, tuple[Any, VariantBatch]] = BoundedCache(_MAX_ADAPTER_BATCHES)
+
+    @property
+    def cached_folders(self) -> list[Path]:
+        """The built folders kept in `cache_dir`, least recently used first."""
+        return [self.cache_dir / name for name in self._folders.keys()]  # noqa: SIM118 (not a dict)
+
+    def _adopt_folders(self) -> None:
+        """The folders an earlier app built in a named `cache_dir` (its digest names, hf-ema's output marker), oldest
+        first, within the bounds."""
+        found = [
+            child
+            for child in self.cache_dir.iterdir()
+            if _DIGEST_RE.fullmatch(child.name) and child.is_dir() and (child / MARKER_NAME).is_file()
+        ]
+        for folder in sorted(found, key=lambda f: f.stat().st_mtime):
+            self._folders.put(folder.name, folder)
 
     # ------------------------------------------------------------------------------------------------ building
-    def _build_lock(self, key: str) -> threading.Lock:
-        with self._lock:
-            return self._build_locks.setdefault(key, threading.Lock())
-
     def _cached_folder(self, key: str, build: Callable[[Path], Any]) -> Path:
-        """`cache_dir/<digest>`, built by `build(folder)` the first time (one builder at a time per key)."""
+        """`cache_dir/<digest>`, built by `build(folder)` the first time (under `LOAD_LOCK`: reconstructing and merging
+        load weights too). Call it holding `LOAD_LOCK` until the folder is loaded: no other build evicts it meanwhile.
+        """
         folder = self.cache_dir / hashlib.sha1(key.encode()).hexdigest()[:16]
-        with self._build_lock(key):
+
+        def make() -> Path:
             if not folder.is_dir():
                 build(folder)
-        return folder
+            return folder
+
+        return load_once(self._folders, folder.name, make)
 
     def _load_full(self, folder: str, pair: ModelPair, subfolder: str | None = None) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        key = f"{folder}::{subfolder}"
-        with self._build_lock("load:" + key):
-            with self._lock:
-                if key in self._models:
-                    self._models.move_to_end(key)
-                    return self._models[key]
+        def load() -> nn.Module:
             kwargs = {k: v for k, v in self.catalog.load_kwargs.items() if k in ("dtype", "trust_remote_code")}
             if subfolder:
                 kwargs["subfolder"] = subfolder
-            try:
-                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            except Exception as err:  # corrupt or unreadable files: one clear line for the page
-                raise CheckpointError(
-                    f"could not load the weights in `{folder}`: {type(err).__name__}: {err}"
-                ) from err
-            model = model.to(pair.device).eval()
-            with self._lock:
-                self._models[key] = model
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-            return model
+            model = checked_load("weights", folder, AutoModelForCausalLM.from_pretrained, folder, **kwargs)
+            return checked_load("weights", folder, lambda: model.to(pair.device).eval())
+
+        return load_once(self._models, f"{folder}::{subfolder}", load)
 
     def _load_adapter(self, folder: str, pair: ModelPair, subfolder: str | None = None) -> str:
         peft_model = pair.models[RAW]
         name = "v_" + hashlib.sha1(f"{folder}::{subfolder}".encode()).hexdigest()[:12]
-        with pair.lock:
+        with LOAD_LOCK, pair.lock:
             if name not in peft_model.peft_config:
                 kwargs = {"subfolder": subfolder} if subfolder else {}
-                try:
-                    peft_model.load_adapter(folder, adapter_name=name, **kwargs)
-                except Exception as err:
-                    raise CheckpointError(
-                        f"could not load the adapter in `{folder}`: {type(err).__name__}: {err}"
-                    ) from err
+                checked_load("adapter", folder, peft_model.load_adapter, folder, adapter_name=name, **kwargs)
                 peft_model.eval()
         return name
 
@@ -337,20 +319,11 @@ class VariantStore:
             raise ConfigTypeError(f"`spec` must be a VariantSpec, got {type(spec).__name__}")
         ref = self.catalog.ref(checkpoint)
         pair = self.catalog.get(ref.label)
-        if spec.kind == "raw":
-            variant = Variant(spec, f"raw · {ref.label}", ref.location, self._raw_command(ref))
-            if pair.is_peft:
-                variant.adapter = RAW
-            else:
-                variant.model = pair.models[RAW]
-            return variant
-        if spec.kind == "ema" or (spec.kind == "checkpoint_ema" and spec.checkpoint == ref.label):
-            variant = Variant(spec, f"EMA · {ref.label}", ref.ema_location, self._push_command(ref))
-            if pair.is_peft:
-                variant.adapter = EMA
-            else:
-                variant.model = pair.models[EMA]
-            return variant
+        own = {"raw": RAW, "ema": EMA}.get(spec.kind)
+        if spec.kind == "checkpoint_ema" and spec.checkpoint == ref.label:
+            own = EMA
+        if own is not None:  # the checkpoint's own raw or EMA weights, loaded with it
+            return self._own(ref, pair, spec, own)
         if spec.kind == "checkpoint_ema":
             other = self.catalog.ref(spec.checkpoint)
             variant = Variant(spec, f"EMA · {other.label}", other.ema_location, self._push_command(other))
@@ -360,6 +333,17 @@ class VariantStore:
         if spec.kind == "posthoc":
             return self._posthoc(ref, pair, spec)
         return self._merge(ref, pair, spec)
+
+    def _own(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec, which: str) -> Variant:
+        if which == RAW:
+            variant = Variant(spec, f"raw · {ref.label}", ref.location, self._raw_command(ref))
+        else:
+            variant = Variant(spec, f"EMA · {ref.label}", ref.ema_location, self._push_command(ref))
+        if pair.is_peft:
+            variant.adapter = which
+        else:
+            variant.model = pair.models[which]
+        return variant
 
     def _local_run(self, ref: CheckpointRef, what: str) -> Path:
         run = run_folder(ref)
@@ -376,24 +360,14 @@ class VariantStore:
             logger.info("reconstructing the post-hoc EMA sigma_rel=%g of %s", spec.sigma_rel, run)
             reconstruct(run, sigma_rel=spec.sigma_rel, out_dir=folder, step=step, progress=True)
 
-        folder = self._cached_folder(key, build)
         out = run / (f"ema-sigma_rel-{spec.sigma_rel:g}" + (f"-step-{step}" if step is not None else ""))
         command = f"hf-ema posthoc {_quote(run)} --sigma-rel {spec.sigma_rel:g}"
         command += (f" --step {step}" if step is not None else "") + f" --out {_quote(out)}"
-        note = ""
-        try:
-            with open(folder / _RECIPE_NAME, encoding="utf-8") as f:
-                recipe = json.load(f)
-            note = (
-                f"reconstructed from {len(recipe['snapshots'])} snapshots at step {recipe['step']}; "
-                f"profile fit error {recipe['relative_profile_error']:.1%}"
-            )
-            if recipe["relative_profile_error"] > 0.05:
-                note += " (a poor fit: the snapshots' widths are far from this one)"
-        except (OSError, KeyError, ValueError):
-            pass
-        variant = Variant(spec, f"post-hoc EMA σ_rel={spec.sigma_rel:g} · {ref.label}", str(folder), command, note)
-        return self._attach(variant, pair, str(folder))
+        with LOAD_LOCK:
+            folder = self._cached_folder(key, build)
+            note = _posthoc_note(_recipe(folder, POSTHOC_RECIPE_NAME))
+            variant = Variant(spec, f"post-hoc EMA σ_rel={spec.sigma_rel:g} · {ref.label}", str(folder), command, note)
+            return self._attach(variant, pair, str(folder))
 
     def _merge(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:
         run = self._local_run(ref, "a merge of checkpoints")
@@ -411,22 +385,15 @@ class VariantStore:
             logger.info("merging %d checkpoints of %s (%s)", len(chosen), run, spec.method)
             merge_checkpoints([str(p) for p in chosen], folder, method=spec.method, progress=True)
 
-        folder = self._cached_folder(key, build)
         out = run / f"merged-{spec.method}-last{spec.k}"
         command = "hf-ema merge " + " ".join(_quote(p) for p in chosen)
         command += f" --method {spec.method} --out {_quote(out)}"
-        note = ""
-        try:
-            with open(folder / "merge_recipe.json", encoding="utf-8") as f:
-                recipe = json.load(f)
-            note = "weights " + ", ".join(
-                f"{Path(c['path']).name} {c['weight']:.3f}" for c in recipe.get("checkpoints", [])
-            )
-        except (OSError, KeyError, ValueError):
-            pass
         name = "mean" if spec.method == "mean" else "WSM"
-        variant = Variant(spec, f"{name} of the last {spec.k} checkpoints · {ref.label}", str(folder), command, note)
-        return self._attach(variant, pair, str(folder))
+        label = f"{name} of the last {spec.k} checkpoints · {ref.label}"
+        with LOAD_LOCK:
+            folder = self._cached_folder(key, build)
+            variant = Variant(spec, label, str(folder), command, _merge_note(_recipe(folder, MERGE_RECIPE_NAME)))
+            return self._attach(variant, pair, str(folder))
 
     @staticmethod
     def _raw_command(ref: CheckpointRef) -> str:
@@ -442,7 +409,7 @@ class VariantStore:
 
     # ----------------------------------------------------------------------------------------------- running
     def batch(self, checkpoint: str | None, variants: Sequence[Variant]) -> VariantBatch:
-        """The variants as one [`VariantBatch`]: one mixed-adapter batch (PEFT) or one stacked model (full).
+        """The variants as one [`VariantBatch`]: one stacked model (adapters or full models), built once and kept.
 
         Args:
             checkpoint (`str`, *optional*): The catalog label the variants were resolved for.
@@ -455,36 +422,10 @@ class VariantStore:
             # Adapters are never unloaded and their names stand for their files, so the model and the names key the
             # batch. A stacked adapter batch holds only the adapters' low-rank weights: many are kept.
             peft_model, names = pair.models[RAW], [v.adapter for v in variants]
-            build = lambda: make_adapter_batch(peft_model, names, lock=pair.lock)  # noqa: E731
-            return self._cached_batch(self._adapter_batches, _MAX_ADAPTER_BATCHES, (peft_model,), names, build)
+            key = (id(peft_model), *names)
+            build = lambda: (peft_model, make_adapter_batch(peft_model, names, lock=pair.lock))  # noqa: E731
+            return self._adapter_batches.get_or_build(key, build)[1]
         models = [v.model for v in variants]
         if len(models) == 1:
             return SingleVariant(models[0])
-        build = lambda: make_variant_batch(models)  # noqa: E731
-        return self._cached_batch(self._batches, self.max_batches, tuple(models), [], build)
-
-    def _cached_batch(
-        self,
-        cache: OrderedDict[tuple, Any],
-        limit: int,
-        models: tuple[nn.Module, ...],
-        names: Sequence[str],
-        build: Callable[[], VariantBatch],
-    ) -> VariantBatch:
-        """The batch of `models` (and adapter `names`), from `cache` or built and kept there.
-
-        Keyed by the models' ids; an entry keeps its models alive, so no other model can take one of those ids while
-        it is cached.
-        """
-        key = (tuple(id(m) for m in models), tuple(names))
-        with self._lock:
-            entry = cache.get(key)
-            if entry is not None:
-                cache.move_to_end(key)
-                return entry[1]
-        batch = build()
-        with self._lock:
-            cache[key] = (models, batch)
-            while len(cache) > limit:
-                cache.popitem(last=False)
-        return batch
+        return self._batches.get_or_build(tuple(map(id, models)), lambda: (models, make_variant_batch(models)))[1]

@@ -43,3 +43,13 @@ def generate_and_wait(page, prompt: str, max_new_tokens: int) -> None:
     assert page.locator("#greedy input").is_checked()  # greedy is the page's default
     page.locator("#generate").click()
     page.locator("#hfema-scores-table table").wait_for(timeout=180_000)
+
+
+def assert_one_error(page, message: str) -> None:
+    """`message` appears once on the page (the status line), with no Gradio toast and no "Error" badge on any
+    output box."""
+    shown = page.get_by_text(message)
+    shown.first.wait_for(timeout=30_000)
+    assert shown.count() == 1, shown.all_inner_texts()
+    assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
+    assert page.get_by_text("Error", exact=True).count() == 0

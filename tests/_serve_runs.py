@@ -14,11 +14,13 @@ def train_run(
     steps: int = 8,
     save_steps: int = 4,
     posthoc: bool = False,
+    max_positions: int = 256,
 ) -> Path:
     """Train a tiny Llama (or a LoRA adapter on it) with EMACallback; checkpoints every `save_steps`, then
     `trainer.save_model()`. For LoRA the base model is saved to `out_dir/base_model` and loaded from there first, so
     the adapter records where its base is (as a Hub model's adapter would). `posthoc=True` also keeps post-hoc EMA
-    snapshots (`EMACallback(posthoc=True)`, one per checkpoint) in `out_dir/ema_posthoc`.
+    snapshots (`EMACallback(posthoc=True)`, one per checkpoint) in `out_dir/ema_posthoc`. `max_positions` is the
+    model's context length.
 
     A high learning rate and a short EMA horizon make the raw and EMA weights clearly different.
     """
@@ -30,7 +32,7 @@ def train_run(
     from hf_ema.demo.toy import tiny_causal_lm
 
     train, evaluation = lm_data
-    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, max_positions=max_positions, seed=0)
     if lora:
         from peft import LoraConfig, get_peft_model
 

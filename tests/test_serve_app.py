@@ -15,12 +15,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from _app_page import CHROMIUM, CHROMIUM_ARGS, choose_pane, free_port, generate_and_wait
+from _app_page import CHROMIUM, CHROMIUM_ARGS, assert_one_error, choose_pane, free_port, generate_and_wait
 from test_serve_compare import broken_run, independent_models, own_scores
 
-from serve.generation import GenerationSettings, generate_pair
+from serve.compare import generate_pair
+from serve.generation import GenerationSettings
 from serve.launch import start_app
-from serve.loading import find_checkpoints, load_pair
+from serve.loading import CheckpointCatalog
+from serve.variants import VariantStore
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -77,8 +79,8 @@ def generate_in_page(page, url: str, max_new_tokens: int) -> tuple[str, str]:
     page.locator("#greedy input").check()
     page.locator("#generate").click()
     page.wait_for_function(
-        "document.querySelector('#pane-1-output textarea').value.length > 0"
-        " && document.querySelector('#pane-2-output textarea').value.length > 0",
+        "document.querySelector('#pane-1-output textarea')?.value.length > 0"
+        " && document.querySelector('#pane-2-output textarea')?.value.length > 0",
         timeout=60_000,
     )
     return page.locator("#pane-1-output textarea").input_value(), page.locator("#pane-2-output textarea").input_value()
@@ -93,8 +95,8 @@ def wait_for_outputs(page, expected: tuple[str, str]) -> tuple[str, str]:
     # On a timeout the caller's assertion shows the difference.
     with contextlib.suppress(PlaywrightTimeout):
         page.wait_for_function(
-            f"document.querySelector('#pane-1-output textarea').value === {json.dumps(expected[0])}"
-            f" && document.querySelector('#pane-2-output textarea').value === {json.dumps(expected[1])}",
+            f"document.querySelector('#pane-1-output textarea')?.value === {json.dumps(expected[0])}"
+            f" && document.querySelector('#pane-2-output textarea')?.value === {json.dumps(expected[1])}",
             timeout=60_000,
         )
     return page.locator("#pane-1-output textarea").input_value(), page.locator("#pane-2-output textarea").input_value()
@@ -119,8 +121,8 @@ def test_page_greedy_panes_equal_direct_generation(full_run, full_app, browser):
     # The page shows the labels, the EMA step and config, the loss plot and the checkpoint picker.
     assert "raw · final" in page.locator("#pane-1-header").inner_text()
     assert "EMA · final" in page.locator("#pane-2-header").inner_text()
-    info = page.locator("#ema-info").inner_text()
-    assert "EMA step 8" in info and "decay=0.7" in info
+    cells = page.locator("#ema-info td").all_inner_texts()
+    assert cells == ["decay 0.7", "0.7", "float32", "every step", "8", "8"], cells
     assert page.locator("#loss-plot img").is_visible()
     assert screenshot(page, "serve_full.png").stat().st_size > 10_000
     page.close()
@@ -133,9 +135,10 @@ def test_page_checkpoint_picker_switches_models(full_run, full_app, browser):
     page.goto(full_app)
     page.get_by_label("checkpoint", exact=True).click()
     page.get_by_role("option", name="checkpoint-4").click()
-    page.wait_for_function("document.querySelector('#ema-info').innerText.includes('EMA step 4')", timeout=30_000)
-    pair = load_pair(find_checkpoints(full_run / "checkpoint-4")[0], device="cpu")
-    expected = generate_pair(pair, PROMPT, GenerationSettings(max_new_tokens=12, greedy=True))
+    page.wait_for_function("document.querySelector('#ema-info').innerText.includes('checkpoint-4')", timeout=30_000)
+    assert page.locator("#ema-info td").all_inner_texts()[4] == "4"  # the EMA's step
+    store = VariantStore(CheckpointCatalog(full_run / "checkpoint-4", device="cpu"))
+    expected = generate_pair(store, PROMPT, GenerationSettings(max_new_tokens=12, greedy=True))
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#max-new-tokens input").fill("12")
     page.locator("#greedy input").check()
@@ -166,15 +169,15 @@ def test_page_shows_errors_and_keeps_serving(full_run, full_app, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(full_app)
     page.locator("#generate").click()  # empty prompt
-    page.get_by_text("`prompt` must not be empty").first.wait_for(timeout=30_000)
+    assert_one_error(page, "`prompt` must not be empty")
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#max-new-tokens input").fill("100000")
     page.locator("#generate").click()
-    page.get_by_text("`max_new_tokens` must be between 1 and 512, got 100000").first.wait_for(timeout=30_000)
+    assert_one_error(page, "`max_new_tokens` must be between 1 and 255, got 100000")
     page.locator("#max-new-tokens input").fill("8")
     page.locator("#seed input").fill("-3")
     page.locator("#generate").click()
-    page.get_by_text("`seed` must be between 0 and 4294967295, got -3").first.wait_for(timeout=30_000)
+    assert_one_error(page, "`seed` must be between 0 and 4294967295, got -3")
     screenshot(page, "serve_error.png")
     # Still serving: a good request from the same page completes.
     page.locator("#seed input").fill("0")
@@ -191,13 +194,21 @@ def test_eight_concurrent_client_requests_complete(full_run, full_app):
     client = Client(full_app, verbose=False)
     settings = [GenerationSettings(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=seed) for seed in range(8)]
     jobs = [
-        client.submit(prompt=PROMPT, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=s.seed, api_name="/generate")
+        client.submit(
+            prompt=PROMPT,
+            max_new_tokens=16,
+            temperature=1.0,
+            top_p=0.9,
+            seed=s.seed,
+            greedy=False,
+            api_name="/generate",
+        )
         for s in settings
     ]
-    results = [tuple(job.result(timeout=300)) for job in jobs]
+    results = [tuple(job.result(timeout=300)["texts"]) for job in jobs]
     # Each request samples with its own seeded generators, so running them at once changes nothing.
-    pair = load_pair(find_checkpoints(full_run)[-1], device="cpu")
-    assert results == [generate_pair(pair, PROMPT, s) for s in settings]
+    store = VariantStore(CheckpointCatalog(full_run, device="cpu"))
+    assert results == [generate_pair(store, PROMPT, s) for s in settings]
     assert len(set(results)) > 1
 
 
@@ -208,7 +219,7 @@ def test_bad_client_requests_get_errors_and_server_keeps_serving(full_run, full_
     client = Client(full_app, verbose=False)
     bad = [
         ({"prompt": "  "}, "`prompt` must not be empty"),
-        ({"prompt": PROMPT, "max_new_tokens": 10_000}, "`max_new_tokens` must be between 1 and 512, got 10000"),
+        ({"prompt": PROMPT, "max_new_tokens": 10_000}, "`max_new_tokens` must be between 1 and 255, got 10000"),
         ({"prompt": PROMPT, "seed": 1.5}, "`seed` must be a whole number, got 1.5"),
         ({"prompt": PROMPT, "seed": -1}, "`seed` must be between 0 and 4294967295, got -1"),
     ]
@@ -226,7 +237,7 @@ def test_bad_client_requests_get_errors_and_server_keeps_serving(full_run, full_
     with pytest.raises(AppError):
         client.predict(prompt="", api_name="/generate")
     thread.join(timeout=120)
-    assert tuple(out["good"]) == direct_greedy(full_run, lora=False, max_new_tokens=8)
+    assert tuple(out["good"]["texts"]) == direct_greedy(full_run, lora=False, max_new_tokens=8)
 
 
 def test_demo_command_trains_then_serves_headless(tmp_path):
@@ -378,18 +389,17 @@ def test_page_variant_errors_show_in_their_panes_and_keep_serving(full_run, brow
 
 
 def test_server_log_one_line_for_rejected_requests_and_no_deprecation(full_app, capfd, caplog):
-    """A request Gradio's own checks reject logs one line (no traceback); decoding logs no deprecation warning."""
+    """A rejected request logs one line (no traceback); decoding logs no deprecation warning."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     client = Client(full_app, verbose=False)
     capfd.readouterr()
     client.predict(prompt=PROMPT, max_new_tokens=4, greedy=True, api_name="/generate")
-    with pytest.raises(AppError, match="not in the list of choices"):
-        pane = ["raw", 0.15, 3, "mean", "checkpoint-4"]
-        client.predict("checkpoint-99", PROMPT, "", 4, 0.8, 0.95, 0, True, *pane * 4, api_name="/compare")
+    with pytest.raises(AppError, match="`checkpoint` must be one of"):
+        client.predict(prompt=PROMPT, variants=["raw"], checkpoint="checkpoint-99", api_name="/compare")
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     assert "past_key_values" not in err and "FutureWarning" not in err, err
     rejected = [r for r in caplog.records if "rejected a compare request" in r.getMessage()]
-    assert len(rejected) == 1 and "not in the list of choices" in rejected[0].getMessage()
+    assert len(rejected) == 1 and "`checkpoint` must be one of" in rejected[0].getMessage()

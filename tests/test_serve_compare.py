@@ -1,5 +1,6 @@
-"""serve.variants / serve.batching / serve.compare: up to four weight variants decoded together, against models
-loaded (or reconstructed, merged) independently with transformers / peft / hf_ema and run one at a time."""
+"""serve.variants / serve.compare / serve.tokens: up to four weight variants built, decoded together and scored,
+against models loaded (or reconstructed, merged) independently with transformers / peft / hf_ema and run one at a
+time. The ways of batching themselves are tested in test_serve_batching.py."""
 
 from __future__ import annotations
 
@@ -10,18 +11,13 @@ import pytest
 import torch
 
 from hf_ema import CheckpointError, ConfigError
-from serve.batching import (
-    AdapterVariants,
-    SequentialAdapters,
-    SequentialVariants,
-    StackedVariants,
-    decode,
-    make_variant_batch,
-)
-from serve.compare import TokenPieces, compare, first_divergence, stream_comparison, token_pieces
+from serve.batching import StackedVariants, decode, score_continuations
+from serve.compare import compare, stream_comparison
 from serve.generation import GenerationSettings
 from serve.loading import CheckpointCatalog
-from serve.variants import VariantSpec, VariantStore
+from serve.specs import VariantSpec
+from serve.tokens import TokenPieces, first_divergence, token_pieces
+from serve.variants import VariantStore
 
 PROMPT = "The return value of"
 FOUR = ["raw", "ema", "posthoc:0.15", "merge:mean:3"]
@@ -191,141 +187,6 @@ def test_four_variants_sampled_together_equal_each_alone(lora, posthoc_run, post
     )
 
 
-def test_models_that_cannot_be_stacked_run_one_by_one(tokenizer):
-    from hf_ema.demo.toy import tiny_causal_lm
-
-    small = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0).eval()
-    wide = tiny_causal_lm(tokenizer, hidden_size=48, num_layers=2, num_heads=4, seed=1).eval()
-    batch = make_variant_batch([small, wide])
-    assert isinstance(batch, SequentialVariants)
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    *_, state = decode(batch, ids, max_new_tokens=8, greedy=True)
-    for model, tokens in zip([small, wide], state.tokens):
-        assert tokens == model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
-
-
-def test_stacked_model_runs_no_variant_module_and_equals_each_alone(tokenizer):
-    """The stacked model's norms and embeddings take every variant's rows in one call (no variant's own module runs,
-    on decoding steps with one row per variant or on scoring passes with several), and its logits equal each model
-    run alone."""
-    from hf_ema.demo.toy import tiny_causal_lm
-    from serve.batching import stack_models
-
-    models = [tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=s).eval() for s in (0, 1, 2)]
-    for model in models[1:]:  # distinct norm weights, so a mix-up between variants shows
-        with torch.no_grad():
-            for module in model.modules():
-                if "RMSNorm" in type(module).__name__:
-                    module.weight.uniform_(0.5, 1.5)
-    stacked = stack_models(models)
-    assert stacked is not None
-    calls = []
-    for model in models:
-        for module in model.modules():
-            if any(True for _ in module.parameters(recurse=False)):
-                module.register_forward_hook(lambda *_: calls.append(1))
-    ids = tokenizer([PROMPT, " def f(x): return"], return_tensors="pt", padding="longest")["input_ids"][:, :4]
-    with torch.inference_mode():
-        for rows in (ids[:1], ids):  # one row per variant, and two
-            batch = rows.repeat(len(models), 1)
-            together = stacked(input_ids=batch, use_cache=False).logits
-            assert not calls
-            alone = torch.cat([m(input_ids=rows, use_cache=False).logits for m in models])
-            torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
-            calls.clear()
-
-
-def lora_model(tokenizer, configs: dict):
-    """A tiny Llama with one LoRA adapter per `configs` entry (name -> LoraConfig), each with random, distinct
-    weights (a fresh adapter's B is zero, which would hide a mix-up), in eval mode."""
-    from peft import get_peft_model
-
-    from hf_ema.demo.toy import tiny_causal_lm
-
-    base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
-    names = list(configs)
-    model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, configs[name])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "lora_" in param_name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval()
-
-
-def assert_each_adapter_decodes(batch, model, names: list[str], tokenizer) -> None:
-    """Greedy decoding through `batch` gives, for each adapter, what `generate` gives with that adapter active."""
-    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    *_, state = decode(batch, prompt, max_new_tokens=8, greedy=True)
-    for name, tokens in zip(names, state.tokens):
-        model.set_adapter(name)
-        expected = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
-        assert tokens == expected.tolist()
-
-
-def test_stacked_adapters_equal_each_adapter_alone(tokenizer):
-    """LoRA adapters of different ranks, one of them not on every layer, run as one stacked model: each variant's
-    rows equal what peft gives with that adapter active alone, with one row per variant and with two, and the peft
-    model is left as it was (same active adapter, no hooks)."""
-    from peft import LoraConfig
-
-    from serve.batching import make_adapter_batch, stack_adapters
-
-    configs = {
-        "first": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "second": LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"]),
-        "third": LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj"], use_rslora=True),
-    }
-    model = lora_model(tokenizer, configs)
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    ids = tokenizer([PROMPT, " def f(x): return"], return_tensors="pt", padding="longest")["input_ids"][:, :4]
-    # The second list leaves down_proj's LoRA layer (only "second" targets it) to its base layer alone.
-    for names in (["second", "first", "third", "second"], ["first", "third"]):
-        model.set_adapter("first")
-        stacked = stack_adapters(model, names)
-        assert stacked is not None
-        assert model.active_adapter == "first"
-        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
-        with torch.inference_mode():
-            for rows in (ids[:1], ids):
-                together = stacked(input_ids=rows.repeat(len(names), 1), use_cache=False).logits
-                alone = []
-                for name in names:
-                    model.set_adapter(name)
-                    alone.append(model(input_ids=rows, use_cache=False).logits)
-                torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
-    names = ["second", "first", "third", "second"]
-    # Decoding through the batch gives each adapter's own greedy text.
-    batch = make_adapter_batch(model, names)
-    assert isinstance(batch, StackedVariants)
-    assert_each_adapter_decodes(batch, model, names, tokenizer)
-
-
-@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # the tiny model ties them
-@pytest.mark.parametrize("kind", ["embedding", "dora"])
-def test_adapters_stacking_does_not_cover_run_through_peft(tokenizer, kind):
-    """Adapters that are not plain LoRA on linear layers run through peft: LoRA on the embedding as peft's
-    mixed-adapter batch, DoRA (which peft refuses in mixed batches) one pass per adapter. Each gives the adapter's
-    own text."""
-    from peft import LoraConfig
-
-    from serve.batching import make_adapter_batch, stack_adapters
-
-    other = {"embedding": {"target_modules": ["q_proj", "embed_tokens"]}, "dora": {"use_dora": True}}[kind]
-    configs = {
-        "plain": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        kind: LoraConfig(r=4, lora_alpha=8, **{"target_modules": ["q_proj", "v_proj"], **other}),
-    }
-    model = lora_model(tokenizer, configs)
-    names = ["plain", kind]
-    assert stack_adapters(model, names) is None
-    batch = make_adapter_batch(model, names)
-    assert isinstance(batch, AdapterVariants if kind == "embedding" else SequentialAdapters)
-    assert_each_adapter_decodes(batch, model, names, tokenizer)
-
-
 def test_batched_forward_passes_warn_nothing(full_run):
     """No `past_key_values` deprecation (or any other warning) on the decoding and scoring passes."""
     store = VariantStore(CheckpointCatalog(full_run, device="cpu"))
@@ -335,8 +196,6 @@ def test_batched_forward_passes_warn_nothing(full_run):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         *_, state = decode(batch, ids, max_new_tokens=6, greedy=True)
-        from serve.batching import score_continuations
-
         score_continuations(batch, ids[0].tolist(), state.tokens)
 
 

@@ -1,4 +1,5 @@
-"""serve.generation: raw and EMA generations against `model.generate` computed directly, validation, threads."""
+"""serve.generation and the raw-vs-EMA stream (`serve.compare.stream_pair`, the variants path with two variants):
+raw and EMA generations against `model.generate` computed directly, validation, threads."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import pytest
 import torch
 
 from hf_ema.errors import ConfigError, ConfigTypeError
-from serve.generation import GenerationSettings, generate_pair, stream_pair, validate_prompt
-from serve.loading import find_checkpoints, load_pair
+from serve.compare import generate_pair, stream_pair
+from serve.generation import GenerationSettings, validate_prompt
+from serve.loading import CheckpointCatalog
+from serve.variants import VariantStore
 
 PROMPT = "The for statement"
 
 
 @pytest.fixture(scope="module")
-def full_pair(full_run):
-    return load_pair(find_checkpoints(full_run / "checkpoint-8")[0], device="cpu")
+def full_store(full_run, tmp_path_factory):
+    """The raw and EMA variants of checkpoint-8 (a store over that one checkpoint)."""
+    return VariantStore(CheckpointCatalog(full_run / "checkpoint-8", device="cpu"), tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
-def lora_pair(lora_run):
-    return load_pair(find_checkpoints(lora_run / "checkpoint-8")[0], device="cpu")
+def lora_store(lora_run, tmp_path_factory):
+    return VariantStore(CheckpointCatalog(lora_run / "checkpoint-8", device="cpu"), tmp_path_factory.mktemp("cache"))
 
 
 def _direct_models(run, lora: bool):
@@ -56,31 +60,31 @@ def _generate(tokenizer, model, max_new_tokens: int, seed: int | None = None, **
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_greedy_equals_generate(lora, full_run, lora_run, full_pair, lora_pair):
-    run, pair = (lora_run, lora_pair) if lora else (full_run, full_pair)
+def test_greedy_equals_generate(lora, full_run, lora_run, full_store, lora_store):
+    run, store = (lora_run, lora_store) if lora else (full_run, full_store)
     tokenizer, raw_model, ema_model = _direct_models(run, lora)
-    raw, ema = generate_pair(pair, PROMPT, GenerationSettings(max_new_tokens=20, greedy=True))
+    raw, ema = generate_pair(store, PROMPT, GenerationSettings(max_new_tokens=20, greedy=True))
     assert raw == _generate(tokenizer, raw_model, 20)
     assert ema == _generate(tokenizer, ema_model, 20)
     assert raw.strip() and ema.strip()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sampling_equals_seeded_generate(lora, full_run, lora_run, full_pair, lora_pair):
-    run, pair = (lora_run, lora_pair) if lora else (full_run, full_pair)
+def test_sampling_equals_seeded_generate(lora, full_run, lora_run, full_store, lora_store):
+    run, store = (lora_run, lora_store) if lora else (full_run, full_store)
     tokenizer, raw_model, ema_model = _direct_models(run, lora)
     settings = GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=1234)
-    raw, ema = generate_pair(pair, PROMPT, settings)
+    raw, ema = generate_pair(store, PROMPT, settings)
     assert raw == _generate(tokenizer, raw_model, 16, seed=1234, temperature=0.9, top_p=0.8)
     assert ema == _generate(tokenizer, ema_model, 16, seed=1234, temperature=0.9, top_p=0.8)
-    again = generate_pair(pair, PROMPT, settings)
-    other = generate_pair(pair, PROMPT, GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=99))
+    again = generate_pair(store, PROMPT, settings)
+    other = generate_pair(store, PROMPT, GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=99))
     assert again == (raw, ema)
     assert other != (raw, ema)
 
 
-def test_stream_grows_token_by_token(full_pair):
-    steps = list(stream_pair(full_pair, PROMPT, GenerationSettings(max_new_tokens=12, greedy=True)))
+def test_stream_grows_token_by_token(full_store):
+    steps = list(stream_pair(full_store, PROMPT, GenerationSettings(max_new_tokens=12, greedy=True)))
     assert len(steps) >= 12
     final = steps[-1]
     for raw, ema in steps:
@@ -88,13 +92,13 @@ def test_stream_grows_token_by_token(full_pair):
     assert len(steps[0][0]) < len(final[0])
 
 
-def test_concurrent_requests_on_one_lora_model_do_not_mix_adapters(lora_pair):
-    # Both adapters live on one PeftModel: each decoding step switches adapter under the pair's lock.
+def test_concurrent_requests_on_one_lora_model_do_not_mix_adapters(lora_store):
+    # Both adapters live on one PeftModel; requests run the stacked adapters side by side.
     settings = GenerationSettings(max_new_tokens=12, greedy=True)
-    expected = generate_pair(lora_pair, PROMPT, settings)
+    expected = generate_pair(lora_store, PROMPT, settings)
     results: list = [None] * 4
     threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, generate_pair(lora_pair, PROMPT, settings)))
+        threading.Thread(target=lambda i=i: results.__setitem__(i, generate_pair(lora_store, PROMPT, settings)))
         for i in range(4)
     ]
     for t in threads:
@@ -135,15 +139,15 @@ def test_bad_settings(kwargs, error, match):
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n", None])
-def test_bad_prompt(prompt, full_pair):
+def test_bad_prompt(prompt, full_store):
     with pytest.raises((ConfigError, ConfigTypeError), match="`prompt` must"):
         validate_prompt(prompt)
     with pytest.raises((ConfigError, ConfigTypeError), match="`prompt` must"):
-        generate_pair(full_pair, prompt, GenerationSettings(max_new_tokens=4))
+        generate_pair(full_store, prompt, GenerationSettings(max_new_tokens=4))
 
 
-def test_prompt_plus_new_tokens_must_fit_the_context(full_pair):
-    n_prompt = full_pair.tokenizer(PROMPT, return_tensors="pt")["input_ids"].shape[1]
+def test_prompt_plus_new_tokens_must_fit_the_context(full_store):
+    n_prompt = full_store.catalog.get().tokenizer(PROMPT, return_tensors="pt")["input_ids"].shape[1]
     fits = 256 - n_prompt
     with pytest.raises(ConfigError, match=f"`max_new_tokens` must be at most {fits} for this {n_prompt}-token prompt"):
-        generate_pair(full_pair, PROMPT, GenerationSettings(max_new_tokens=fits + 1, greedy=True))
+        generate_pair(full_store, PROMPT, GenerationSettings(max_new_tokens=fits + 1, greedy=True))

@@ -139,10 +139,15 @@ def test_lora_without_base_model_needs_base_model_argument(lora_run, tmp_path):
     config["base_model_name_or_path"] = None
     (ckpt / "adapter_config.json").write_text(json.dumps(config))
     (ref,) = find_checkpoints(ckpt)
-    with pytest.raises(CheckpointError, match="names no base model.*--base-model"):
+    with pytest.raises(CheckpointError, match="names no base model.*pass `base_model`"):
         load_pair(ref, device="cpu")
     pair = load_pair(ref, base_model=str(lora_run / "base_model"), device="cpu")
     assert pair.is_peft
+    # The command line names its own flag, once.
+    result = _serve_cli(ckpt)
+    assert result.returncode == 2, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("hf-ema serve: error:")]
+    assert "pass `--base-model`, the base model's folder or Hub repo id" in line and line.count("base-model") == 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

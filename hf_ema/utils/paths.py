@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
     "CHECKPOINT_PREFIX",
     "EMA_DIRNAME",
     "MARKER_NAME",
@@ -16,6 +17,7 @@ __all__ = [
     "STATE_NAME",
     "TENSORS_NAME",
     "TRAINER_STATE_NAME",
+    "WEIGHT_NAMES",
     "checkpoint_dir",
     "checkpoint_step",
     "is_ema_folder",
@@ -41,6 +43,16 @@ TRAINER_STATE_NAME = "trainer_state.json"
 #: Written into every output folder hf-ema creates (merge, posthoc, push staging, demo, raw/), so `overwrite=True`
 #: replaces only folders hf-ema itself wrote.
 MARKER_NAME = ".hf_ema_output"
+#: A PEFT adapter's config: a folder holding it is an adapter (`PeftModel.from_pretrained` loads it).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: The weight files `from_pretrained` loads a model or an adapter from (one file, or a sharded index).
+WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 _CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)")
 _POSTHOC_STEP_RE = re.compile(r"step-(\d+)")
