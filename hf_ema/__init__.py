@@ -39,6 +39,7 @@ _LAZY = {
     "relative_distance": "stability",
     "save_ema": "ema_folder",
     "write_model_card": "tools",
+    "write_plain_ema": "tools",
     "wsm_weights": "tools",
 }
 
@@ -61,7 +62,16 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .model_ema import ModelEMA
     from .posthoc import PostHocConfig, PostHocEMA, reconstruct
     from .stability import OscillationTracker, StabilityConfig, relative_distance
-    from .tools import ema_weights, load_history, merge_checkpoints, plot_run, push_ema, write_model_card, wsm_weights
+    from .tools import (
+        ema_weights,
+        load_history,
+        merge_checkpoints,
+        plot_run,
+        push_ema,
+        write_model_card,
+        write_plain_ema,
+        wsm_weights,
+    )
     from .trainer import EMACallback, EMAEvaluator
 
 __all__ = [
@@ -97,6 +107,7 @@ __all__ = [
     "relative_distance",
     "save_ema",
     "write_model_card",
+    "write_plain_ema",
     "wsm_weights",
 ]
 

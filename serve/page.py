@@ -20,7 +20,7 @@ from .compare import PaneResult
 from .loading import CheckpointRef
 from .render import ema_settings, pane_header, token_view_html
 from .specs import KINDS, VariantSpec
-from .variants import TEMP_PREFIX, run_folder, snapshot_note, snapshot_steps
+from .variants import TEMP_PREFIX, is_bema, run_folder, snapshot_note, snapshot_steps
 
 if TYPE_CHECKING:
     from .handlers import AppContext
@@ -205,12 +205,15 @@ class Page:
 
 
 def _default_panes(catalog: CheckpointCatalog) -> list[dict[str, Any]]:
-    """Raw, EMA, then a post-hoc EMA when the run has snapshots and a merge when it has several checkpoints."""
+    """Raw, EMA, then BEMA's plain EMA for a BEMA run, else a post-hoc EMA when the run has snapshots; a merge when it
+    has several checkpoints."""
     ref = catalog.ref()
     run = run_folder(ref)
     n_checkpoints = sum(1 for r in catalog.refs if r.label.startswith("checkpoint-"))
     panes = [{"kind": "raw"}, {"kind": "ema"}, {"kind": OFF}, {"kind": OFF}]
-    if snapshot_steps(run):
+    if is_bema(ref):
+        panes[2] = {"kind": "ema_plain"}
+    elif snapshot_steps(run):
         panes[2] = {"kind": "posthoc"}
     if run is not None and n_checkpoints >= 2:
         panes[3] = {"kind": "merge", "k": min(3, n_checkpoints)}

@@ -25,7 +25,10 @@ def _pane_name(index: int, pane: PaneResult) -> str:
 
 
 def _averaging(config: dict[str, Any]) -> str:
-    """How the EMA averages, from its saved config: its decay, half-life or power-function width."""
+    """How the EMA averages, from its saved config: its decay, half-life, power-function width or BEMA."""
+    bema = config.get("bema")
+    if isinstance(bema, dict):
+        return f"BEMA (η {bema.get('eta', 0.2):g}, κ {bema.get('kappa', 0.5):g}, τ {bema.get('tau', 0)})"
     if config.get("sigma_rel") is not None:
         return f"power function, σ_rel {config['sigma_rel']:g}"
     if config.get("half_life") is not None:

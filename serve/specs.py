@@ -1,6 +1,6 @@
-"""What a pane asks for: a [`VariantSpec`] (raw, EMA, a post-hoc EMA of any width, a merge of the last checkpoints,
-another checkpoint's EMA), validated when built, with a short form (`posthoc:0.15`, `merge:wsm:4`, `ema@checkpoint-8`)
-for the API and the tests."""
+"""What a pane asks for: a [`VariantSpec`] (raw, EMA, a BEMA run's plain EMA, a post-hoc EMA of any width, a merge of
+the last checkpoints, another checkpoint's EMA), validated when built, with a short form (`posthoc:0.15`,
+`merge:wsm:4`, `ema@checkpoint-8`, `ema-plain`) for the API and the tests."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ __all__ = ["KINDS", "MAX_PANES", "MERGE_METHODS", "VariantSpec"]
 KINDS = {
     "raw": "raw weights",
     "ema": "EMA",
+    "ema_plain": "BEMA's plain EMA (uncorrected)",
     "posthoc": "post-hoc EMA (any sigma_rel)",
     "merge": "merge of the last k checkpoints",
     "checkpoint_ema": "another checkpoint's EMA",
@@ -24,7 +25,8 @@ KINDS = {
 MERGE_METHODS = ("mean", "wsm")
 MAX_PANES = 4
 _SPEC_RE = re.compile(
-    r"^(?:posthoc:(?P<sigma>[^:]+)|merge:(?P<method>[a-z]+):(?P<k>[^:]+)|ema@(?P<ckpt>.+)|(?P<kind>raw|ema))$"
+    r"^(?:posthoc:(?P<sigma>[^:]+)|merge:(?P<method>[a-z]+):(?P<k>[^:]+)|ema@(?P<ckpt>.+)|(?P<plain>ema-plain)"
+    r"|(?P<kind>raw|ema))$"
 )
 
 
@@ -44,7 +46,8 @@ class VariantSpec:
     """What one pane shows; validated when built.
 
     Args:
-        kind (`str`): One of [`KINDS`]: `"raw"`, `"ema"`, `"posthoc"`, `"merge"` or `"checkpoint_ema"`.
+        kind (`str`): One of [`KINDS`]: `"raw"`, `"ema"`, `"ema_plain"` (the EMA under a bias-corrected EMA's
+            correction), `"posthoc"`, `"merge"` or `"checkpoint_ema"`.
         sigma_rel (`float`, *optional*): The post-hoc EMA's relative width (`kind="posthoc"`); its range is checked
             by `hf_ema.reconstruct`.
         k (`int`, *optional*): How many of the newest checkpoints to merge (`kind="merge"`), at least 2.
@@ -79,7 +82,8 @@ class VariantSpec:
 
     @classmethod
     def parse(cls, text: str) -> VariantSpec:
-        """A spec from its short form: `raw`, `ema`, `posthoc:0.15`, `merge:mean:3`, `merge:wsm:4`, `ema@checkpoint-8`.
+        """A spec from its short form: `raw`, `ema`, `ema-plain`, `posthoc:0.15`, `merge:mean:3`, `merge:wsm:4`,
+        `ema@checkpoint-8`.
 
         Args:
             text (`str`): The short form.
@@ -89,11 +93,13 @@ class VariantSpec:
         match = _SPEC_RE.match(text.strip())
         if match is None:
             raise ConfigError(
-                "`variant` must be raw, ema, posthoc:SIGMA_REL, merge:mean:K, merge:wsm:K or ema@CHECKPOINT, "
+                "`variant` must be raw, ema, ema-plain, posthoc:SIGMA_REL, merge:mean:K, merge:wsm:K or ema@CHECKPOINT, "
                 f"got {text!r}"
             )
         if match["kind"]:
             return cls(match["kind"])
+        if match["plain"]:
+            return cls("ema_plain")
         if match["sigma"] is not None:
             return cls("posthoc", sigma_rel=_as_number("sigma_rel", match["sigma"]))
         if match["method"] is not None:
@@ -107,4 +113,6 @@ class VariantSpec:
             return f"merge:{self.method}:{self.k}"
         if self.kind == "checkpoint_ema":
             return f"ema@{self.checkpoint}"
+        if self.kind == "ema_plain":
+            return "ema-plain"
         return self.kind

@@ -1,6 +1,7 @@
 """The weight variants a pane can show, and building them on demand from a run's files.
 
-A variant is one of: the checkpoint's raw weights, its EMA, a post-hoc EMA of any `sigma_rel` reconstructed from the
+A variant is one of: the checkpoint's raw weights, its EMA, the plain EMA under a bias-corrected (BEMA) EMA's
+correction (`hf_ema.write_plain_ema`), a post-hoc EMA of any `sigma_rel` reconstructed from the
 run's `ema_posthoc/` snapshots (`hf_ema.reconstruct`), a merge of the last `k` checkpoints (`hf_ema.merge_checkpoints`,
 mean or WSM), or another checkpoint's EMA. [`VariantStore`] builds each once (reconstructions and merges are written
 to the app's own cache folder, never into the run), keeps the loaded weights, and runs a request's variants together
@@ -24,11 +25,26 @@ from typing import Any
 
 from torch import nn
 
-from hf_ema import CheckpointError, ConfigError, ConfigTypeError, merge_checkpoints, reconstruct
+from hf_ema import (
+    CheckpointError,
+    ConfigError,
+    ConfigTypeError,
+    merge_checkpoints,
+    read_ema_state,
+    reconstruct,
+    write_plain_ema,
+)
 from hf_ema.posthoc import RECIPE_NAME as POSTHOC_RECIPE_NAME
 from hf_ema.tools import MERGE_RECIPE_NAME
 from hf_ema.utils.jsonio import read_json
-from hf_ema.utils.paths import MARKER_NAME, POSTHOC_DIRNAME, checkpoint_step, list_checkpoints, posthoc_step
+from hf_ema.utils.paths import (
+    MARKER_NAME,
+    POSTHOC_DIRNAME,
+    checkpoint_step,
+    is_ema_folder,
+    list_checkpoints,
+    posthoc_step,
+)
 from hf_ema.utils.safetensors_files import parse_size
 from hf_ema.utils.validation import check_size
 
@@ -52,6 +68,7 @@ __all__ = [
     "DEFAULT_CACHE_VARIANTS",
     "Variant",
     "VariantStore",
+    "is_bema",
     "run_folder",
     "snapshot_note",
     "snapshot_steps",
@@ -93,6 +110,22 @@ class Variant:
     note: str = ""
     model: nn.Module | None = None
     adapter: str | None = None
+
+
+def is_bema(ref: CheckpointRef) -> bool:
+    """Whether a local checkpoint's EMA is bias-corrected (BEMA): its `ema/` holds the corrected weights, and its
+    plain EMA can be shown beside them (the `ema_plain` variant).
+
+    Args:
+        ref (`CheckpointRef`): The checkpoint.
+    """
+    if not ref.is_local or not is_ema_folder(ref.ema_location):
+        return False
+    try:
+        config = read_ema_state(ref.ema_location).get("config") or {}
+    except CheckpointError:  # a damaged state: the page says so elsewhere
+        return False
+    return isinstance(config.get("bema"), dict)
 
 
 def run_folder(ref: CheckpointRef) -> Path | None:
@@ -332,13 +365,16 @@ class VariantStore:
             )
         if spec.kind == "posthoc":
             return self._posthoc(ref, pair, spec)
+        if spec.kind == "ema_plain":
+            return self._plain(ref, pair, spec)
         return self._merge(ref, pair, spec)
 
     def _own(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec, which: str) -> Variant:
         if which == RAW:
             variant = Variant(spec, f"raw · {ref.label}", ref.location, self._raw_command(ref))
         else:
-            variant = Variant(spec, f"EMA · {ref.label}", ref.ema_location, self._push_command(ref))
+            name = "BEMA" if is_bema(ref) else "EMA"
+            variant = Variant(spec, f"{name} · {ref.label}", ref.ema_location, self._push_command(ref))
         if pair.is_peft:
             variant.adapter = which
         else:
@@ -367,6 +403,20 @@ class VariantStore:
             folder = self._cached_folder(key, build)
             note = _posthoc_note(_recipe(folder, POSTHOC_RECIPE_NAME))
             variant = Variant(spec, f"post-hoc EMA σ_rel={spec.sigma_rel:g} · {ref.label}", str(folder), command, note)
+            return self._attach(variant, pair, str(folder))
+
+    def _plain(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:
+        # BEMA's `ema/` holds the corrected weights; its plain EMA is in `ema_state.safetensors`, written out here.
+        self._local_run(ref, "the plain EMA of a BEMA run")
+        source = ref.ema_location
+
+        def build(folder: Path) -> None:
+            write_plain_ema(source, folder)
+
+        command = f"python -c 'import hf_ema; hf_ema.write_plain_ema({source!r}, \"plain-ema\")'"
+        with LOAD_LOCK:
+            folder = self._cached_folder(f"plain::{source}", build)
+            variant = Variant(spec, f"plain EMA (BEMA uncorrected) · {ref.label}", str(folder), command)
             return self._attach(variant, pair, str(folder))
 
     def _merge(self, ref: CheckpointRef, pair: ModelPair, spec: VariantSpec) -> Variant:

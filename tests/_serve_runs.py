@@ -15,12 +15,13 @@ def train_run(
     save_steps: int = 4,
     posthoc: bool = False,
     max_positions: int = 256,
+    bema: bool = False,
 ) -> Path:
     """Train a tiny Llama (or a LoRA adapter on it) with EMACallback; checkpoints every `save_steps`, then
     `trainer.save_model()`. For LoRA the base model is saved to `out_dir/base_model` and loaded from there first, so
     the adapter records where its base is (as a Hub model's adapter would). `posthoc=True` also keeps post-hoc EMA
     snapshots (`EMACallback(posthoc=True)`, one per checkpoint) in `out_dir/ema_posthoc`. `max_positions` is the
-    model's context length.
+    model's context length. `bema=True` keeps a bias-corrected EMA (burn-in at step 2) instead of the plain one.
 
     A high learning rate and a short EMA horizon make the raw and EMA weights clearly different.
     """
@@ -64,7 +65,7 @@ def train_run(
         train_dataset=train,
         eval_dataset=evaluation.select(range(16)),
         processing_class=tokenizer,
-        callbacks=[EMACallback(decay=0.7, posthoc=posthoc)],
+        callbacks=[EMACallback(bema={"tau": 2}) if bema else EMACallback(decay=0.7, posthoc=posthoc)],
     )
     trainer.train()
     trainer.save_model(str(out_dir))

@@ -15,7 +15,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from hf_ema import BEMAConfig, ConfigError, EMAConfig, ModelEMA, load_ema, read_ema_state, save_ema
+from hf_ema import (
+    BEMAConfig,
+    CheckpointError,
+    ConfigError,
+    EMAConfig,
+    ModelEMA,
+    load_ema,
+    read_ema_state,
+    save_ema,
+    write_plain_ema,
+)
 from hf_ema.demo.toy import tiny_causal_lm
 from hf_ema.tools.model_card import ema_card_text
 
@@ -213,6 +223,14 @@ def test_bema_folder_loads_with_from_pretrained_and_resumes_bit_exact(tmp_path, 
         assert exact[f"bema_theta0.{name}"].dtype == dtype
     meta = read_ema_state(tmp_path / "uninterrupted")
     assert meta["config"]["bema"]["tau"] == 1 and set(meta["bema_theta0"]) == set(ema.names)
+    # The plain EMA underneath, as a folder of its own (the app's `ema-plain` pane).
+    plain_dir = write_plain_ema(tmp_path / "uninterrupted", tmp_path / "plain")
+    plain_model = dict(AutoModelForCausalLM.from_pretrained(plain_dir).named_parameters())
+    for name in ema.names:
+        assert torch.equal(plain_model[name].detach(), plain["tensors"][name].to(dtype)), name
+    save_ema(ModelEMA(build(), decay=0.9), tmp_path / "not_bema")
+    with pytest.raises(CheckpointError, match="not a BEMA `ema/` folder"):
+        write_plain_ema(tmp_path / "not_bema", tmp_path / "plain2")
     # The Hub card says what the weights are.
     card = ema_card_text(tmp_path / "uninterrupted", repo_id="user/bema")
     assert "bias-corrected exponential moving average (BEMA" in card
@@ -313,3 +331,10 @@ def test_bema_lora_folder_loads_with_peft(tmp_path, tiny_model, tokenizer, lm_da
     want = paper_bema(recorded_theta(recorder), 6, cfg.bema_config, update_every=2)
     for name, value in want.items():
         torch.testing.assert_close(loaded[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)
+    # The plain EMA of the adapter, written under peft's own keys (from the save's `weights` map).
+    plain_dir = write_plain_ema(tmp_path / "checkpoint-6" / "ema", tmp_path / "plain")
+    base = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    plain = dict(PeftModel.from_pretrained(base, plain_dir).named_parameters())
+    state = callback.ema.state_dict()["tensors"]
+    for name in callback.ema.names:
+        assert torch.equal(plain[name].detach(), state[name]), name

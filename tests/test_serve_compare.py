@@ -236,3 +236,30 @@ def test_variants_that_cannot_be_built_say_why_and_the_others_run(full_run, tmp_
     assert result.scored == [1, 3] and len(result.nll) == 2 and result.done
     with pytest.raises(ConfigError, match="`sigma_rel` must be in"):
         compare(store, PROMPT, ["posthoc:0.5"], settings)  # no pane could be built: the first error is raised
+
+
+@pytest.mark.trainer
+def test_bema_run_shows_bema_beside_its_plain_ema(tmp_path, tokenizer, lm_data):
+    """A BEMA run's `ema` pane is BEMA (its `ema/` folder) and `ema-plain` the EMA under the correction
+    (`hf_ema.write_plain_ema`), decoded together; each equals `generate` of the folder loaded alone."""
+    from _serve_runs import train_run
+    from transformers import AutoModelForCausalLM
+
+    from hf_ema import write_plain_ema
+    from serve.page import _default_panes
+
+    run = train_run(tmp_path / "run", tokenizer, lm_data, bema=True)
+    catalog = CheckpointCatalog(run, device="cpu")
+    assert [p["kind"] for p in _default_panes(catalog)][:3] == ["raw", "ema", "ema_plain"]
+    store = VariantStore(catalog, cache_dir=tmp_path / "cache")
+    result = compare(store, PROMPT, ["raw", "ema", "ema-plain"], GenerationSettings(max_new_tokens=12, greedy=True))
+    assert result.done and not any(p.error for p in result.panes)
+    assert result.panes[1].label.startswith("BEMA · ") and result.panes[2].label.startswith("plain EMA")
+    plain = write_plain_ema(run / "ema", tmp_path / "plain")
+    prompt_ids = store.catalog.get().tokenizer(PROMPT)["input_ids"]
+    ids = torch.tensor([prompt_ids])
+    for pane, folder in zip(result.panes, (run, run / "ema", plain)):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        assert pane.tokens == out[0, len(prompt_ids) :].tolist(), pane.label
+    assert result.panes[1].tokens != result.panes[2].tokens or result.nll[1][1] != result.nll[2][1]

@@ -49,6 +49,8 @@ def ema_state(job: SaveJob, plan: SavePlan, extra_state: dict[str, Any] | None) 
         },
     }
     theta0 = {k.removeprefix(THETA0_PREFIX): v for k, v in plan.locations.items() if k.startswith(THETA0_PREFIX)}
+    if plan.weights:  # where the loadable weights hold each averaged tensor (under the library's keys)
+        meta["weights"] = {name: {"file": loc.file, "key": loc.key} for name, loc in plan.weights.items()}
     if theta0:  # BEMA's snapshot, where its part of every rank is stored
         meta["bema_theta0"] = {name: {"file": loc.file, "key": loc.key} for name, loc in theta0.items()}
     if extra_state:

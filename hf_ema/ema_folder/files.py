@@ -171,11 +171,14 @@ def plan_direct(
     if len(groups) > 1:
         _write_index(job, weights, groups)
     located: dict[str, TensorLocation] = {}
+    weight_keys: dict[str, TensorLocation] = {}
     for file, specs in groups:
         for spec in specs:
             source = sources_of[spec.key]
+            if source.kind in (SourceKind.AVERAGED, SourceKind.CORRECTED):
+                weight_keys.setdefault(source.name, TensorLocation(file, spec.key))
             exact = source.is_ema and holds_exactly(spec.dtype, sources.ema_dtype(source))
             if exact and source.name not in located:
                 located[source.name] = TensorLocation(file, spec.key)
     exact_plan = plan_exact(job, located)
-    return SavePlan(tuple(files) + exact_plan.files, exact_plan.locations)
+    return SavePlan(tuple(files) + exact_plan.files, exact_plan.locations, weight_keys)

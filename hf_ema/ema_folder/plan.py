@@ -4,7 +4,7 @@ EMA tensor is stored exactly. The main process makes it; every rank receives it 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +79,13 @@ class SavePlan:
         files (`tuple[FilePart, ...]`): The files every rank writes its part of (those the library wrote itself
             are not among them).
         locations (`dict[str, TensorLocation]`): Where each EMA tensor is stored exactly, by name.
+        weights (`dict[str, TensorLocation]`, *optional*): Where the loadable weights hold each averaged tensor, by
+            name, when hf-ema laid them out (the library's own keys, e.g. a PEFT adapter's).
     """
 
     files: tuple[FilePart, ...]
     locations: dict[str, TensorLocation]
+    weights: dict[str, TensorLocation] = field(default_factory=dict)
 
     @property
     def exact_tensors(self) -> bool:
@@ -101,6 +104,7 @@ class SavePlan:
                 for f in self.files
             ],
             "locations": {name: [loc.file, loc.key] for name, loc in self.locations.items()},
+            "weights": {name: [loc.file, loc.key] for name, loc in self.weights.items()},
         }
 
     @classmethod
@@ -120,7 +124,8 @@ class SavePlan:
             )
             for f in data["files"]
         )
-        return cls(files, {name: TensorLocation(*loc) for name, loc in data["locations"].items()})
+        locations = {name: TensorLocation(*loc) for name, loc in data["locations"].items()}
+        return cls(files, locations, {name: TensorLocation(*loc) for name, loc in data.get("weights", {}).items()})
 
 
 class LibraryWrites(enum.Enum):

@@ -4,6 +4,7 @@ card, and plotting a run's raw vs EMA metrics."""
 from .hub import push_ema
 from .merge import MERGE_RECIPE_NAME, ema_weights, merge_checkpoints, wsm_weights
 from .model_card import write_model_card
+from .plain_ema import write_plain_ema
 from .plotting import load_history, plot_run
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "plot_run",
     "push_ema",
     "write_model_card",
+    "write_plain_ema",
     "wsm_weights",
 ]
