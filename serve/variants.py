@@ -35,6 +35,7 @@ from hf_ema import (
     write_plain_ema,
 )
 from hf_ema.posthoc import RECIPE_NAME as POSTHOC_RECIPE_NAME
+from hf_ema.posthoc import describe_snapshots, list_snapshots
 from hf_ema.tools import MERGE_RECIPE_NAME
 from hf_ema.utils.jsonio import read_json
 from hf_ema.utils.paths import (
@@ -159,12 +160,10 @@ def snapshot_note(ref: CheckpointRef) -> str:
         ref (`CheckpointRef`): The checkpoint shown.
     """
     run = run_folder(ref)
-    steps = snapshot_steps(run)
-    if steps:
-        return (
-            f"Post-hoc EMA: {len(steps)} snapshots (steps {steps[0]}–{steps[-1]}) in `{run / POSTHOC_DIRNAME}`: "
-            "any `sigma_rel` can be reconstructed."
-        )
+    snapshots = list_snapshots(run) if run is not None and snapshot_steps(run) else []
+    if snapshots:
+        described = describe_snapshots((s.step, s.sigma_rel) for s in snapshots)
+        return f"Post-hoc EMA: {described} in `{run / POSTHOC_DIRNAME}`: any `sigma_rel` can be reconstructed."
     where = f"`{run}`" if run is not None else f"`{ref.location}` (a Hub repo)"
     return (
         f"Post-hoc EMA: {where} has no `{POSTHOC_DIRNAME}/` snapshots, so no other EMA width can be reconstructed. "
@@ -202,10 +201,8 @@ def _recipe(folder: Path, name: str) -> dict[str, Any]:
 
 def _posthoc_note(recipe: dict[str, Any]) -> str:
     try:
-        note = (
-            f"reconstructed from {len(recipe['snapshots'])} snapshots at step {recipe['step']}; "
-            f"profile fit error {recipe['relative_profile_error']:.1%}"
-        )
+        used = describe_snapshots((entry["step"], entry["sigma_rel"]) for entry in recipe["snapshots"])
+        note = f"reconstructed at step {recipe['step']} from {used}; profile fit error {recipe['relative_profile_error']:.1%}"
     except (KeyError, TypeError, ValueError):
         return ""
     if recipe["relative_profile_error"] > 0.05:

@@ -254,11 +254,6 @@ def test_serve_corrupt_safetensors(run_copy):
     assert_one_line_error(proc, "serve", f"`{bad}`")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the message is built in serve/loading.py (`pass `base_model` (`--base-model` on the command line)`), "
-    "owned by the app: it should say only `base_model`, which the CLI turns into `--base-model`",
-)
 def test_serve_lora_without_a_base_model_names_the_flag_once(tmp_path):
     """A LoRA checkpoint whose adapter names no base model: `hf-ema serve` says to pass `--base-model`, once."""
     pytest.importorskip("gradio")

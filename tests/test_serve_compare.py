@@ -54,12 +54,12 @@ def own_scores(model, prompt_ids: list[int], continuation: list[int]) -> tuple[f
 
 
 def test_variant_spec_short_forms_and_errors():
-    for text in ["raw", "ema", "posthoc:0.15", "merge:mean:3", "merge:wsm:2", "ema@checkpoint-4"]:
+    for text in ["raw", "ema", "ema-plain", "posthoc:0.15", "merge:mean:3", "merge:wsm:2", "ema@checkpoint-4"]:
         assert str(VariantSpec.parse(text)) == text
     assert VariantSpec("merge", k=3.0).method == "mean" and VariantSpec("merge", k=3.0).k == 3
     bad = [
         (lambda: VariantSpec.parse("posthoc:wide"), "`sigma_rel` must be a number, got 'wide'"),
-        (lambda: VariantSpec.parse("median"), "`variant` must be raw, ema, posthoc:SIGMA_REL"),
+        (lambda: VariantSpec.parse("median"), "`variant` must be raw, ema, ema-plain, posthoc:SIGMA_REL"),
         (lambda: VariantSpec("merge", k=1), "`k` (checkpoints to merge) must be a whole number >= 2, got 1"),
         (lambda: VariantSpec("merge", k=3, method="median"), "`method` must be one of ['mean', 'wsm']"),
         (lambda: VariantSpec("posthoc"), "`sigma_rel` must be given"),
