@@ -530,6 +530,7 @@ def render_markdown(rows: list[dict], cfg: ExperimentConfig, meta: dict[str, Any
         f"{cfg.steps} steps of {cfg.batch_size} x {cfg.block_size} tokens, AdamW at {cfg.learning_rate:g} after "
         f"{cfg.warmup_steps} warmup steps, checkpoints every {cfg.save_every} steps, eval on {cfg.eval_blocks} fixed "
         f"held-out blocks, seeds {cfg.seeds}. Wall time {meta.get('wall_s', float('nan')):.0f} s "
+        f"(training {meta.get('train_s', float('nan')):.0f} s of it, as the runs recorded it when trained) "
         f"({meta.get('threads', cfg.threads)} torch thread(s), {meta.get('cpus', '?')} CPUs).",
         "",
         f"### Eval loss at the last step ({cfg.steps}), {n_seeds} seeds",
@@ -691,6 +692,22 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**values)
 
 
+def _markers(out_dir: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    paths = [out_dir / f"seed-{seed}" / run / "done.json" for seed in cfg.seeds for run in SCHEDULE_RUNS]
+    return [{"mtime": p.stat().st_mtime, **json.loads(p.read_text())} for p in paths if p.is_file()]
+
+
+def training_s(out_dir: Path, cfg: ExperimentConfig) -> float:
+    """The training time of every run, as each recorded it when it was trained."""
+    return sum(float(m.get("train_runtime_s") or 0.0) for m in _markers(out_dir, cfg))
+
+
+def reused_training_s(out_dir: Path, cfg: ExperimentConfig, start: float) -> float:
+    """The recorded training time of the runs this invocation reused (finished before it started)."""
+    started = time.time() - (time.perf_counter() - start)
+    return sum(float(m.get("train_runtime_s") or 0.0) for m in _markers(out_dir, cfg) if m["mtime"] < started)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out
@@ -704,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         rows, n_params = run_experiment(cfg, out_dir, progress=not args.no_progress, force=args.force)
         meta = {
-            "wall_s": time.perf_counter() - start,
+            # Finished runs are reused: their own recorded training time counts, not the time to skip them.
+            "wall_s": time.perf_counter() - start + reused_training_s(out_dir, cfg, start),
+            "train_s": training_s(out_dir, cfg),
             "threads": cfg.threads,
             "cpus": os.cpu_count(),
             "n_params": n_params,
