@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -37,6 +38,9 @@ UPDATE, CHECK, COPY, UNDO = 0, 1, 2, 3
 #: Slots of the int32 flags tensor: a weight was not finite in the read-only check (nothing written) / in the fused
 #: update (written, to be undone); the smallest index of a tensor holding one (for the error message).
 PRE, FUSED, FIRST = 0, 1, 2
+#: The jitted helpers the kernel calls, bound by `kernel()` for the current mode.
+_raise_flags_jit: Any = None
+_unlerp_jit: Any = None
 
 
 def interpreting() -> bool:
@@ -115,25 +119,7 @@ def _ema_kernel(
                 elif MODE == 2:
                     new = x
                 else:
-                    # Undo: the value e0 with fl(e0 + w (x - e0)) == e, as native.py's unlerp_one finds it: the
-                    # estimate (e - w x) / (1 - w) in double, then whichever of it and its two fp32 neighbours the
-                    # update (the same fp32 expression as MODE 0) maps back to e, the closest to the estimate; the
-                    # estimate itself when none does. Exact for most elements, else within the update's rounding.
-                    w64 = w.to(tl.float64)
-                    est = (e.to(tl.float64) - w64 * x.to(tl.float64)) / (1.0 - w64)
-                    mid = est.to(tl.float32)
-                    mid_bits = mid.to(tl.int32, bitcast=True)
-                    lo = (mid_bits - 1).to(tl.float32, bitcast=True)
-                    hi = (mid_bits + 1).to(tl.float32, bitcast=True)
-                    d_mid = tl.abs(mid.to(tl.float64) - est)
-                    d_lo = tl.abs(lo.to(tl.float64) - est)
-                    d_hi = tl.abs(hi.to(tl.float64) - est)
-                    far = d_mid + d_lo + d_hi + 1.0
-                    d_mid = tl.where((mid + w * (x - mid)) == e, d_mid, far)
-                    d_lo = tl.where((lo + w * (x - lo)) == e, d_lo, far)
-                    d_hi = tl.where((hi + w * (x - hi)) == e, d_hi, far)
-                    new = tl.where(d_lo < d_mid, lo, mid)
-                    new = tl.where(d_hi < tl.minimum(d_mid, d_lo), hi, new)
+                    new = _unlerp_jit(e, x, w)
                 if CHECKED or MODE == 3:
                     new = tl.where(bad, e, new)  # a non-finite weight's element is never written
                 if full:
@@ -141,22 +127,53 @@ def _ema_kernel(
                 else:
                     tl.store(ema_ptr, new, mask=mask)
             if CHECKED and MODE != 3:
-                # Raise the flag from the lanes that met one (no reduction: predicated off where all are finite).
-                zero = tl.full([BLOCK], 0, tl.int32)
-                if MODE == 1:
-                    tl.atomic_max(flags + zero, zero + 1, mask=bad)
-                else:
-                    tl.atomic_max(flags + 1 + zero, zero + 1, mask=bad)
-                tl.atomic_min(flags + 2 + zero, zero + tensor_base + t, mask=bad)
+                _raise_flags_jit(flags, bad, tensor_base + t, MODE, BLOCK)
+
+
+def _raise_flags(flags, bad, tensor_index, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    # Raise the flag from the lanes that met a non-finite weight (no reduction: predicated off where all are
+    # finite): PRE for the read-only check, FUSED for the update; FIRST takes the smallest tensor index.
+    zero = tl.full([BLOCK], 0, tl.int32)
+    if MODE == 1:
+        tl.atomic_max(flags + zero, zero + 1, mask=bad)
+    else:
+        tl.atomic_max(flags + 1 + zero, zero + 1, mask=bad)
+    tl.atomic_min(flags + 2 + zero, zero + tensor_index, mask=bad)
+
+
+def _unlerp(e, x, w):
+    # Undo: the value e0 with fl(e0 + w (x - e0)) == e, as native.py's unlerp_one finds it: the estimate
+    # (e - w x) / (1 - w) in double, then whichever of it and its two fp32 neighbours the update (the same fp32
+    # expression as MODE 0) maps back to e, the closest to the estimate; the estimate itself when none does. Exact
+    # for most elements, else within the update's own rounding.
+    w64 = w.to(tl.float64)
+    est = (e.to(tl.float64) - w64 * x.to(tl.float64)) / (1.0 - w64)
+    mid = est.to(tl.float32)
+    mid_bits = mid.to(tl.int32, bitcast=True)
+    lo = (mid_bits - 1).to(tl.float32, bitcast=True)
+    hi = (mid_bits + 1).to(tl.float32, bitcast=True)
+    d_mid = tl.abs(mid.to(tl.float64) - est)
+    d_lo = tl.abs(lo.to(tl.float64) - est)
+    d_hi = tl.abs(hi.to(tl.float64) - est)
+    far = d_mid + d_lo + d_hi + 1.0
+    d_mid = tl.where((mid + w * (x - mid)) == e, d_mid, far)
+    d_lo = tl.where((lo + w * (x - lo)) == e, d_lo, far)
+    d_hi = tl.where((hi + w * (x - hi)) == e, d_hi, far)
+    new = tl.where(d_lo < d_mid, lo, mid)
+    return tl.where(d_hi < tl.minimum(d_mid, d_lo), hi, new)
 
 
 @functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool):
+def _jitted(interpret: bool) -> tuple:
     del interpret  # the cache key: `triton.jit` picks the interpreter or the compiler when it decorates
-    return triton.jit(_ema_kernel)
+    return triton.jit(_ema_kernel), triton.jit(_raise_flags), triton.jit(_unlerp)
 
 
 def kernel():
     """The `@triton.jit` EMA kernel for the current `TRITON_INTERPRET` setting (decorated at first use, not at import,
     so that a test can switch the interpreter on before)."""
-    return _jitted(interpreting())
+    kernel_fn, raise_flags, unlerp = _jitted(interpreting())
+    # The kernel calls its helpers by these global names: bind the ones decorated for the same mode (a process may
+    # compile for the GPU and interpret, as the tests do; the helpers must match the kernel that calls them).
+    globals().update(_raise_flags_jit=raise_flags, _unlerp_jit=unlerp)
+    return kernel_fn

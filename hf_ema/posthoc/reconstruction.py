@@ -139,6 +139,44 @@ def _metadata_sources(run_dir: Path, newest: Path) -> list[Path]:
     return [newest, root / EMA_DIRNAME, root] + ([checkpoints[-1]] if checkpoints else [])
 
 
+def _target_width(sigma_rel: float | None, gamma: float | None) -> tuple[float, float]:
+    """The wanted profile's `(sigma_rel, gamma)`, from exactly one of them (checked)."""
+    if (sigma_rel is None) == (gamma is None):
+        raise ConfigError(f"give exactly one of `sigma_rel` and `gamma`, got sigma_rel={sigma_rel!r}, gamma={gamma!r}")
+    if sigma_rel is not None:
+        target_gamma = gamma_from_sigma_rel(check_sigma_rel("`sigma_rel`", sigma_rel))
+    elif gamma is None or not is_number(gamma) or not gamma > -1.0:
+        raise ConfigError(f"`gamma` must be a number > -1, got {gamma!r}")
+    else:
+        target_gamma = float(gamma)
+        sigma_rel = sigma_rel_from_gamma(target_gamma)
+    return float(sigma_rel), target_gamma
+
+
+def _target_time(run_dir: Path, snapshots: list[Snapshot], step: int | None) -> tuple[int, int, int]:
+    """The snapshots' update interval `k`, and the wanted EMA's optimizer step and profile time `t` (checked)."""
+    intervals = sorted({s.update_every for s in snapshots})
+    if len(intervals) != 1:
+        raise CheckpointError(f"snapshots in `{run_dir}` mix update intervals {intervals!r}; reconstruct needs one")
+    k = intervals[0]
+    offset = {s.step - s.t for s in snapshots}  # the EMAs' start step
+    first = min(snapshots, key=lambda s: s.t)
+    last = max(snapshots, key=lambda s: s.t)
+    if step is None:
+        t_target = last.t
+        step = last.step
+    else:
+        check_int("step", step)
+        # The EMA at `step` is the one after the last update at or before it.
+        t_target = ((step - min(offset)) // k) * k
+        if not first.t <= t_target <= last.t:
+            raise ConfigError(
+                f"`step` must be within the snapshots' range ({first.step}..{last.step}), got {step!r}: the EMA at a "
+                "step is built from the snapshots taken at or before it"
+            )
+    return k, step, t_target
+
+
 def reconstruct(
     run_dir: str | os.PathLike,
     sigma_rel: float | None = None,
@@ -170,36 +208,10 @@ def reconstruct(
     Returns:
         `Path`: the output folder.
     """
-    if (sigma_rel is None) == (gamma is None):
-        raise ConfigError(f"give exactly one of `sigma_rel` and `gamma`, got sigma_rel={sigma_rel!r}, gamma={gamma!r}")
-    if sigma_rel is not None:
-        target_gamma = gamma_from_sigma_rel(check_sigma_rel("`sigma_rel`", sigma_rel))
-    elif gamma is None or not is_number(gamma) or not gamma > -1.0:
-        raise ConfigError(f"`gamma` must be a number > -1, got {gamma!r}")
-    else:
-        target_gamma = float(gamma)
-        sigma_rel = sigma_rel_from_gamma(target_gamma)
+    sigma_rel, target_gamma = _target_width(sigma_rel, gamma)
     run_dir = Path(run_dir)
     snapshots = list_snapshots(run_dir)
-    intervals = sorted({s.update_every for s in snapshots})
-    if len(intervals) != 1:
-        raise CheckpointError(f"snapshots in `{run_dir}` mix update intervals {intervals!r}; reconstruct needs one")
-    k = intervals[0]
-    offset = {s.step - s.t for s in snapshots}  # the EMAs' start step
-    first = min(snapshots, key=lambda s: s.t)
-    last = max(snapshots, key=lambda s: s.t)
-    if step is None:
-        t_target = last.t
-        step = last.step
-    else:
-        check_int("step", step)
-        # The EMA at `step` is the one after the last update at or before it.
-        t_target = ((step - min(offset)) // k) * k
-        if not first.t <= t_target <= last.t:
-            raise ConfigError(
-                f"`step` must be within the snapshots' range ({first.step}..{last.step}), got {step!r}: the EMA at a "
-                "step is built from the snapshots taken at or before it"
-            )
+    k, step, t_target = _target_time(run_dir, snapshots, step)
     # Only the snapshots taken at or before the target: a later one holds weights the wanted EMA has not seen
     # (EDM2's reconstruct_phema.py keeps the inputs with `0 < nimg <= out_nimg` too).
     snapshots = [s for s in snapshots if s.t <= t_target]
