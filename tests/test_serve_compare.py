@@ -246,11 +246,11 @@ def test_bema_run_shows_bema_beside_its_plain_ema(tmp_path, tokenizer, lm_data):
     from transformers import AutoModelForCausalLM
 
     from hf_ema import write_plain_ema
-    from serve.page import _default_panes
+    from serve.variants import is_bema
 
     run = train_run(tmp_path / "run", tokenizer, lm_data, bema=True)
     catalog = CheckpointCatalog(run, device="cpu")
-    assert [p["kind"] for p in _default_panes(catalog)][:3] == ["raw", "ema", "ema_plain"]
+    assert is_bema(catalog.ref())
     store = VariantStore(catalog, cache_dir=tmp_path / "cache")
     result = compare(store, PROMPT, ["raw", "ema", "ema-plain"], GenerationSettings(max_new_tokens=12, greedy=True))
     assert result.done and not any(p.error for p in result.panes)

@@ -170,3 +170,17 @@ def test_each_pane_shows_its_progress_while_it_decodes(full_run):
         assert 'class="tok"' in updates[-1][pane.tokens] and updates[-1][pane.command]["visible"]
         assert updates[-1][pane.text]["value"] == updates[-2][pane.text]["value"] != ""
     assert updates[-1][page.status] == "" and "hfema-scores" in updates[-1][page.scores]
+
+
+@pytest.mark.trainer
+def test_a_bema_run_opens_with_its_plain_ema_beside_bema(tmp_path, tokenizer, lm_data, full_run):
+    """The page's default panes: raw, EMA (BEMA's weights on a BEMA run), then the plain EMA under the correction
+    on a BEMA run, a post-hoc EMA or nothing elsewhere."""
+    from _serve_runs import train_run
+
+    from serve.page import _default_panes
+
+    bema_run = train_run(tmp_path / "run", tokenizer, lm_data, bema=True)
+    kinds = [p["kind"] for p in _default_panes(CheckpointCatalog(bema_run, device="cpu"))]
+    assert kinds[:3] == ["raw", "ema", "ema_plain"]
+    assert "ema_plain" not in [p["kind"] for p in _default_panes(CheckpointCatalog(full_run, device="cpu"))]
