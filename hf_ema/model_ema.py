@@ -294,19 +294,19 @@ class ModelEMA:
             model (`nn.Module`, *optional*): Another model with the same parameter names; defaults to the tracked one.
         """
         self.wait()
-        if model is None or unwrap_model(model) is self.model:
-            # Each tensor's values are formed before the model's tensor is overwritten (BEMA reads the weights).
-            pairs = [(t.live, values) for t, values in self.model_weights()]
-        elif self.layout.is_sharded:
+        if model is not None and unwrap_model(model) is not self.model and self.layout.is_sharded:
             self._copy_full_to(unwrap_model(model))
             return
-        else:
-            state = self._tensors_of(unwrap_model(model))
-            pairs = [(self.layout.local(t.name, state[t.name]), values) for t, values in self.model_weights()]
-        for dst, src in pairs:
-            dst.copy_(src)
+        state = None if model is None or unwrap_model(model) is self.model else self._tensors_of(unwrap_model(model))
+        written = []
+        # One tensor at a time: BEMA's values of a tensor are formed from its raw weights just before they are
+        # overwritten, and no other tensor's values are held meanwhile.
+        for t, values in self.model_weights():
+            dst = t.live if state is None else self.layout.local(t.name, state[t.name])
+            dst.copy_(values)
+            written.append(dst)
         # A DDP-sharded EMA wrote only this rank's chunks: the layout exchanges them (a collective).
-        self.layout.after_write([dst for dst, _ in pairs])
+        self.layout.after_write(written)
 
     @torch.no_grad()
     def _copy_full_to(self, other: nn.Module) -> None:
