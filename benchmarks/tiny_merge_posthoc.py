@@ -30,7 +30,7 @@ def eval_loss(model, eval_ds, batch_size: int = 32) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(eval_ds), batch_size):
-            ids = torch.tensor(eval_ds[i : i + batch_size]["input_ids"])
+            ids = eval_ds[i : i + batch_size]["input_ids"]
             loss = model(input_ids=ids, labels=ids).loss
             total += loss.item() * len(ids)
             count += len(ids)

@@ -156,7 +156,7 @@ def eval_loss(model, state, eval_ds, n=32):
             if name in params:
                 params[name].copy_(value)
     model.eval()
-    ids = torch.tensor(eval_ds["input_ids"][:n])
+    ids = eval_ds.input_ids[:n]
     return model(input_ids=ids, labels=ids).loss.item()
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "MissingDependencyError",
     "StateError",
     "install_hint",
+    "require_extra",
 ]
 
 
@@ -72,3 +73,18 @@ def install_hint(extra: str) -> str:
         extra (`str`): The extra, e.g. `"demo"`.
     """
     return f"install hf-ema's `{extra}` extra (pip install '.[{extra}]' in a clone of hf-ema)"
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Raise [`MissingDependencyError`], naming the extra to install, unless `module` is installed. Only looked up
+    (`importlib.util.find_spec`), not imported, so a check costs nothing and can come before any work starts.
+
+    Args:
+        module (`str`): The top-level module, e.g. `"peft"`.
+        extra (`str`): hf-ema's extra that installs it, e.g. `"peft"`.
+        what (`str`): What needs it, for the message, e.g. `"a LoRA run"`.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(f"{what} needs {module}, which is not installed: {install_hint(extra)}")

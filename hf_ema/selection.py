@@ -38,7 +38,7 @@ def is_peft_model(model: nn.Module) -> bool:
     """Whether `model` is a `peft.PeftModel` (checked without importing peft when it is not loaded)."""
     try:
         from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
+    except ImportError:  # peft is optional (the `peft` extra): without it no model is a PeftModel
         return False
     return isinstance(model, PeftModel)
 

@@ -19,7 +19,8 @@ import re
 import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-deps = project["dependencies"] + project["optional-dependencies"]["demo"]
+extras = project["optional-dependencies"]
+deps = project["dependencies"] + extras["peft"] + extras["demo"] + extras["examples"]
 proved = {"transformers", "accelerate", "peft", "huggingface_hub", "safetensors", "datasets", "tokenizers"}
 pins = []
 for dep in deps:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hf_ema import read_ema_state
-from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError
+from hf_ema.errors import CheckpointError, ConfigError, ConfigTypeError, require_extra
 from hf_ema.utils.jsonio import read_json
 from hf_ema.utils.paths import (
     ADAPTER_CONFIG_NAME,
@@ -347,6 +347,7 @@ def _load_models(
         raw = checked_load("raw model", ref.location, lambda: raw.to(device).eval())
         ema = checked_load("EMA model", ref.ema_location, lambda: ema.to(device).eval())
         return {RAW: raw, EMA: ema}
+    require_extra("peft", "peft", f"the adapter run `{ref.location}`")
     from peft import PeftModel
 
     if not base_id:

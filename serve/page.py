@@ -7,9 +7,7 @@ component, never by position. [`page_style`] is the page's theme and CSS, passed
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -20,9 +18,11 @@ from .compare import PaneResult
 from .loading import CheckpointRef
 from .render import ema_settings, pane_header, token_view_html
 from .specs import KINDS, VariantSpec
-from .variants import TEMP_PREFIX, is_bema, run_folder, snapshot_note, snapshot_steps
+from .variants import is_bema, run_folder, snapshot_note, snapshot_steps
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .handlers import AppContext
     from .loading import CheckpointCatalog
 
@@ -64,31 +64,39 @@ def page_style() -> dict[str, Any]:
     return {"theme": theme, "css": CSS}
 
 
-def loss_plot(ref: CheckpointRef):
-    """The run's raw and EMA eval loss up to `ref` (from its `trainer_state.json`) as an image, or `None` without
-    one. The PNG is drawn into a temporary folder that is gone when this returns (Gradio keeps its own copy of what it
-    shows), never into the checkpoint.
+def loss_plot(ref: CheckpointRef) -> pd.DataFrame | None:
+    """The run's logged losses up to `ref` (from its `trainer_state.json`, as `hf-ema plot` reads them), as the rows
+    Gradio's `LinePlot` draws: one curve per raw `eval_*_loss` and its EMA twin, or the eval or training loss alone
+    where the run logged no pair. Drawn by the browser, so the app needs no plotting library.
 
     Args:
         ref (`CheckpointRef`): The checkpoint (a `checkpoint-N` folder plots its own history, a run folder its
             newest checkpoint's).
 
     Returns:
-        `PIL.Image.Image` or `None`.
+        `pandas.DataFrame` with columns `step`, `loss` and `curve`, or `None` when there is nothing to plot.
     """
     if not ref.is_local:
         return None
-    from PIL import Image
+    import pandas as pd
 
-    from hf_ema import plot_run
+    from hf_ema import load_history
 
-    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX + "plot_") as folder:
-        try:
-            path = plot_run(ref.location, Path(folder) / "loss.png")
-        except CheckpointError:  # no trainer_state.json, or nothing logged: the page shows no plot
-            return None
-        with Image.open(path) as image:
-            return image.copy()  # read before the folder goes
+    try:
+        history = load_history(ref.location)
+    except CheckpointError:  # no trainer_state.json: the page shows no plot
+        return None
+    series = history["series"]
+    curves = [(f"{raw} (raw)", raw) for raw, _ in history["pairs"]]
+    curves += [(f"{ema} (EMA)", ema) for _, ema in history["pairs"]]
+    if not curves:
+        curves = [("eval_loss", "eval_loss")] if "eval_loss" in series else [("loss (train)", "loss")]
+    rows = [
+        (step, value, name)
+        for name, key in curves
+        for step, value in zip(series.get(key, {}).get("steps", []), series.get(key, {}).get("values", []))
+    ]
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"]) if rows else None
 
 
 @dataclass
@@ -244,12 +252,14 @@ def build_header(context: AppContext, title: str) -> dict[str, Any]:
                 )
                 posthoc_note = gr.Markdown(snapshot_note(ref), elem_id="posthoc-note")
             info = gr.Markdown(ema_settings(catalog.get(default).info, ref), elem_id="ema-info")
-        plot_box = gr.Image(
+        plot_box = gr.LinePlot(
             value=plot,
-            label="eval loss: raw vs EMA (trainer_state.json)",
-            show_label=False,  # the plot has its own title; a label would cover its top
-            type="pil",
-            interactive=False,
+            x="step",
+            y="loss",
+            color="curve",
+            title="eval loss: raw vs EMA (trainer_state.json)",
+            x_title="optimizer step",
+            show_label=False,
             height=260,
             scale=2,
             visible=plot is not None,

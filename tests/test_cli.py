@@ -68,13 +68,13 @@ def test_package_metadata():
 
 
 def test_demo_without_the_demo_extra_names_it(tmp_path, monkeypatch, capsys):
-    """Without `datasets` (the `demo` extra), `hf-ema demo` says which extra to install, before writing anything."""
-    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    """Without `tokenizers` (the `demo` extra), `hf-ema demo` says which extra to install, before writing anything."""
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now raises ImportError
     out = tmp_path / "tiny"
     assert main(["demo", "--no-serve", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "hf-ema demo: error: the tiny demo model needs datasets, which is not installed: install hf-ema's `demo` "
+        "hf-ema demo: error: the tiny demo model needs tokenizers, which is not installed: install hf-ema's `demo` "
         "extra (pip install '.[demo]' in a clone of hf-ema)"
     )
     assert not out.exists()

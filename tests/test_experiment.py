@@ -60,7 +60,7 @@ def eval_tokens(experiment):
     tok = train_tokenizer(vocab_size=quick["vocab_size"])
     _, eval_ds = lm_datasets(tok, block_size=quick["block_size"])
     n, k = len(eval_ds), quick["eval_blocks"]
-    return torch.tensor([eval_ds[round(i * n / k)]["input_ids"] for i in range(k)])
+    return eval_ds.select([round(i * n / k) for i in range(k)]).input_ids
 
 
 def _cross_entropy(model, ids: torch.Tensor) -> float:

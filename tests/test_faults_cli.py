@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from _app_page import free_port
+from _missing_packages import NOT_IN_THE_DEMO, hf_ema_without
 
 from hf_ema.utils.paths import MARKER_NAME
 
@@ -31,14 +32,17 @@ CLI_TIMEOUT = 180
 
 
 def hf_ema(
-    *args: str, env: dict[str, str | None] | None = None, timeout: float = CLI_TIMEOUT
+    *args: str,
+    env: dict[str, str | None] | None = None,
+    timeout: float = CLI_TIMEOUT,
+    without: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """Run `python -m hf_ema ARGS` as a user would (offline unless `env` says otherwise; a `None` value unsets)."""
+    """Run `python -m hf_ema ARGS` as a user would (offline unless `env` says otherwise; a `None` value unsets),
+    in an install without the packages `without` names."""
     merged = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
     full_env = {key: value for key, value in merged.items() if value is not None}
-    return subprocess.run(
-        [sys.executable, "-m", "hf_ema", *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    cli = hf_ema_without(without) if without else [sys.executable, "-m", "hf_ema"]
+    return subprocess.run([*cli, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
@@ -254,9 +258,8 @@ def test_serve_corrupt_safetensors(run_copy):
     assert_one_line_error(proc, "serve", f"`{bad}`")
 
 
-def test_serve_lora_without_a_base_model_names_the_flag_once(tmp_path):
-    """A LoRA checkpoint whose adapter names no base model: `hf-ema serve` says to pass `--base-model`, once."""
-    pytest.importorskip("gradio")
+def baseless_lora_checkpoint(tmp_path: Path) -> Path:
+    """A LoRA checkpoint (with `ema/`) whose adapter names no base model."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -269,9 +272,33 @@ def test_serve_lora_without_a_base_model_names_the_flag_once(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     model.save_pretrained(checkpoint)  # a model built from a config: `base_model_name_or_path` is empty
     save_ema(ModelEMA(model, decay=0.9), checkpoint / "ema")
-    proc = hf_ema("serve", str(checkpoint), "--port", str(free_port()))
+    return checkpoint
+
+
+def test_serve_lora_without_a_base_model_names_the_flag_once(tmp_path):
+    """A LoRA checkpoint whose adapter names no base model: `hf-ema serve` says to pass `--base-model`, once."""
+    pytest.importorskip("gradio")
+    proc = hf_ema("serve", str(baseless_lora_checkpoint(tmp_path)), "--port", str(free_port()))
     line = assert_one_line_error(proc, "serve", "names no base model", "pass `--base-model`")
     assert line.count("--base-model") == 1, line
+
+
+def test_what_the_demo_install_leaves_out_is_named_in_one_line(posthoc_run, tmp_path):
+    """peft and matplotlib are extras (`bash scripts/demo.sh` installs neither): a command that needs one names it
+    and the extra that installs it, in one line, before it writes anything."""
+    pytest.importorskip("gradio")
+    hint = "install hf-ema's `{0}` extra (pip install '.[{0}]' in a clone of hf-ema)"
+    out = tmp_path / "lora-demo"
+    proc = hf_ema("demo", "--lora", "--no-serve", "--output-dir", str(out), without=NOT_IN_THE_DEMO)
+    assert_one_line_error(proc, "demo", "`--lora` needs peft, which is not installed", hint.format("peft"))
+    assert not out.exists()
+    png = tmp_path / "loss.png"
+    proc = hf_ema("plot", str(posthoc_run), "--out", str(png), without=NOT_IN_THE_DEMO)
+    assert_one_line_error(proc, "plot", "`hf-ema plot` needs matplotlib", hint.format("plot"))
+    assert not png.exists()
+    checkpoint = baseless_lora_checkpoint(tmp_path)
+    proc = hf_ema("serve", str(checkpoint), "--port", str(free_port()), without=NOT_IN_THE_DEMO)
+    assert_one_line_error(proc, "serve", f"the adapter run `{checkpoint}` needs peft", hint.format("peft"))
 
 
 def test_merge_out_is_a_file_and_plot_out_is_a_folder(posthoc_run, tmp_path):

@@ -10,12 +10,12 @@ import contextlib
 import os
 import re
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 from _app_page import CHROMIUM, CHROMIUM_ARGS, assert_one_error, choose_pane, free_port, generate_and_wait
+from _missing_packages import NOT_IN_THE_DEMO, hf_ema_without
 from test_serve_compare import broken_run, independent_models, own_scores
 
 from serve.compare import generate_pair
@@ -123,7 +123,12 @@ def test_page_greedy_panes_equal_direct_generation(full_run, full_app, browser):
     assert "EMA · final" in page.locator("#pane-2-header").inner_text()
     cells = page.locator("#ema-info td").all_inner_texts()
     assert cells == ["decay 0.7", "0.7", "float32", "every step", "8", "8"], cells
-    assert page.locator("#loss-plot img").is_visible()
+    # Gradio's own plot (an SVG drawn in the browser): one line per curve, named in the legend.
+    plot = page.locator("#loss-plot svg.marks")
+    plot.wait_for(state="visible")
+    assert plot.locator(".mark-line path").count() == 2
+    legend = plot.locator(".role-legend text").all_text_contents()
+    assert {"eval_loss (raw)", "eval_ema_loss (EMA)"} <= set(legend), legend
     assert screenshot(page, "serve_full.png").stat().st_size > 10_000
     page.close()
 
@@ -241,7 +246,8 @@ def test_bad_client_requests_get_errors_and_server_keeps_serving(full_run, full_
 
 
 def test_demo_command_trains_then_serves_headless(tmp_path):
-    """`hf-ema demo` (what `bash scripts/demo.sh` runs) with HF_EMA_DEMO_EXIT_AFTER_START=1, on a tiny budget."""
+    """`hf-ema demo` (what `bash scripts/demo.sh` runs) with HF_EMA_DEMO_EXIT_AFTER_START=1, on a tiny budget, with
+    peft, datasets and matplotlib unimportable: the demo's install has none of them."""
     out = tmp_path / "tiny"
     env = {
         **os.environ,
@@ -249,8 +255,8 @@ def test_demo_command_trains_then_serves_headless(tmp_path):
         "HF_HUB_OFFLINE": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
-    cmd = [sys.executable, "-m", "hf_ema", "demo", "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2"]
-    cmd += ["--port", str(free_port())]
+    cmd = [*hf_ema_without(NOT_IN_THE_DEMO), "demo", "--output-dir", str(out), "--max-steps", "4"]
+    cmd += ["--save-steps", "2", "--port", str(free_port())]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "run trained" in first.stdout

@@ -184,3 +184,27 @@ def test_a_bema_run_opens_with_its_plain_ema_beside_bema(tmp_path, tokenizer, lm
     kinds = [p["kind"] for p in _default_panes(CheckpointCatalog(bema_run, device="cpu"))]
     assert kinds[:3] == ["raw", "ema", "ema_plain"]
     assert "ema_plain" not in [p["kind"] for p in _default_panes(CheckpointCatalog(full_run, device="cpu"))]
+
+
+def test_loss_plot_rows_are_the_logged_losses(full_run, tmp_path):
+    """The header's plot draws exactly the eval losses the Trainer logged (read here from `trainer_state.json`), per
+    checkpoint up to its own step, and nothing for a folder without a history."""
+    import json
+
+    from serve.page import loss_plot
+
+    catalog = CheckpointCatalog(full_run, device="cpu")
+    for label, state_dir in [("final", full_run / "checkpoint-8"), ("checkpoint-4", full_run / "checkpoint-4")]:
+        history = json.loads((state_dir / "trainer_state.json").read_text())["log_history"]
+        expected = {
+            (entry["step"], entry[key], f"{key} ({kind})")
+            for entry in history
+            for key, kind in [("eval_loss", "raw"), ("eval_ema_loss", "EMA")]
+            if key in entry
+        }
+        rows = loss_plot(catalog.ref(label))
+        assert list(rows.columns) == ["step", "loss", "curve"]
+        assert set(rows.itertuples(index=False, name=None)) == expected and len(rows) == len(expected)
+    bare = shutil.copytree(full_run / "checkpoint-8", tmp_path / "checkpoint-8")
+    (bare / "trainer_state.json").unlink()
+    assert loss_plot(CheckpointCatalog(bare, device="cpu").ref()) is None

@@ -300,7 +300,7 @@ def eval_subset(eval_ds, n_blocks: int) -> torch.Tensor:
     """`n_blocks` evenly spaced blocks of the eval split (fixed, so every model sees the same tokens)."""
     n = len(eval_ds)
     idx = sorted({round(i * n / n_blocks) for i in range(min(n_blocks, n))})
-    return torch.tensor([eval_ds[i]["input_ids"] for i in idx])
+    return eval_ds.select(idx).input_ids
 
 
 def merge_window(checkpoints: list[Path], out_dir: Path, schedule: str) -> Path:
@@ -350,7 +350,6 @@ def run_experiment(
     cfg: ExperimentConfig, out_dir: Path, progress: bool = True, force: bool = False
 ) -> tuple[list[dict], int]:
     """Train, merge and evaluate every seed. Returns one row per (seed, step, method) and the parameter count."""
-    import datasets
     import transformers
     from tqdm.auto import tqdm
 
@@ -358,7 +357,6 @@ def run_experiment(
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
     torch.set_num_threads(cfg.threads)
 
     tokenizer = train_tokenizer(vocab_size=cfg.vocab_size)

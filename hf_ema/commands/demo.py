@@ -16,9 +16,12 @@ EXIT_AFTER_START_ENV = "HF_EMA_DEMO_EXIT_AFTER_START"
 def run(args: argparse.Namespace) -> int:
     from ..demo.tiny_run import train_tiny_run
     from ..demo.toy import require_demo_extra
+    from ..errors import require_extra
 
-    # Both extras are checked before any training: a missing one is one line naming it, not a traceback later.
+    # The extras are checked before any training: a missing one is one line naming it, not a traceback later.
     require_demo_extra()
+    if args.lora:
+        require_extra("peft", "peft", "`--lora`")
     # The app (repository folder `serve/`, installed as `hf_ema.app`) is found by entry point, never imported here.
     app = None if args.no_serve else load_app()
 

@@ -8,8 +8,10 @@ from ..cli_types import SubParsers
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import require_extra
     from ..tools.plotting import plot_run
 
+    require_extra("matplotlib", "plot", "`hf-ema plot`")
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0

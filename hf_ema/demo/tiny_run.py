@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..errors import require_extra
 from ..utils.jsonio import read_json, write_json
 from ..utils.output import mark_output, prepare_output
 from ..utils.paths import EMA_DIRNAME, STATE_NAME
@@ -82,6 +83,8 @@ def train_tiny_run(
     if save_steps is None:
         save_steps = max(1, max_steps // 6)
     check_int("save_steps", save_steps, minimum=1)
+    if lora:
+        require_extra("peft", "peft", "a LoRA demo run (`lora=True`)")
     _fresh_run_folder(output_dir, replace=force or finished is None)
     trainer = _build_trainer(output_dir, max_steps, decay, seed, lora, save_steps, progress)
     trainer.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,7 @@ from ..errors import MissingDependencyError, install_hint
 
 __all__ = [
     "DEMO_EXTRA_PACKAGES",
+    "TokenBlocks",
     "corpus_texts",
     "lm_datasets",
     "require_demo_extra",
@@ -24,14 +26,15 @@ __all__ = [
     "train_tokenizer",
 ]
 
-#: What the `demo` extra installs: only the tiny model's tokenizer and corpus need them.
-DEMO_EXTRA_PACKAGES = ("datasets", "tokenizers")
+#: What the `demo` extra installs: only the tiny model's tokenizer needs it.
+DEMO_EXTRA_PACKAGES = ("tokenizers",)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
 
 
 def require_demo_extra() -> None:
-    """Raise [`MissingDependencyError`], naming the extra to install, unless `datasets` and `tokenizers` import."""
+    """Raise [`MissingDependencyError`], naming the extra to install, unless the packages of the `demo` extra
+    (`tokenizers`) import."""
     missing = []
     for name in DEMO_EXTRA_PACKAGES:
         try:
@@ -163,6 +166,36 @@ def tiny_unet(sample_size: int = 16, seed: int = 0):
     )
 
 
+@dataclass(eq=False)  # a tensor field: identity, not an elementwise `==`
+class TokenBlocks(torch.utils.data.Dataset):
+    """Fixed-length blocks of token ids for causal LM training: a map-style torch dataset the `Trainer` takes as it
+    is (its items are `input_ids`, `attention_mask` and `labels`, the labels being the ids; the model shifts them).
+
+    Args:
+        input_ids (`torch.Tensor`): `(n_blocks, block_size)` int64 token ids.
+    """
+
+    input_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TokenBlocks(n_blocks={len(self)}, block_size={self.input_ids.shape[1]})"
+
+    def __getitem__(self, index: int | slice) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def select(self, indices) -> TokenBlocks:
+        """The blocks at `indices` (e.g. `range(16)`), in that order, as a new `TokenBlocks` (as `datasets`' `select`).
+
+        Args:
+            indices (iterable of `int`): Block positions.
+        """
+        return TokenBlocks(self.input_ids[torch.as_tensor(list(indices), dtype=torch.long)])
+
+
 def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max_train_blocks: int | None = None):
     """Tokenise the bundled corpus into fixed-length blocks for causal LM training, split into train and eval.
 
@@ -175,17 +208,12 @@ def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max
         max_train_blocks (`int`, *optional*): Cap on the number of training blocks.
 
     Returns:
-        `tuple[datasets.Dataset, datasets.Dataset]`: train and eval datasets with `input_ids`, `attention_mask`
-        and `labels`.
+        `tuple[TokenBlocks, TokenBlocks]`: the train and eval blocks (torch datasets, so the demo needs no `datasets`).
     """
-    require_demo_extra()
-    from datasets import Dataset
-
     texts = corpus_texts()
     n_eval = max(1, int(len(texts) * eval_fraction))
-    splits = {"train": texts[:-n_eval], "eval": texts[-n_eval:]}
     out = []
-    for split, docs in splits.items():
+    for split, docs in (("train", texts[:-n_eval]), ("eval", texts[-n_eval:])):
         ids: list[int] = []
         for doc in docs:
             ids.extend(tokenizer(doc)["input_ids"])
@@ -193,14 +221,7 @@ def lm_datasets(tokenizer, block_size: int = 64, eval_fraction: float = 0.1, max
         n_blocks = len(ids) // block_size
         if split == "train" and max_train_blocks is not None:
             n_blocks = min(n_blocks, max_train_blocks)
-        blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
         out.append(
-            Dataset.from_dict(
-                {
-                    "input_ids": blocks,
-                    "attention_mask": [[1] * block_size] * n_blocks,
-                    "labels": [list(b) for b in blocks],
-                }
-            )
+            TokenBlocks(torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size))
         )
     return out[0], out[1]

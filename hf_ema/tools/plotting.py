@@ -1,6 +1,7 @@
 """Plot a run's raw vs EMA evaluation loss (and the stability metrics) from its `trainer_state.json`.
 
-matplotlib is imported inside `run_figure` / `plot_run` only (its `Figure` API, rendered by Agg, no pyplot), so importing `hf_ema` never needs it.
+matplotlib (the `plot` extra) is imported inside `run_figure` / `plot_run` only (its `Figure` API, rendered by Agg,
+no pyplot), so importing `hf_ema` never needs it. The app draws the same curves with Gradio's own plot.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, require_extra
 from ..utils.jsonio import read_json
 from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step, is_ema_folder
 
@@ -123,6 +124,7 @@ def run_figure(run_dir: str | os.PathLike) -> Figure:
     Raises:
         `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
     """
+    require_extra("matplotlib", "plot", "`run_figure`")
     history = _history_with_loss(run_dir)
     return _draw(history, _plotted_folder(run_dir).resolve().name)
 
@@ -146,6 +148,7 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     Raises:
         `CheckpointError`: when the run has no `trainer_state.json` or logged no loss at all.
     """
+    require_extra("matplotlib", "plot", "`plot_run`")
     history = _history_with_loss(run_dir)
     folder = _plotted_folder(run_dir)
     out_path = _check_out_path(Path(out_path) if out_path is not None else folder / "ema_eval.png", history)
