@@ -32,8 +32,11 @@ fi
 if [ "$have" != "$profile $hash" ]; then
     echo "setup: installing hf-ema with the \"$extras\" extras into .venv (CPU torch 2.13.0)"
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-    # torch named in the same command as everything else, so that no dependency can pull a CUDA build.
-    .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+    # torch named in the same command as everything else, so that no dependency can pull a CUDA build. setuptools'
+    # note on every editable install (folders named like the package may shadow it) is about the clone's own
+    # layout, which `serve/` -> `hf_ema.app` is by design: not shown.
+    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[$extras]" \
+        2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -c "import hf_ema, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
     echo "$profile $hash" > "$stamp"
 fi
