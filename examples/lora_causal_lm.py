@@ -1,5 +1,6 @@
 """LoRA fine-tuning with an EMA of the adapter weights only.
 
+    pip install ".[examples]"                                          # in a clone of hf-ema (adds peft)
     python examples/lora_causal_lm.py                                  # offline tiny model
     python examples/lora_causal_lm.py --model Qwen/Qwen2.5-0.5B        # a real Hub model
 

@@ -1,5 +1,6 @@
 """Quickstart: an EMA of a causal LM's weights with the Hugging Face `Trainer`, from training to post-hoc EMA.
 
+    pip install ".[examples]"                                       # in a clone of hf-ema (adds datasets)
     python examples/quickstart.py                                   # offline, a few minutes on a laptop CPU
     python examples/quickstart.py --output-dir runs/qs --max-steps 1200 --save-steps 200
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def data_dir(tmp_path_factory, tokenizer, lm_data):
     folder = tmp_path_factory.mktemp("crash_data")
     tokenizer.save_pretrained(folder)
-    blocks = torch.tensor(lm_data[0]["input_ids"][:96])
+    blocks = lm_data[0].input_ids[:96]
     save_file({"input_ids": blocks.contiguous()}, str(folder / "blocks.safetensors"))
     return folder
 

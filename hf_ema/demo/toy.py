@@ -184,6 +184,8 @@ class TokenBlocks(torch.utils.data.Dataset):
         return f"TokenBlocks(n_blocks={len(self)}, block_size={self.input_ids.shape[1]})"
 
     def __getitem__(self, index: int | slice) -> dict[str, torch.Tensor]:
+        if isinstance(index, str):  # not a `datasets.Dataset`: no column by name
+            raise TypeError(f"TokenBlocks is indexed by block position, got {index!r}; the ids are `.input_ids`")
         ids = self.input_ids[index]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
