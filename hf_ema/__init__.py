@@ -25,6 +25,7 @@ _LAZY = {
     "OscillationTracker": "stability",
     "PostHocConfig": "posthoc",
     "PostHocEMA": "posthoc",
+    "RunHistory": "tools",
     "StabilityConfig": "stability",
     "StateError": "errors",
     "TensorKind": "ema_tensor",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from .posthoc import PostHocConfig, PostHocEMA, reconstruct
     from .stability import OscillationTracker, StabilityConfig, relative_distance
     from .tools import (
+        RunHistory,
         ema_weights,
         load_history,
         merge_checkpoints,
@@ -92,6 +94,7 @@ __all__ = [
     "OscillationTracker",
     "PostHocConfig",
     "PostHocEMA",
+    "RunHistory",
     "StabilityConfig",
     "StateError",
     "TensorKind",

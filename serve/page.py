@@ -86,15 +86,16 @@ def loss_plot(ref: CheckpointRef) -> pd.DataFrame | None:
         history = load_history(ref.location)
     except CheckpointError:  # no trainer_state.json: the page shows no plot
         return None
-    series = history["series"]
-    curves = [(f"{raw} (raw)", raw) for raw, _ in history["pairs"]]
-    curves += [(f"{ema} (EMA)", ema) for _, ema in history["pairs"]]
+    series = history.series
+    curves = [(f"{raw} (raw)", raw) for raw, _ in history.pairs]
+    curves += [(f"{ema} (EMA)", ema) for _, ema in history.pairs]
     if not curves:
         curves = [("eval_loss", "eval_loss")] if "eval_loss" in series else [("loss (train)", "loss")]
     rows = [
         (step, value, name)
         for name, key in curves
-        for step, value in zip(series.get(key, {}).get("steps", []), series.get(key, {}).get("values", []))
+        if key in series
+        for step, value in zip(series[key].steps, series[key].values)
     ]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"]) if rows else None
 

@@ -51,17 +51,17 @@ def _png_size(path) -> tuple[int, int]:
 @pytest.mark.trainer
 def test_load_history_reads_the_logged_series(run_dir):
     history = load_history(run_dir)
-    assert history["source"] == str(run_dir / "checkpoint-8" / "trainer_state.json")
+    assert history.source == run_dir / "checkpoint-8" / "trainer_state.json"
     state = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())
     for key in ("eval_loss", "eval_ema_loss", "eval_ema_is_raw", "loss", "ema_rel_distance", "ema_osc_frac"):
         logged = [(e["step"], e[key]) for e in state["log_history"] if key in e]
-        s = history["series"][key]
-        assert list(zip(s["steps"], s["values"])) == logged and logged
-    assert ("eval_loss", "eval_ema_loss") in history["pairs"]
-    assert history["series"]["eval_ema_is_raw"]["values"][0] == 1.0  # step 2 = start_step
+        s = history.series[key]
+        assert list(zip(s.steps, s.values)) == logged and logged
+    assert ("eval_loss", "eval_ema_loss") in history.pairs
+    assert history.series["eval_ema_is_raw"].values[0] == 1.0  # step 2 = start_step
     # A checkpoint folder reads its own file; an ema/ folder its checkpoint's.
-    assert load_history(run_dir / "checkpoint-4")["global_step"] == 4
-    assert load_history(run_dir / "checkpoint-4" / "ema")["global_step"] == 4
+    assert load_history(run_dir / "checkpoint-4").global_step == 4
+    assert load_history(run_dir / "checkpoint-4" / "ema").global_step == 4
 
 
 @pytest.mark.trainer

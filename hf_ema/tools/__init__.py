@@ -5,10 +5,11 @@ from .hub import push_ema
 from .merge import MERGE_RECIPE_NAME, ema_weights, merge_checkpoints, wsm_weights
 from .model_card import write_model_card
 from .plain_ema import write_plain_ema
-from .plotting import load_history, plot_run
+from .plotting import RunHistory, load_history, plot_run
 
 __all__ = [
     "MERGE_RECIPE_NAME",
+    "RunHistory",
     "ema_weights",
     "load_history",
     "merge_checkpoints",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,16 @@ from ..utils.paths import STATE_NAME, TRAINER_STATE_NAME, checkpoint_step, is_em
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["STABILITY_KEYS", "TRAINER_STATE_NAME", "find_trainer_state", "load_history", "plot_run", "run_figure"]
+__all__ = [
+    "STABILITY_KEYS",
+    "TRAINER_STATE_NAME",
+    "RunHistory",
+    "Series",
+    "find_trainer_state",
+    "load_history",
+    "plot_run",
+    "run_figure",
+]
 
 #: Keys `EMACallback(stability_metrics=...)` logs, plotted in the second panel.
 STABILITY_KEYS = ("ema_rel_distance", "ema_osc_frac", "ema_osc_freq_mean")
@@ -65,21 +75,54 @@ def find_trainer_state(run_dir: str | os.PathLike) -> Path:
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
-def load_history(run_dir: str | os.PathLike) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Series:
+    """One logged value over optimizer steps.
+
+    Args:
+        steps (`list[int]`): The steps it was logged at, in log order.
+        values (`list[float]`): Its value at each.
+    """
+
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """What a run logged, read from its `trainer_state.json` by [`load_history`].
+
+    Args:
+        source (`Path`): The file read.
+        global_step (`int`): The step it was written at.
+        best_metric (`float`, *optional*): The Trainer's best metric so far.
+        best_model_checkpoint (`str`, *optional*): The checkpoint that has it.
+        series (`dict[str, Series]`): Every numeric key logged, e.g. `loss`, `eval_loss`, `eval_ema_loss`,
+            `eval_ema_is_raw`, `ema_rel_distance`.
+        pairs (`list[tuple[str, str]]`): `(raw_key, ema_key)` for each evaluation dataset, e.g.
+            `("eval_loss", "eval_ema_loss")`.
+    """
+
+    source: Path
+    global_step: int
+    best_metric: float | None
+    best_model_checkpoint: str | None
+    series: dict[str, Series]
+    pairs: list[tuple[str, str]]
+
+
+def load_history(run_dir: str | os.PathLike) -> RunHistory:
     """The logged series of a run, by key, from its `trainer_state.json`.
 
     Args:
         run_dir (`str` or `os.PathLike`): A run folder or a `checkpoint-N` folder (see [`find_trainer_state`]).
 
     Returns:
-        `dict`: `source` (the file read, as a string), `global_step`, `best_metric`, `best_model_checkpoint`,
-        `series` (`{key: {"steps": [...], "values": [...]}}` for every numeric key logged, e.g. `loss`,
-        `eval_loss`, `eval_ema_loss`, `eval_ema_is_raw`, `ema_rel_distance`), and `pairs` (`[(raw_key, ema_key)]`,
-        e.g. `[("eval_loss", "eval_ema_loss")]`, one per evaluation dataset).
+        [`RunHistory`]: every numeric series by key, and the `(raw, ema)` key pairs.
     """
     path = find_trainer_state(run_dir)
     state = read_json(path)
-    series: dict[str, dict[str, list]] = {}
+    series: dict[str, Series] = {}
     for entry in state.get("log_history", []):
         step = entry.get("step")
         if step is None:
@@ -87,22 +130,22 @@ def load_history(run_dir: str | os.PathLike) -> dict[str, Any]:
         for key, value in entry.items():
             if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            s = series.setdefault(key, {"steps": [], "values": []})
-            s["steps"].append(int(step))
-            s["values"].append(float(value))
+            s = series.setdefault(key, Series())
+            s.steps.append(int(step))
+            s.values.append(float(value))
     pairs = []
     for key in sorted(series):
         match = _EMA_LOSS_RE.match(key)
         if match and f"{match.group(1)}_loss" in series:
             pairs.append((f"{match.group(1)}_loss", key))
-    return {
-        "source": str(path),
-        "global_step": int(state.get("global_step", 0)),
-        "best_metric": state.get("best_metric"),
-        "best_model_checkpoint": state.get("best_model_checkpoint"),
-        "series": series,
-        "pairs": pairs,
-    }
+    return RunHistory(
+        source=path,
+        global_step=int(state.get("global_step", 0)),
+        best_metric=state.get("best_metric"),
+        best_model_checkpoint=state.get("best_model_checkpoint"),
+        series=series,
+        pairs=pairs,
+    )
 
 
 def run_figure(run_dir: str | os.PathLike) -> Figure:
@@ -163,40 +206,40 @@ def _plotted_folder(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir).parent if is_ema_folder(run_dir) else Path(run_dir)
 
 
-def _history_with_loss(run_dir: str | os.PathLike) -> dict[str, Any]:
+def _history_with_loss(run_dir: str | os.PathLike) -> RunHistory:
     history = load_history(run_dir)
-    series = history["series"]
-    if not history["pairs"] and "eval_loss" not in series and "loss" not in series:
-        raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history['source']})")
+    series = history.series
+    if not history.pairs and "eval_loss" not in series and "loss" not in series:
+        raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history.source})")
     return history
 
 
-def _draw(history: dict[str, Any], name: str) -> Figure:
+def _draw(history: RunHistory, name: str) -> Figure:
     # The object API renders with Agg and touches no global pyplot state (safe in a Gradio server's threads).
     from matplotlib.figure import Figure
 
-    series = history["series"]
+    series = history.series
     stability = [k for k in STABILITY_KEYS if k in series]
     fig = Figure(figsize=(8, 6.5 if stability else 4.2), dpi=110, layout="constrained")
     axes = fig.subplots(2 if stability else 1, 1, sharex=True, squeeze=False)[:, 0]
     _draw_losses(axes[0], history)
-    axes[0].set_title(f"raw vs EMA: {name} (step {history['global_step']})")
+    axes[0].set_title(f"raw vs EMA: {name} (step {history.global_step})")
     if stability:
         _draw_stability(axes[1], series)
     axes[-1].set_xlabel("optimizer step")
     return fig
 
 
-def _draw_losses(ax: Any, history: dict[str, Any]) -> None:
-    series = history["series"]
+def _draw_losses(ax: Any, history: RunHistory) -> None:
+    series = history.series
     if "loss" in series:
-        ax.plot(series["loss"]["steps"], series["loss"]["values"], color="0.75", lw=1, label="train loss (raw)")
+        ax.plot(series["loss"].steps, series["loss"].values, color="0.75", lw=1, label="train loss (raw)")
     colors = ["tab:blue", "tab:green", "tab:purple", "tab:brown"]
-    raw_keys = {raw for raw, _ in history["pairs"]}
-    for i, (raw_key, ema_key) in enumerate(history["pairs"]):
+    raw_keys = {raw for raw, _ in history.pairs}
+    for i, (raw_key, ema_key) in enumerate(history.pairs):
         c_raw, c_ema = colors[(2 * i) % 4], "tab:orange" if i == 0 else colors[(2 * i + 1) % 4]
-        ax.plot(series[raw_key]["steps"], series[raw_key]["values"], "o-", color=c_raw, ms=4, label=f"{raw_key} (raw)")
-        steps, values = series[ema_key]["steps"], series[ema_key]["values"]
+        ax.plot(series[raw_key].steps, series[raw_key].values, "o-", color=c_raw, ms=4, label=f"{raw_key} (raw)")
+        steps, values = series[ema_key].steps, series[ema_key].values
         ax.plot(steps, values, "-", color=c_ema, lw=1.6, label=f"{ema_key} (EMA)")
         marks = _is_raw_marks(series, ema_key, steps)
         ema_pts = [(s, v) for s, v, r in zip(steps, values, marks) if not r]
@@ -207,8 +250,8 @@ def _draw_losses(ax: Any, history: dict[str, Any]) -> None:
             ax.plot(*zip(*raw_pts), "s", mfc="none", color=c_ema, ms=6, label="EMA not started (= raw)")
     if "eval_loss" in series and "eval_loss" not in raw_keys:
         eval_loss = series["eval_loss"]
-        ax.plot(eval_loss["steps"], eval_loss["values"], "o-", color="tab:blue", ms=4, label="eval_loss")
-    best = history["best_model_checkpoint"]
+        ax.plot(eval_loss.steps, eval_loss.values, "o-", color="tab:blue", ms=4, label="eval_loss")
+    best = history.best_model_checkpoint
     best_step = checkpoint_step(best) if best else None
     if best_step is not None:
         ax.axvline(best_step, color="0.4", ls=":", lw=1, label="best checkpoint")
@@ -217,17 +260,17 @@ def _draw_losses(ax: Any, history: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
 
 
-def _draw_stability(ax: Any, series: dict[str, Any]) -> None:
+def _draw_stability(ax: Any, series: dict[str, Series]) -> None:
     if "ema_rel_distance" in series:
         s = series["ema_rel_distance"]
-        ax.plot(s["steps"], s["values"], ".-", color="tab:red", label="ema_rel_distance")
+        ax.plot(s.steps, s.values, ".-", color="tab:red", label="ema_rel_distance")
         ax.set_ylabel("relative distance ||theta - ema|| / ||ema||", color="tab:red")
     osc = [k for k in ("ema_osc_frac", "ema_osc_freq_mean") if k in series]
     twin = ax
     if osc:
         twin = ax.twinx() if "ema_rel_distance" in series else ax
         for key, style in zip(osc, ("-", "--")):
-            twin.plot(series[key]["steps"], series[key]["values"], style, color="tab:cyan", label=key)
+            twin.plot(series[key].steps, series[key].values, style, color="tab:cyan", label=key)
         twin.set_ylabel("oscillation", color="tab:cyan")
     lines = ax.get_lines() + (twin.get_lines() if twin is not ax else [])
     # Above the panel: inside it the legend hides the curves, which span the whole height.
@@ -243,7 +286,7 @@ def _draw_stability(ax: Any, series: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _check_out_path(out_path: Path, history: dict[str, Any]) -> Path:
+def _check_out_path(out_path: Path, history: RunHistory) -> Path:
     # Before rendering: a folder, a path below a file, or a file the run reads is refused with one clear line.
     if out_path.is_dir():
         raise ConfigError(
@@ -260,17 +303,16 @@ def _check_out_path(out_path: Path, history: dict[str, Any]) -> Path:
             f"`out_path` `{out_path}` lies inside the EMA folder `{inside}`, which hf-ema never writes into (it is "
             "loaded and uploaded as a whole); write the PNG beside it"
         )
-    source = history.get("source")
-    if out_path.exists() and source is not None and out_path.resolve() == Path(source).resolve():
+    if out_path.exists() and out_path.resolve() == history.source.resolve():
         raise ConfigError(f"`out_path` `{out_path}` is the run's history the plot reads; choose another file")
     if out_path.exists() and out_path.suffix.lower() != ".png":
         raise ConfigError(f"`out_path` `{out_path}` exists and is not a PNG; hf-ema only replaces a .png file")
     return out_path
 
 
-def _is_raw_marks(series: dict, ema_key: str, steps: list[int]) -> list[bool]:
+def _is_raw_marks(series: dict[str, Series], ema_key: str, steps: list[int]) -> list[bool]:
     marker = series.get(ema_key[: -len("loss")] + "is_raw")
     if marker is None:
         return [False] * len(steps)
-    by_step = dict(zip(marker["steps"], marker["values"]))
+    by_step = dict(zip(marker.steps, marker.values))
     return [by_step.get(s, 0.0) >= 0.5 for s in steps]
