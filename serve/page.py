@@ -66,8 +66,9 @@ def page_style() -> dict[str, Any]:
 
 def loss_plot(ref: CheckpointRef) -> pd.DataFrame | None:
     """The run's logged losses up to `ref` (from its `trainer_state.json`, as `hf-ema plot` reads them), as the rows
-    Gradio's `LinePlot` draws: one curve per raw `eval_*_loss` and its EMA twin, or the eval or training loss alone
-    where the run logged no pair. Drawn by the browser, so the app needs no plotting library.
+    Gradio's `LinePlot` draws, one per curve of `RunHistory.loss_curves` (each raw `eval_*_loss` and its EMA twin,
+    or the eval or training loss alone where the run logged no pair). Drawn by the browser, so the app needs no
+    plotting library.
 
     Args:
         ref (`CheckpointRef`): The checkpoint (a `checkpoint-N` folder plots its own history, a run folder its
@@ -86,17 +87,7 @@ def loss_plot(ref: CheckpointRef) -> pd.DataFrame | None:
         history = load_history(ref.location)
     except CheckpointError:  # no trainer_state.json: the page shows no plot
         return None
-    series = history.series
-    curves = [(f"{raw} (raw)", raw) for raw, _ in history.pairs]
-    curves += [(f"{ema} (EMA)", ema) for _, ema in history.pairs]
-    if not curves:
-        curves = [("eval_loss", "eval_loss")] if "eval_loss" in series else [("loss (train)", "loss")]
-    rows = [
-        (step, value, name)
-        for name, key in curves
-        if key in series
-        for step, value in zip(series[key].steps, series[key].values)
-    ]
+    rows = [(step, value, name) for name, s in history.loss_curves() for step, value in zip(s.steps, s.values)]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"]) if rows else None
 
 

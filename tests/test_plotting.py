@@ -151,3 +151,20 @@ def test_errors(tmp_path, capsys):
         plot_run(tmp_path)
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "hf-ema plot: error" in capsys.readouterr().err
+
+
+def test_loss_curves_fall_back_to_the_eval_then_the_training_loss(tmp_path):
+    """Without an (eval_loss, eval_ema_loss) pair the curves are `eval_loss` alone, else the training loss; a run
+    with neither has none, and `plot_run` refuses it (the rule the app's plot and `plot_run` share)."""
+
+    def history_of(*entries: dict):
+        (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": list(entries)}))
+        return load_history(tmp_path)
+
+    curves = history_of({"step": 2, "loss": 3.5, "eval_loss": 3.25}, {"step": 4, "eval_loss": 3.0}).loss_curves()
+    assert [(name, s.steps, s.values) for name, s in curves] == [("eval_loss", [2, 4], [3.25, 3.0])]
+    curves = history_of({"step": 2, "loss": 3.5}, {"step": 4, "loss": 3.0}).loss_curves()
+    assert [(name, s.steps, s.values) for name, s in curves] == [("loss (train)", [2, 4], [3.5, 3.0])]
+    assert history_of({"step": 2, "grad_norm": 1.0}).loss_curves() == []
+    with pytest.raises(CheckpointError, match="no loss"):
+        plot_run(tmp_path)

@@ -110,6 +110,18 @@ class RunHistory:
     series: dict[str, Series]
     pairs: list[tuple[str, str]]
 
+    def loss_curves(self) -> list[tuple[str, Series]]:
+        """The loss curves a plot of the run shows, labelled: every raw `eval_*_loss` (`"<key> (raw)"`), then each
+        one's EMA twin (`"<key> (EMA)"`); without a pair, `eval_loss` alone, else the training loss (`"loss
+        (train)"`). Empty when the run logged no loss."""
+        curves = [(f"{raw} (raw)", self.series[raw]) for raw, _ in self.pairs]
+        curves += [(f"{ema} (EMA)", self.series[ema]) for _, ema in self.pairs]
+        if not curves and "eval_loss" in self.series:
+            curves = [("eval_loss", self.series["eval_loss"])]
+        if not curves and "loss" in self.series:
+            curves = [("loss (train)", self.series["loss"])]
+        return curves
+
 
 def load_history(run_dir: str | os.PathLike) -> RunHistory:
     """The logged series of a run, by key, from its `trainer_state.json`.
@@ -208,8 +220,7 @@ def _plotted_folder(run_dir: str | os.PathLike) -> Path:
 
 def _history_with_loss(run_dir: str | os.PathLike) -> RunHistory:
     history = load_history(run_dir)
-    series = history.series
-    if not history.pairs and "eval_loss" not in series and "loss" not in series:
+    if not history.loss_curves():
         raise CheckpointError(f"`run_dir` {str(run_dir)!r} logged no loss to plot ({history.source})")
     return history
 
