@@ -13,6 +13,7 @@ from .bema import BiasCorrection
 from .config import EMAConfig
 from .ema_tensor import EMATensor, TensorKind, group_tensors, new_ema_tensor
 from .engine.kernels import copy_
+from .engine.nonfinite import FoldOutcome
 from .engine.updater import EMAUpdater
 from .errors import CheckpointError, ConfigTypeError, StateError
 from .selection import Selection, unwrap_model
@@ -225,15 +226,7 @@ class ModelEMA:
         return self._any_busy(busy) if self._any_busy is not None else busy
 
     def _copy_weights(self) -> bool:
-        outcome = self._updater.copy_now(step=self.step)
-        if self._updater.defers_outcomes:
-            self._record.queued(self.step, 0.0, is_copy=True)
-        elif outcome is not None and not outcome.folded:
-            return False
-        else:
-            self._record.made(0.0, is_copy=True)
-        copy_(self.copied, self._copied_live)
-        return True
+        return self._record_update(self._updater.copy_now(step=self.step), 0.0, is_copy=True)
 
     def _fold(self, t: int, interval: int) -> bool:
         """The update at `t` steps after `start_step`, covering the last `interval` optimizer steps."""
@@ -245,13 +238,17 @@ class ModelEMA:
                 correction.snapshot(self.shadow)
         beta = self.config.decay_at(t, interval=interval)
         self._record.interval(interval)
-        outcome = self._updater.fold(1.0 - beta, step=self.step)
+        return self._record_update(self._updater.fold(1.0 - beta, step=self.step), beta)
+
+    def _record_update(self, outcome: FoldOutcome | None, beta: float, is_copy: bool = False) -> bool:
+        """Count an update (or a copy, `beta` 0) as queued, when its outcome comes later, or as made, and copy the
+        non-averaged tensors with it; an update known at once to be skipped (NaN/inf) changes nothing."""
         if self._updater.defers_outcomes:
-            self._record.queued(self.step, beta)
+            self._record.queued(self.step, beta, is_copy=is_copy)
         elif outcome is not None and not outcome.folded:
             return False
         else:
-            self._record.made(beta)
+            self._record.made(beta, is_copy=is_copy)
         copy_(self.copied, self._copied_live)
         return True
 
@@ -355,10 +352,7 @@ class ModelEMA:
             return backup
         for t in averaged:
             if t.live.dtype == t.ema.dtype and t.live.device == t.ema.device:
-                # Exact in-place exchange through one tensor-sized temporary.
-                tmp = t.live.clone()
-                t.live.copy_(t.ema)
-                t.ema.copy_(tmp)
+                _exchange(t)
                 backup.append(None)
             else:
                 backup.append(t.live.clone())
@@ -371,9 +365,7 @@ class ModelEMA:
         averaged = list(self.named_tensors(include_copied=False))
         for t, saved in zip(averaged, backup):
             if saved is None:
-                tmp = t.live.clone()
-                t.live.copy_(t.ema)
-                t.ema.copy_(tmp)
+                _exchange(t)
             else:
                 t.live.copy_(saved)
         self.layout.after_write([t.live for t in averaged])
@@ -486,3 +478,10 @@ class ModelEMA:
             f"{type(self).__name__}(tensors={len(self.names)}, step={self.step}, updates={self.num_updates}, "
             f"dtype={self.config.dtype}, layout={self.layout.kind})"
         )
+
+
+def _exchange(t: EMATensor) -> None:
+    # Exact in-place exchange of the weights and the EMA (same dtype and device) through one tensor-sized temporary.
+    tmp = t.live.clone()
+    t.live.copy_(t.ema)
+    t.ema.copy_(tmp)
