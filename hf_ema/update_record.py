@@ -31,7 +31,7 @@ class Counters:
         last_decay (`float`, *optional*): The beta of the last update made (0.0 after a copy).
         last_skipped_step (`int`, *optional*): The step of the last skipped update.
         last_interval (`int`, *optional*): Optimizer steps covered by the last update.
-        intervals (`dict[int, int]`): Updates made per interval, in optimizer steps.
+        intervals (`dict[int, int]`): Updates per interval, in optimizer steps (one skipped for NaN/inf included).
     """
 
     num_updates: int = 0
