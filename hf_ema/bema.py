@@ -156,7 +156,7 @@ class BiasCorrection:
     @torch.no_grad()
     def corrected(self, index: int, ema: torch.Tensor, live: torch.Tensor, alpha: float) -> torch.Tensor:
         """The corrected weights of averaged tensor `index`: `ema + alpha * (live - theta_0)`, in the EMA's dtype on
-        its device (a new tensor; the EMA is not changed).
+        its device: a new tensor, or at `alpha == 0` (before the snapshot) the EMA itself. Read it, never write it.
 
         Args:
             index (`int`): The tensor's position among the averaged tensors.
@@ -165,7 +165,7 @@ class BiasCorrection:
             alpha (`float`): `alpha_t` (see `alpha()`).
         """
         if alpha == 0.0:
-            return ema.clone()
+            return ema
         # Block & Zhang 2025, Alg. 1: mu = alpha_t * (theta_t - theta_0) + mu_EMA.
         out = live.to(device=ema.device, dtype=ema.dtype, copy=True)
         out.sub_(self.theta0[index])

@@ -278,10 +278,7 @@ class ModelEMA:
         correction = self.bias_correction
         alpha = correction.alpha(self.step) if correction is not None else 0.0
         for i, t in enumerate(self.named_tensors()):
-            if correction is None or alpha == 0.0 or not t.averaged:
-                yield t, t.ema
-            else:
-                yield t, correction.corrected(i, t.ema, t.live, alpha)
+            yield t, correction.corrected(i, t.ema, t.live, alpha) if correction is not None and t.averaged else t.ema
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
